@@ -1,0 +1,188 @@
+"""Lesson 02: the teacher writes the training data. Sequence-level distillation trains the student on
+text the teacher wrote, so these samples ARE the knowledge being passed on. Sampling (temperature,
+top-k, top-p, KV cache) is written from scratch in common/sampling.py; this lesson drives it, throws
+away degenerate samples, and stores the teacher's top-K next-token log-probabilities for lesson 04's
+soft-target distillation.
+
+Reads:  artifacts/teacher.pt
+Writes: artifacts/generated.pt  ({"kind": "generated", "train": [...], "val": [...], "texts": ..., top-K data})
+Run:    python 02_generate.py             (add --preset tiny for a CPU smoke run)
+"""
+import random
+import time
+
+import torch
+from torch.nn import functional as F
+
+from common.artifacts import LessonError, load_model, run_lesson, save_artifact
+from common.cli import fraction, lesson_parser, nonneg_float, nonneg_int, parse, positive_int, prob_float
+from common.device import DTYPES, get_device, pick_dtype, sync
+from common.sampling import generate
+from common.tokenizer import EOT, get_tokenizer
+
+# --- settings (flags left unset take the preset's values) ---
+PRESETS = {
+    "gpt2": dict(num_samples=500, max_new_tokens=256, batch_size=50),
+    "tiny": dict(num_samples=128, max_new_tokens=48, batch_size=32),
+}
+# Openings written for this course, to spread the samples over many subjects. With --prompts mixed,
+# half of the samples start from <|endoftext|> alone (GPT-2 writes whatever it likes) and half from one
+# of these. Every sample starts with <|endoftext|>, GPT-2's document separator.
+TOPICS = [
+    "The history of the Roman Empire", "In the kitchen, the secret to good bread is", "The new smartphone",
+    "Scientists studying coral reefs have found", "When I was a child, my grandmother", "The football match",
+    "How to plant tomatoes:", "The city council voted on Tuesday to", "Quantum computers work by",
+    "Dear diary, today", "The stock market fell sharply after", "A short guide to learning the guitar:",
+    "The old lighthouse keeper", "In 1969, astronauts", "The best way to learn a new language is",
+    "Climate change is affecting farmers in", "The detective looked at the broken window and",
+    "Python is a programming language that", "The recipe calls for two cups of flour,",
+    "Our company is looking for a software engineer who", "The mountain village was quiet until",
+    "Researchers at the university announced", "The film opens with a scene in which",
+    "Here are five tips for better sleep:", "The election results showed that", "Once upon a time, a fox",
+    "The museum's new exhibition explores", "Electric cars are becoming more popular because",
+    "The band released their first album in", "Q: What causes the seasons? A:",
+    "The hospital opened a new wing for", "After the storm, the fishermen", "The law was passed in",
+    "My favourite book is", "The train from London to Paris", "Volcanoes form when",
+    "The chess tournament ended with", "In the forest at night, you can hear", "The president said in a speech",
+    "The small startup raised money to",
+]
+
+
+def repeated_ngram_fraction(tokens, n=4):
+    """Share of the n-grams in tokens that repeat an earlier one: 0 for varied text, near 1 for loops."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def main():
+    p = lesson_parser(__doc__)
+    p.add_argument("--num-samples", type=positive_int, default=None, help="texts to generate (gpt2: 500, tiny: 128)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="tokens per sample after the prompt (gpt2: 256, tiny: 48)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.9, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=prob_float, default=0.95, help="nucleus: the smallest set with this much mass")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences generated at once")
+    p.add_argument("--seed", type=int, default=1337, help="seed for the sampling generator and the split")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="share of samples held out for validation")
+    p.add_argument("--topk-logits", type=nonneg_int, default=32,
+                   help="store the teacher's K most likely next tokens per position for soft KD (0: none)")
+    p.add_argument("--prompts", choices=["mixed", "unconditional", "topics"], default="mixed",
+                   help="start from <|endoftext|>, from our topic openings, or half and half")
+    p.add_argument("--max-repeat", type=fraction, default=0.5,
+                   help="drop samples whose share of repeated 4-grams is above this")
+    args = parse(p, PRESETS)
+    enc = get_tokenizer()
+    device = get_device()
+
+    # --- the teacher, in half precision on a GPU (inference needs no fp32 master weights) ---
+    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
+    dtype = pick_dtype(device)
+    teacher.to(device=device, dtype=DTYPES[dtype])
+    print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | {device} {dtype}")
+
+    # --- prompts ---
+    openings = {"unconditional": [""], "topics": TOPICS, "mixed": [""] + TOPICS}[args.prompts]
+    if args.prompts == "mixed":  # half unconditional, half spread over the topics
+        plan = ["" if i % 2 == 0 else TOPICS[(i // 2) % len(TOPICS)] for i in range(args.num_samples)]
+    else:
+        plan = [openings[i % len(openings)] for i in range(args.num_samples)]
+    prompts = [[EOT] + enc.encode(text) for text in plan]
+    longest = max(len(t) for t in prompts)
+    if longest + args.max_new_tokens > teacher.config.block_size:
+        raise LessonError(f"--max-new-tokens {args.max_new_tokens} plus a {longest}-token prompt exceeds the teacher's "
+                          f"context of {teacher.config.block_size}: use --max-new-tokens "
+                          f"{teacher.config.block_size - longest} or less")
+    print(f"prompts: {args.prompts} ({len(set(plan))} distinct openings) | {args.num_samples} samples x "
+          f"{args.max_new_tokens} new tokens | T={args.temperature} top-k={args.top_k} top-p={args.top_p}")
+
+    # --- generate: one batch = prompts of the same length, so no padding is needed ---
+    by_len = {}
+    for t in prompts:
+        by_len.setdefault(len(t), []).append(t)
+    batches = [group[i:i + args.batch_size] for group in by_len.values() for i in range(0, len(group), args.batch_size)]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    samples, new_tokens = [], 0
+    sync(device)
+    t0 = time.time()
+    for i, batch in enumerate(batches):
+        idx = torch.tensor(batch, device=device)
+        out = generate(teacher, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_token=EOT, generator=gen).cpu()
+        for row in out:
+            P = idx.size(1)
+            ends = (row[P:] == EOT).nonzero()
+            stop = P + int(ends[0]) + 1 if len(ends) else len(row)  # keep the <|endoftext|> that ended it
+            samples.append((row[:stop].clone(), P))
+            new_tokens += stop - P
+        if (i + 1) % max(1, len(batches) // 5) == 0 or i + 1 == len(batches):
+            sync(device)
+            print(f"  batch {i + 1:3d}/{len(batches)} | {len(samples):4d} samples | {new_tokens / (time.time() - t0):,.0f} tok/s")
+    sync(device)
+    gen_time = time.time() - t0
+    print(f"generated {len(samples)} samples, {new_tokens:,} new tokens in {gen_time:.1f}s "
+          f"({new_tokens / gen_time:,.0f} tokens/s)")
+
+    # --- quality: drop empty, degenerate and duplicate samples ---
+    kept, dropped, seen = [], {"empty or under 8 new tokens": 0, "repetitive": 0, "duplicate": 0}, set()
+    for tokens, P in samples:
+        new = tokens[P:].tolist()
+        if new and new[-1] == EOT:
+            new = new[:-1]
+        key = tuple(tokens.tolist())
+        if len(new) < 8:
+            dropped["empty or under 8 new tokens"] += 1
+        elif repeated_ngram_fraction(new) > args.max_repeat:
+            dropped["repetitive"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            kept.append(tokens)
+    print(f"kept {len(kept)} of {len(samples)} | dropped: " + ", ".join(f"{v} {k}" for k, v in dropped.items()))
+    if len(kept) < 2:
+        raise LessonError("fewer than 2 usable samples: raise --num-samples or --temperature")
+
+    # --- the teacher's top-K next-token log-probabilities at every position, for soft KD ---
+    # Row t of a sample's table is the teacher's distribution over the token that follows token t.
+    # Stored as int32 ids and float16 log-probs: K=32 costs 192 bytes per token instead of 200 KB.
+    topk_ids, topk_logprobs = [], []
+    if args.topk_logits:
+        with torch.no_grad():
+            for i in range(0, len(kept), args.batch_size):
+                group = kept[i:i + args.batch_size]
+                L = max(len(t) for t in group) - 1
+                x = torch.full((len(group), L), EOT, dtype=torch.long)
+                for j, t in enumerate(group):
+                    x[j, :len(t) - 1] = t[:-1]  # padding after the end is never looked at (causal)
+                logits, _ = teacher(x.to(device))
+                logp, ids = torch.topk(F.log_softmax(logits.float(), dim=-1), args.topk_logits, dim=-1)
+                for j, t in enumerate(group):
+                    topk_ids.append(ids[j, :len(t) - 1].to(torch.int32).cpu())
+                    topk_logprobs.append(logp[j, :len(t) - 1].to(torch.float16).cpu())
+
+    # --- train / validation split ---
+    order = list(range(len(kept)))
+    random.Random(args.seed).shuffle(order)
+    n_val = max(1, round(args.val_fraction * len(kept))) if args.val_fraction > 0 else 0
+    split = {"val": order[:n_val], "train": order[n_val:]}
+    data = {"kind": "generated", "teacher_config": ckpt["config"], "settings": {
+        k: v for k, v in vars(args).items()}, "dropped": dropped, "tokens_per_second": new_tokens / gen_time}
+    for name, rows in split.items():
+        data[name] = [kept[i] for i in rows]
+        data[f"{name}_texts"] = [enc.decode(kept[i].tolist()) for i in rows]
+        data[f"{name}_topk_ids"] = [topk_ids[i] for i in rows] if topk_ids else []
+        data[f"{name}_topk_logprobs"] = [topk_logprobs[i] for i in rows] if topk_ids else []
+    n_tok = sum(len(t) for t in kept)
+    print(f"train {len(split['train'])} samples | val {n_val} samples | {n_tok:,} tokens in all "
+          f"(mean {n_tok / len(kept):.0f} per sample)")
+    for text in data["train_texts"][:3]:
+        print("  ---\n  " + text.replace("<|endoftext|>", "").strip()[:300].replace("\n", "\n  "))
+
+    path = f"{args.out}/generated.pt"
+    save_artifact(data, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_lesson(main)

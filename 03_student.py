@@ -1,0 +1,68 @@
+"""Lesson 03: the student. Build a smaller GPT with the same vocabulary and context as the teacher
+(6 layers, 512 wide, 8 heads against GPT-2's 12 / 768 / 12), initialised as GPT-2 was, and compare
+the two side by side: parameters, size on disk, compression.
+
+Reads:  artifacts/teacher.pt
+Writes: artifacts/student_init.pt  (same format as teacher.pt: {"kind": "student_init", "config", "model"})
+Run:    python 03_student.py              (add --preset tiny for the tiny course)
+"""
+import torch
+
+from common.artifacts import LessonError, load_model, model_checkpoint, run_lesson, save_artifact
+from common.cli import lesson_parser, parse, positive_int
+from common.model import GPT, GPTConfig
+from common.tokenizer import get_tokenizer
+
+# --- settings (flags left unset take the preset's values) ---
+PRESETS = {
+    "gpt2": dict(n_layer=6, n_embd=512, n_head=8),
+    "tiny": dict(n_layer=1, n_embd=32, n_head=2),
+}
+
+
+def main():
+    p = lesson_parser(__doc__)
+    p.add_argument("--n-layer", type=positive_int, default=None, help="transformer blocks (gpt2: 6, tiny: 1)")
+    p.add_argument("--n-embd", type=positive_int, default=None, help="width (gpt2: 512, tiny: 32)")
+    p.add_argument("--n-head", type=positive_int, default=None, help="attention heads (gpt2: 8, tiny: 2)")
+    p.add_argument("--seed", type=int, default=1337, help="seed for the initial weights")
+    args = parse(p, PRESETS)
+    if args.n_embd % args.n_head:
+        raise LessonError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
+
+    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=get_tokenizer().n_vocab)
+    t = teacher.config
+
+    # --- the student: same tokenizer and context as the teacher, fewer and narrower layers ---
+    config = GPTConfig(block_size=t.block_size, vocab_size=t.vocab_size,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    torch.manual_seed(args.seed)
+    student = GPT(config)  # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
+
+    # --- side by side ---
+    def row(name, f):
+        print(f"{name:<28}{f(teacher):>16}{f(student):>16}")
+
+    print(f"{'':<28}{'teacher':>16}{'student':>16}")
+    row("parameters", lambda m: f"{m.num_params() / 1e6:.1f}M")
+    row("  without embeddings", lambda m: f"{m.num_params(embeddings=False) / 1e6:.2f}M")
+    row("layers", lambda m: m.config.n_layer)
+    row("width (n_embd)", lambda m: m.config.n_embd)
+    row("heads (head size)", lambda m: f"{m.config.n_head} ({m.config.n_embd // m.config.n_head})")
+    row("context / vocabulary", lambda m: f"{m.config.block_size} / {m.config.vocab_size}")
+    row("size on disk, fp32", lambda m: f"{m.num_params() * 4 / 1e6:.0f} MB")
+    row("size on disk, fp16", lambda m: f"{m.num_params() * 2 / 1e6:.0f} MB")
+    ratio = teacher.num_params() / student.num_params()
+    body = teacher.num_params(embeddings=False) / student.num_params(embeddings=False)
+    print(f"compression: {ratio:.1f}x fewer parameters ({body:.1f}x in the transformer blocks; the "
+          f"{t.vocab_size:,}-token embedding is a large share of a small model)")
+    if ratio <= 1:
+        print("  NOTE: this student is not smaller than its teacher")
+
+    path = f"{args.out}/student_init.pt"
+    save_artifact(model_checkpoint(student, "student_init", seed=args.seed, teacher_source=ckpt.get("source")), path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_lesson(main)

@@ -1,0 +1,170 @@
+"""Lesson 05: how close did the student get? Perplexity (written from scratch in common/perplexity.py)
+of the teacher, the untrained student and the trained student on
+  generated-val  the teacher's held-out samples: how well the student imitates the teacher
+  wikitext2      human-written Wikipedia text (WikiText-2 test split): whether it learned English
+  --eval-text    any text file of yours
+plus, on generated-val, how often the student's top token is the teacher's (top-1 agreement) and
+the mean KL(teacher || student) over the teacher's stored top-K tokens.
+
+Reads:  artifacts/teacher.pt, student_init.pt, student.pt, generated.pt (downloads WikiText-2 once)
+Writes: artifacts/eval.pt  ({"kind": "eval", "perplexity": {set: {"teacher": .., "student_init": .., "student": ..}}, ...})
+Run:    python 05_evaluate.py             (add --preset tiny to skip WikiText-2 by default)
+"""
+import argparse
+import math
+import os
+import time
+import zipfile
+
+import torch
+
+from common.artifacts import LessonError, load_artifact, load_model, run_lesson, save_artifact
+from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_int
+from common.device import autocast, get_device, pick_dtype
+from common.distill import make_batch, soft_kd_loss
+from common.download import cache_dir, download
+from common.perplexity import sequences_nll, stream_nll
+from common.tokenizer import get_tokenizer
+
+# --- settings (flags left unset take the preset's values) ---
+# The tiny preset's teacher is synthetic: its perplexity on real English says nothing, so it skips WikiText-2.
+PRESETS = {"gpt2": dict(wikitext=True), "tiny": dict(wikitext=False)}
+WIKITEXT_URLS = [os.environ["KD_WIKITEXT_URL"]] if os.environ.get("KD_WIKITEXT_URL") else [
+    "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
+    "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip",
+]
+WIKITEXT_SIZE, WIKITEXT_SHA256 = 4_721_645, "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
+MODELS = {"teacher": "teacher.pt", "student_init": "student_init.pt", "student": "student.pt"}
+
+
+def wikitext2_test():
+    """The raw WikiText-2 test split as one string (downloaded and cached once), or None if offline."""
+    dest = os.path.join(cache_dir(), "wikitext-2-raw-v1.zip")
+    for url in WIKITEXT_URLS:
+        try:
+            download(url, dest, size=WIKITEXT_SIZE, sha256=WIKITEXT_SHA256, retries=2, timeout=20)
+            with zipfile.ZipFile(dest) as z:
+                return z.read("wikitext-2-raw/wiki.test.raw").decode("utf-8")
+        except LessonError as e:
+            print(f"  {e}")
+    return None
+
+
+@torch.no_grad()
+def agreement_and_kl(model, seqs, topk_ids, topk_logprobs, batch_size, device, dtype):
+    """Share of positions where the model's most likely token is the teacher's, and the mean
+    KL(teacher || model) over the teacher's stored top-K (the soft-KD loss at T = 1)."""
+    agree, kl_sum, count = 0, 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        x, y, ids, lps = make_batch(seqs[i:i + batch_size], topk_ids[i:i + batch_size],
+                                    topk_logprobs[i:i + batch_size], device=device)
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        mask = y != -100
+        n = int(mask.sum())
+        agree += int(((logits.argmax(-1) == ids[..., 0]) & mask).sum())  # ids[..., 0]: the teacher's top token
+        kl_sum += soft_kd_loss(logits, ids, lps, mask, T=1.0).item() * n
+        count += n
+    return agree / count, kl_sum / count
+
+
+def main():
+    p = lesson_parser(__doc__)
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="sliding-window stride for long texts (default: the window, i.e. no overlap)")
+    p.add_argument("--wikitext", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate on WikiText-2 (gpt2: yes, tiny: no)")
+    p.add_argument("--eval-text", type=existing_file, action="append", default=[],
+                   help="a text file to evaluate on (may be given several times)")
+    p.add_argument("--max-tokens", type=nonneg_int, default=0,
+                   help="score at most this many tokens of each long text (0: all); on a CPU, WikiText-2's "
+                        "280k tokens take a while")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows or sequences per forward pass")
+    args = parse(p, PRESETS)
+    enc = get_tokenizer()
+    device = get_device()
+    dtype = pick_dtype(device)
+
+    # --- the three models ---
+    models = {}
+    for name, file in MODELS.items():
+        models[name], ckpt = load_model(f"{args.out}/{file}", name, vocab_size=enc.n_vocab)
+        models[name].to(device)
+        if name == "student" and ckpt["config"] != models["student_init"].config.__dict__:
+            raise LessonError(f"{args.out}/student.pt does not match {args.out}/student_init.pt (different config): "
+                              f"run 04_train.py again after 03_student.py")
+    window = min(m.config.block_size for m in models.values())
+    if args.stride and args.stride > window:
+        raise LessonError(f"--stride {args.stride} is larger than the window ({window} tokens)")
+
+    # --- the evaluation sets ---
+    data = load_artifact(f"{args.out}/generated.pt", "generated", keys=("val",))
+    texts, skipped = {}, {}
+    if args.wikitext:
+        print("WikiText-2 (test split):")
+        raw = wikitext2_test()
+        if raw is None:
+            skipped["wikitext2"] = "download failed (offline?)"
+            print("  skipped wikitext2: could not download it (offline?); going on without it")
+        else:
+            texts["wikitext2"] = raw
+    else:
+        skipped["wikitext2"] = "off for this preset (--wikitext to include it)"
+    for path in args.eval_text:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts[os.path.basename(path)] = f.read()
+    streams = {}
+    for name, text in texts.items():
+        tokens = torch.tensor(enc.encode(text, allowed_special="all"))
+        if args.max_tokens:
+            tokens = tokens[:args.max_tokens]
+        if len(tokens) < 2:
+            raise LessonError(f"{name} holds fewer than 2 tokens: nothing to score")
+        streams[name] = tokens
+    print(f"sets: generated-val ({len(data['val'])} samples, {sum(len(s) for s in data['val']):,} tokens)"
+          + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
+          + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
+
+    # --- perplexity of each model on each set ---
+    ppl = {}
+    for set_name in ["generated-val", *streams]:
+        ppl[set_name] = {}
+        for name, model in models.items():
+            t0 = time.time()
+            with autocast(device, dtype):
+                if set_name == "generated-val":
+                    nll, n = sequences_nll(model, data["val"], batch_size=args.batch_size)
+                else:
+                    nll, n = stream_nll(model, streams[set_name], stride=args.stride, batch_size=args.batch_size)
+            ppl[set_name][name] = math.exp(nll / n)
+            print(f"  {set_name:<16} {name:<13} ppl {ppl[set_name][name]:>12,.2f}  ({n:,} tokens, {time.time() - t0:.1f}s)")
+
+    # --- imitation: top-1 agreement and KL on the teacher's own held-out samples ---
+    agreement, kl = {}, {}
+    if data.get("val_topk_ids"):
+        for name in ("student_init", "student", "teacher"):
+            agreement[name], kl[name] = agreement_and_kl(models[name], data["val"], data["val_topk_ids"],
+                                                         data["val_topk_logprobs"], args.batch_size, device, dtype)
+    else:
+        print("  generated.pt has no top-K data (--topk-logits 0): agreement and KL skipped")
+
+    # --- the table ---
+    print(f"\n{'perplexity':<18}{'teacher':>12}{'student init':>14}{'student':>12}")
+    for set_name, row in ppl.items():
+        print(f"{set_name:<18}{row['teacher']:>12,.2f}{row['student_init']:>14,.2f}{row['student']:>12,.2f}")
+    if agreement:
+        print(f"\non generated-val   top-1 agreement with teacher   KL(teacher || model) over top-K")
+        for name in agreement:
+            note = "  (the teacher itself: 100% and the KL of its top-K truncation)" if name == "teacher" else ""
+            print(f"  {name:<16}{agreement[name]:>14.1%}{kl[name]:>28.4f}{note}")
+    for set_name, why in skipped.items():
+        print(f"skipped {set_name}: {why}")
+
+    path = f"{args.out}/eval.pt"
+    save_artifact({"kind": "eval", "perplexity": ppl, "agreement": agreement, "kl": kl, "skipped": skipped,
+                   "stride": args.stride or window, "window": window, "device": device, "dtype": dtype}, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_lesson(main)

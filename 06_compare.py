@@ -1,0 +1,168 @@
+"""Lesson 06: the comparison. Charts of perplexity and of training, the seed's improvement and
+achievement rates, a spec table with generation speed measured now, and the teacher's and the
+student's texts side by side for the same prompts, all gathered in report.md.
+
+Reads:  artifacts/teacher.pt, student_init.pt, student.pt, train_log.pt, eval.pt
+Writes: artifacts/perplexity.png, artifacts/training.png, artifacts/report.md
+Run:    python 06_compare.py
+"""
+import os
+import time
+
+import matplotlib
+matplotlib.use("Agg")  # draw to files; no window needed
+import matplotlib.pyplot as plt
+import torch
+
+from common.artifacts import load_artifact, load_model, run_lesson, write_text
+from common.cli import lesson_parser, parse, positive_int
+from common.device import get_device, sync
+from common.sampling import generate
+from common.tokenizer import EOT, get_tokenizer
+
+# --- settings ---
+PROMPTS = ["The history of science shows that", "In the small village by the sea,", "The best way to learn is"]
+LABELS = {"teacher": "teacher", "student_init": "student (init)", "student": "student (trained)"}
+COLORS = {"teacher": "#4c72b0", "student_init": "#bbbbbb", "student": "#dd8452"}
+
+
+def perplexity_chart(ppl, path):
+    sets = list(ppl)
+    fig, ax = plt.subplots(figsize=(2.6 + 2.4 * len(sets), 4.2))
+    width = 0.26
+    for i, name in enumerate(LABELS):
+        xs = [j + (i - 1) * width for j in range(len(sets))]
+        vals = [ppl[s][name] for s in sets]
+        bars = ax.bar(xs, vals, width, label=LABELS[name], color=COLORS[name])
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}", (b.get_x() + b.get_width() / 2, v),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(sets)), sets)
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_title("Perplexity per evaluation set")
+    top = max(v for row in ppl.values() for v in row.values())
+    ax.set_ylim(top=top * 4)  # room for the labels above the tallest bar
+    ax.legend(loc="upper left", fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def training_chart(log, path):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(log["step"], log["loss"], lw=1, color=COLORS["student"], alpha=0.8, label="train loss (per step)")
+    vs, vl = zip(*log["val"])
+    ax.plot(vs, vl, "o-", color=COLORS["teacher"], label="val loss (per epoch)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_title(f"Training the student ({log['settings']['kd']}-level KD)" if log["settings"]["kd"] == "seq"
+                 else "Training the student (soft-target KD: the train loss includes the KL term)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def tokens_per_second(model, device, n_new=48, batch=1):
+    """Generation speed with the KV cache, measured now (one warm-up run first)."""
+    idx = torch.full((batch, 1), EOT, device=device)
+    generate(model, idx, 4, top_k=50)
+    sync(device)
+    t0 = time.time()
+    generate(model, idx, n_new, top_k=50, generator=torch.Generator(device=device).manual_seed(0))
+    sync(device)
+    return batch * n_new / (time.time() - t0)
+
+
+def main():
+    p = lesson_parser(__doc__)
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of the side-by-side samples")
+    p.add_argument("--seed", type=int, default=1337, help="seed for the side-by-side samples")
+    args = parse(p)
+    out = args.out
+    enc = get_tokenizer()
+    device = get_device()
+    models, files = {}, {}
+    for name in LABELS:
+        files[name] = f"{out}/{name}.pt"
+        models[name], _ = load_model(files[name], name, vocab_size=enc.n_vocab)
+        models[name].to(device)
+    log = load_artifact(f"{out}/train_log.pt", "train_log", keys=("step", "loss", "val", "settings"))
+    ev = load_artifact(f"{out}/eval.pt", "eval", keys=("perplexity",))
+    ppl = ev["perplexity"]
+
+    # --- charts ---
+    perplexity_chart(ppl, f"{out}/perplexity.png")
+    training_chart(log, f"{out}/training.png")
+
+    # --- the seed's rates: improvement = (before - after) / before, achievement = teacher / student ---
+    rates = {s: {"improvement": (r["student_init"] - r["student"]) / r["student_init"],
+                 "achievement": r["teacher"] / r["student"]} for s, r in ppl.items()}
+
+    # --- spec table, with generation speed measured now ---
+    t, s = models["teacher"], models["student"]
+    speed = {name: tokens_per_second(models[name], device) for name in ("teacher", "student")}
+    spec = [("parameters", f"{t.num_params() / 1e6:.1f}M", f"{s.num_params() / 1e6:.1f}M"),
+            ("  without embeddings", f"{t.num_params(False) / 1e6:.2f}M", f"{s.num_params(False) / 1e6:.2f}M"),
+            ("layers / width / heads", f"{t.config.n_layer} / {t.config.n_embd} / {t.config.n_head}",
+             f"{s.config.n_layer} / {s.config.n_embd} / {s.config.n_head}"),
+            ("checkpoint on disk (fp32)", f"{os.path.getsize(files['teacher']) / 1e6:.1f} MB",
+             f"{os.path.getsize(files['student']) / 1e6:.1f} MB"),
+            (f"generation, batch 1 ({device})", f"{speed['teacher']:,.0f} tok/s", f"{speed['student']:,.0f} tok/s")]
+    compression = t.num_params() / s.num_params()
+
+    # --- side by side: same prompts, same seed ---
+    pairs = []
+    for prompt in PROMPTS:
+        idx = torch.tensor([[EOT] + enc.encode(prompt)], device=device)
+        row = {}
+        for name in ("teacher", "student"):
+            g = torch.Generator(device=device).manual_seed(args.seed)
+            ids = generate(models[name], idx, args.max_new_tokens, temperature=0.9, top_k=50, top_p=0.95,
+                           eos_token=EOT, generator=g)[0, idx.size(1):].tolist()
+            row[name] = enc.decode([i for i in ids if i != EOT]).strip()
+        pairs.append((prompt, row))
+
+    # --- report.md ---
+    L = ["# Distillation report", ""]
+    train_note = f"{log['settings']['kd']} KD, {log['settings']['epochs']} epochs, {log['tokens']:,} tokens seen, " \
+                 f"{log['wall_time']:.0f}s on {log.get('world', 1)} process(es), {log['dtype']}"
+    L += [f"Student trained with {train_note}. Perplexity window {ev.get('window')}, stride {ev.get('stride')}.", ""]
+    L += ["## Perplexity", "", "| set | teacher | student (init) | student (trained) | improvement | achievement |",
+          "|---|---:|---:|---:|---:|---:|"]
+    for set_name, r in ppl.items():
+        L.append(f"| {set_name} | {r['teacher']:,.2f} | {r['student_init']:,.2f} | {r['student']:,.2f} | "
+                 f"{rates[set_name]['improvement']:.1%} | {rates[set_name]['achievement']:.1%} |")
+    L += ["", "improvement = (student init − student) / student init; achievement = teacher ppl / student ppl "
+          "(100% = as good as the teacher).", ""]
+    for set_name, why in ev.get("skipped", {}).items():
+        L.append(f"Not evaluated: {set_name} ({why}).")
+    L += ["", "![perplexity](perplexity.png)", ""]
+    if ev.get("agreement"):
+        L += ["On the teacher's held-out samples:", "", "| model | top-1 agreement with teacher | KL(teacher ‖ model), top-K |",
+              "|---|---:|---:|"]
+        L += [f"| {LABELS[n]} | {ev['agreement'][n]:.1%} | {ev['kl'][n]:.4f} |" for n in ev["agreement"]]
+        L += [""]
+    L += ["## Training", "", "![training](training.png)", ""]
+    L += ["## The two models", "", "| | teacher | student |", "|---|---:|---:|"]
+    L += [f"| {a.strip()} | {b} | {c} |" for a, b, c in spec]
+    L += [f"| compression | | {compression:.1f}x fewer parameters |", ""]
+    L += ["## Side by side", "", f"Same prompt, same seed ({args.seed}), temperature 0.9, top-k 50, top-p 0.95.", ""]
+    for prompt, row in pairs:
+        L += [f"**{prompt}**", "", f"- teacher: {prompt} {row['teacher']}", f"- student: {prompt} {row['student']}", ""]
+    write_text("\n".join(L), f"{out}/report.md")
+
+    # --- summary ---
+    for set_name, r in ppl.items():
+        print(f"{set_name:<16} ppl teacher {r['teacher']:,.2f} | student {r['student_init']:,.2f} -> {r['student']:,.2f}"
+              f" | improvement {rates[set_name]['improvement']:.1%} | achievement {rates[set_name]['achievement']:.1%}")
+    print(f"compression {compression:.1f}x | generation {speed['teacher']:,.0f} vs {speed['student']:,.0f} tok/s "
+          f"(teacher vs student, {device})")
+    print(f"wrote {out}/perplexity.png, {out}/training.png, {out}/report.md")
+
+
+if __name__ == "__main__":
+    run_lesson(main)

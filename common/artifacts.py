@@ -1,0 +1,129 @@
+"""Saving and loading the .pt files that carry the course from one lesson to the next.
+
+Every artifact is a plain dict with a "kind" field, saved atomically and loaded with
+torch.load(weights_only=True): a checkpoint is a pickle, and weights_only refuses to run code
+hidden in one. Any problem with a file becomes a LessonError, a one-line message that names the
+file and the lesson that makes it.
+"""
+import os
+import sys
+
+import torch
+
+from common.model import GPT, GPTConfig
+
+# kind -> (what it is, in words; the lesson that writes it)
+KINDS = {
+    "teacher": ("teacher checkpoint", "01_teacher.py"),
+    "generated": ("generated-data file", "02_generate.py"),
+    "student_init": ("initial student checkpoint", "03_student.py"),
+    "student": ("trained student checkpoint", "04_train.py"),
+    "train_state": ("resumable training state", "04_train.py"),
+    "train_log": ("training log", "04_train.py"),
+    "eval": ("evaluation results file", "05_evaluate.py"),
+}
+MODEL_KINDS = ("teacher", "student_init", "student")
+
+
+class LessonError(Exception):
+    """A problem the learner can fix (a missing file, a bad flag): printed as one line, no traceback."""
+
+
+def run_lesson(main):
+    """Run a lesson's main(); turn LessonError and Ctrl-C into a one-line message and an exit code."""
+    try:
+        main()
+    except LessonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted (files already written are intact)", file=sys.stderr)
+        sys.exit(130)
+
+
+def save_artifact(obj, path):
+    """torch.save to a temporary file in the same folder, then rename it over `path`.
+
+    A rename within one file system is atomic: a crash, kill or Ctrl-C mid-write leaves the previous
+    file as it was, never a half-written one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(text, path):
+    """Write a text file atomically, like save_artifact."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_artifact(path, kind, keys=()):
+    """Load the artifact at `path`, check it is of `kind` (a name or a tuple of names) and has `keys`."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    maker = KINDS[kinds[0]][1]
+    if not os.path.exists(path):
+        raise LessonError(f"{path} not found: run {maker} first")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise LessonError(f"{path} holds Python objects that a safe load refuses (it may run code): "
+                              f"run {maker} again to make a clean one") from None
+        raise LessonError(f"{path} is truncated or not a checkpoint: run {maker} again") from None
+    if not isinstance(obj, dict) or obj.get("kind") not in KINDS:
+        raise LessonError(f"{path} is not a file of this course: run {maker} again")
+    if obj["kind"] not in kinds:
+        what = KINDS[obj["kind"]][0]
+        wanted = " or ".join(KINDS[k][0] for k in kinds)
+        raise LessonError(f"{path} is a {what}, not a {wanted}: run {maker} to make one")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise LessonError(f"{path} lacks {', '.join(missing)}: run {KINDS[obj['kind']][1]} again")
+    return obj
+
+
+def model_checkpoint(model, kind, **extra):
+    """The dict a model is saved as: its config, its weights, and what produced it."""
+    cfg = model.config
+    return dict(kind=kind, config={f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+                model={k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra)
+
+
+def load_model(path, kind, vocab_size=None):
+    """Load a model checkpoint into a GPT (on the CPU, eval mode); errors say which lesson to rerun."""
+    ckpt = load_artifact(path, kind, keys=("config", "model"))
+    maker = KINDS[ckpt["kind"]][1]
+    try:
+        config = GPTConfig.from_dict(ckpt["config"])
+        model = GPT(config)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise LessonError(f"{path} has an invalid config ({e}): run {maker} again") from None
+    if vocab_size is not None and config.vocab_size != vocab_size:
+        raise LessonError(f"{path} was built for a vocabulary of {config.vocab_size} tokens, but the GPT-2 "
+                          f"tokenizer has {vocab_size}: run {maker} again")
+    state = ckpt["model"]
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    if missing or unexpected:
+        detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise LessonError(f"{path} does not match its own config ({detail}): run {maker} again")
+    for k, v in state.items():
+        if v.shape != ours[k].shape:
+            raise LessonError(f"{path}: {k} has shape {tuple(v.shape)}, its config says {tuple(ours[k].shape)}: "
+                              f"run {maker} again")
+    model.load_state_dict(state)
+    model.eval()
+    return model, ckpt

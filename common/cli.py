@@ -1,0 +1,74 @@
+"""Command-line flags that work from a shell and inside a notebook cell.
+
+A Jupyter/Colab kernel starts Python as `ipykernel_launcher.py -f .../kernel-XXXX.json`, so sys.argv
+holds the kernel's arguments, not ours. In a notebook we parse no arguments and use the defaults;
+set KD_PRESET / KD_OUT (e.g. `%env KD_PRESET=tiny`) or edit the defaults at the top of the lesson.
+"""
+import argparse
+import os
+import sys
+
+PRESET = os.environ.get("KD_PRESET", "gpt2")   # gpt2: the real course; tiny: a synthetic teacher for CPU/offline runs
+OUT = os.environ.get("KD_OUT", "artifacts")    # the folder the lessons pass their .pt files through
+
+
+def in_notebook():
+    launcher = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return launcher.endswith("_launcher.py") or "ipykernel" in sys.modules
+
+
+def lesson_parser(description):
+    """An ArgumentParser with the two flags every lesson shares: --out and --preset."""
+    p = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    p.add_argument("--out", default=OUT, help="folder for the artifacts (default: %(default)s)")
+    p.add_argument("--preset", default=PRESET, choices=["gpt2", "tiny"],
+                   help="gpt2: the real course; tiny: synthetic teacher, seconds on a CPU (default: %(default)s)")
+    return p
+
+
+def parse(parser, presets=None):
+    """Parse flags (none in a notebook); flags left unset (None) take the chosen preset's values."""
+    args = parser.parse_args([] if in_notebook() else sys.argv[1:])
+    for name, value in (presets or {}).get(args.preset, {}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+# --- argument types: a bad value is refused at parse time with argparse's own message ---
+
+def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if x != x or (lo is not None and (x <= lo if lo_open else x < lo)) or \
+                (hi is not None and (x >= hi if hi_open else x > hi)):
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
+        return x
+    return check
+
+
+positive_int = _number(int, lo=1)
+nonneg_int = _number(int, lo=0)
+positive_float = _number(float, lo=0, lo_open=True)
+nonneg_float = _number(float, lo=0)
+unit_float = _number(float, lo=0, hi=1)                           # [0, 1]
+prob_float = _number(float, lo=0, hi=1, lo_open=True)              # (0, 1]
+fraction = _number(float, lo=0, hi=1, hi_open=True)                # [0, 1)
+
+
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    return text
+
+
+def existing_path(text):
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return text

@@ -1,0 +1,99 @@
+"""Perplexity from scratch: exp of the mean negative log-likelihood per predicted token.
+
+A model with a window of W tokens cannot read a long text at once, so we slide windows over it.
+Window i feeds tokens [i*stride, i*stride + W) and predicts the token after each of them. Every
+token after the first is scored exactly once, in the first window that holds it as a new target,
+with all the context that window gives. stride = W: windows side by side (fast, but a token early
+in a window has little context); stride < W: overlapping windows, only the last `stride` targets of
+each are new, and each of those sees at least W - stride tokens of context (slower, lower ppl).
+
+This is the method of the transformers guide "Perplexity of fixed-length models", with one fix:
+the guide turns each window's mean loss back into a sum by multiplying by (valid targets - batch
+size), to account for the shift that drops one label. For windows after the first with stride < W
+the dropped label was already masked, so that count is one short: each later window is weighted by
+trg_len - 1 instead of trg_len tokens. Here we add up the per-token NLLs themselves and count them.
+"""
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+def windows(n_tokens, block_size, stride=None):
+    """(start, first_new) for each window: inputs tokens[start:start+block_size], targets shifted by
+    one; targets at positions >= first_new are new (positions counted in the whole stream)."""
+    stride = stride or block_size
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be between 1 and the window ({block_size}), got {stride}")
+    out, scored_to = [], 1  # token 0 has no context, so scoring starts at token 1
+    start = 0
+    while scored_to < n_tokens:
+        end = min(start + block_size + 1, n_tokens)  # the window's last target is token end - 1
+        out.append((start, scored_to))
+        scored_to = end
+        start += stride
+    return out
+
+
+@torch.no_grad()
+def stream_nll(model, tokens, stride=None, batch_size=8):
+    """(sum of token NLLs, number of scored tokens) over a 1-D token stream."""
+    W = model.config.block_size
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    total, count = 0.0, 0
+    spans = windows(len(tokens), W, stride)
+    for i in range(0, len(spans), batch_size):
+        group = spans[i:i + batch_size]
+        L = max(min(s + W, len(tokens) - 1) - s for s, _ in group)  # the longest input in this batch
+        x = torch.zeros(len(group), L, dtype=torch.long, device=device)
+        y = torch.full((len(group), L), -100, dtype=torch.long, device=device)  # -100: not scored
+        for j, (s, first_new) in enumerate(group):
+            e = min(s + W, len(tokens) - 1)           # inputs s .. e-1, targets s+1 .. e
+            x[j, :e - s] = tokens[s:e]
+            keep = first_new - (s + 1)                 # targets before first_new were scored earlier
+            y[j, keep:e - s] = tokens[first_new:e + 1]
+        logits, _ = model(x)
+        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((y != -100).sum())
+    return total, count
+
+
+def perplexity(model, tokens, stride=None, batch_size=8):
+    """Perplexity of a 1-D LongTensor token stream, windows of model.config.block_size tokens."""
+    total, count = stream_nll(model, tokens, stride, batch_size)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def sequences_nll(model, seqs, batch_size=8):
+    """(sum of NLLs, scored tokens) over separate sequences (e.g. generated samples), each scored from
+    its own start; padding is excluded. Sequences longer than the window are scored with stream_nll."""
+    W = model.config.block_size
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    short = [s for s in seqs if len(s) <= W + 1]
+    for s in seqs:
+        if len(s) > W + 1:
+            t, c = stream_nll(model, s, batch_size=batch_size)
+            total, count = total + t, count + c
+    for i in range(0, len(short), batch_size):
+        group = short[i:i + batch_size]
+        L = max(len(s) for s in group) - 1
+        x = torch.zeros(len(group), L, dtype=torch.long, device=device)
+        y = torch.full((len(group), L), -100, dtype=torch.long, device=device)
+        for j, s in enumerate(group):
+            x[j, :len(s) - 1] = s[:-1]
+            y[j, :len(s) - 1] = s[1:]
+        logits, _ = model(x)
+        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((y != -100).sum())
+    return total, count
+
+
+def sequences_perplexity(model, seqs, batch_size=8):
+    """Token-weighted perplexity over a list of 1-D LongTensors."""
+    total, count = sequences_nll(model, seqs, batch_size)
+    return math.exp(total / count)

@@ -1,0 +1,72 @@
+"""Sampling text from a GPT, from scratch: temperature, top-k, top-p (nucleus) and a KV cache."""
+import torch
+from torch.nn import functional as F
+
+from common.model import KVCache
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row of logits (B, vocab) -> (B,) LongTensor.
+
+    Rather than masking and re-normalising the whole 50k vocabulary, we keep only the candidates
+    (the top-k, then the nucleus within them) and draw among those: same distribution, less work.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # greedy
+    logits = logits.float() / temperature
+    if top_k is None and top_p is None:
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if top_k is not None:
+        cand, cand_ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k), sorted high to low
+    else:
+        cand, cand_ids = torch.sort(logits, dim=-1, descending=True)              # (B, vocab)
+    probs = F.softmax(cand, dim=-1)  # re-normalised over the candidates
+    if top_p is not None:
+        # nucleus: the smallest set of most likely tokens whose probability reaches top_p. A token stays
+        # if the mass of the tokens ranked above it is still below top_p (so the first always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # multinomial re-normalises what is left
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into the candidates
+    return cand_ids.gather(-1, choice).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, generator=None):
+    """Continue each row of idx (B, T) by max_new_tokens tokens -> LongTensor (B, T + max_new_tokens).
+
+    The prompt is run through the model in one forward pass that fills the KV cache; after that each
+    step feeds only the newest token. If eos_token is given, a row that samples it is finished: all
+    its later positions are filled with eos_token (so every row has the same length), and generation
+    stops early once every row is finished. temperature 0 is greedy decoding. Pass a seeded
+    torch.Generator (on the model's device) for reproducible samples.
+
+    Contexts longer than the model's block_size are cropped: when the cache is full, the last half
+    window of tokens becomes the new prompt and generation goes on from there.
+    """
+    model.eval()
+    B = idx.size(0)
+    block = model.config.block_size
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, B, block, idx.device, dtype)
+    out = torch.empty(B, idx.size(1) + max_new_tokens, dtype=torch.long, device=idx.device)
+    out[:, :idx.size(1)] = idx
+    n = idx.size(1)
+    feed = idx[:, -block:]  # the prompt (cropped to the context), then one token at a time
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        if cache.pos + feed.size(1) > block:  # window full: restart the cache from the last half window
+            cache.pos = 0
+            feed = out[:, n - block // 2:n]
+        logits, _ = model(feed, kv_cache=cache)
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+        if eos_token is not None:
+            nxt = nxt.masked_fill(done, eos_token)
+            done = done | (nxt == eos_token)
+        out[:, n] = nxt
+        n += 1
+        feed = nxt.unsqueeze(1)  # (B, 1)
+        if eos_token is not None and bool(done.all()):
+            out[:, n:] = eos_token
+            break
+    return out
