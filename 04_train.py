@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common.artifacts import LessonError, load_artifact, load_model, model_checkpoint, run_lesson, save_artifact
 from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_float, positive_int, unit_float
 from common.device import autocast, get_device, needs_scaler, pick_dtype, sync
-from common.distill import make_batch, soft_kd_loss
+from common.distill import distill_loss, make_batch
 from common.model import GPT, GPTConfig
 from common.perplexity import sequences_nll
 from common.tokenizer import get_tokenizer
@@ -199,8 +199,7 @@ def main():
                         logits, ce = model(x, y)
                         loss = ce
                         if args.kd == "soft":
-                            kd = soft_kd_loss(logits, topk[0], topk[1], y != -100, args.kd_temperature)
-                            loss = args.kd_alpha * kd + (1 - args.kd_alpha) * ce
+                            loss = distill_loss(logits, ce, y, *topk, args.kd_alpha, args.kd_temperature)
                     # divide by the number of micro-batches: gradients add up, we want their mean.
                     # scaler.scale multiplies the loss (fp16 only) so small gradients don't underflow.
                     scaler.scale(loss / len(micro)).backward()

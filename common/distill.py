@@ -31,6 +31,12 @@ def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
     return T * T * (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
+def distill_loss(logits, ce, targets, topk_ids, topk_logprobs, alpha=0.5, T=2.0):
+    """Hinton's mix: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE on the teacher's tokens."""
+    kd = soft_kd_loss(logits, topk_ids, topk_logprobs, targets != -100, T)
+    return alpha * kd + (1 - alpha) * ce
+
+
 def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu"):
     """Pad a list of token sequences into model inputs and targets.
 

@@ -1,0 +1,115 @@
+"""The GPT-2 download path, end to end, against a local HTTP server on 127.0.0.1."""
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+import common.gpt2_weights as gw
+from common.artifacts import LessonError
+from common.gpt2_weights import download_gpt2, load_gpt2
+from conftest import hf_model
+
+
+class Hub:
+    """Serves files like the hub's resolve/main URLs; supports Range; can cut the first transfer."""
+
+    def __init__(self, files):
+        self.files, self.requests, self.cut_next = files, [], False
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                hub.requests.append((self.path, self.headers.get("Range")))
+                name = self.path.rsplit("/", 1)[-1]
+                if name not in hub.files:
+                    self.send_error(404)
+                    return
+                data = hub.files[name]
+                start = 0
+                rng = self.headers.get("Range")
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if hub.cut_next and name == "model.safetensors":
+                    hub.cut_next = False
+                    self.wfile.write(body[:len(body) // 2])  # then drop the connection mid-file
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    ref = hf_model()
+    ref.save_pretrained(tmp_path / "src")
+    files = {n: (tmp_path / "src" / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    server = Hub(files)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("KD_CACHE", str(tmp_path / "cache"))
+    data = files["model.safetensors"]
+    monkeypatch.setitem(gw.KNOWN_FILES, "gpt2", (len(data), hashlib.sha256(data).hexdigest()))
+    yield server
+    server.close()
+
+
+def test_download_progress_resume_and_cache(hub, capsys):
+    hub.cut_next = True
+    folder = download_gpt2("gpt2")
+    out = capsys.readouterr().out
+    assert "MB/s" in out and "resuming model.safetensors" in out
+    ranges = [r for p, r in hub.requests if p.endswith("model.safetensors")]
+    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")  # resumed, not restarted
+    assert (hub.files["model.safetensors"] == open(f"{folder}/model.safetensors", "rb").read())
+    config, state = load_gpt2(folder)
+    assert config.n_embd == 96
+    n = len(hub.requests)
+    download_gpt2("gpt2")  # cache hit: nothing fetched
+    assert len(hub.requests) == n
+    assert "cached" in capsys.readouterr().out
+
+
+def test_checksum_mismatch_is_rejected(hub, monkeypatch, tmp_path):
+    monkeypatch.setitem(gw.KNOWN_FILES, "gpt2", (len(hub.files["model.safetensors"]), "0" * 64))
+    with pytest.raises(LessonError, match="corrupt.*sha256"):
+        download_gpt2("gpt2")
+    assert not (tmp_path / "cache" / "gpt2" / "model.safetensors").exists()
+
+
+def test_corrupted_cache_is_fetched_again(hub, tmp_path):
+    folder = download_gpt2("gpt2")
+    with open(f"{folder}/model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00" * 16)
+    download_gpt2("gpt2")
+    assert open(f"{folder}/model.safetensors", "rb").read() == hub.files["model.safetensors"]
+
+
+def test_unreachable_server_says_how_to_go_on(monkeypatch, tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("KD_CACHE", str(tmp_path))
+    with pytest.raises(LessonError, match="--weights"):
+        download_gpt2("gpt2-medium")

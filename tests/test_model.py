@@ -1,0 +1,147 @@
+"""Our GPT loaded through our checkpoint loader computes what transformers' GPT-2 computes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from common.artifacts import LessonError, load_model
+from common.gpt2_weights import load_gpt2, read_safetensors
+from common.model import GPT, GPTConfig
+from conftest import ROOT, hf_model, run_py
+
+
+def hub_state(ref):
+    """The hub layout of openai-community/gpt2: no 'transformer.' prefix, mask buffers, no lm_head."""
+    sd = {k: v.clone() for k, v in ref.transformer.state_dict().items()}
+    P = ref.config.n_positions
+    for i in range(ref.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, P, P))
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return sd
+
+
+def save_layout(ref, folder, layout):
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    if layout == "save_pretrained":
+        ref.save_pretrained(folder)
+        return folder
+    ref.config.to_json_file(os.path.join(folder, "config.json"))
+    if layout == "hub-safetensors":
+        save_file(hub_state(ref), os.path.join(folder, "model.safetensors"))
+    else:  # hub-bin
+        torch.save(hub_state(ref), os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
+def assert_parity(ref, ours):
+    x = torch.randint(0, ref.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        r = ref(x, labels=x)
+        logits, _ = ours(x)
+        _, loss = ours(x[:, :-1], x[:, 1:])  # targets[:, t] follows idx[:, t]
+    assert logits.shape == r.logits.shape
+    assert (logits - r.logits).abs().max().item() < 1e-4
+    assert abs(loss.item() - r.loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["hub-safetensors", "hub-bin", "save_pretrained"])
+def test_parity_with_reference_for_each_layout(tmp_path, layout):
+    ref = hf_model()  # head size 16, not GPT-2's 64: the config must be read from config.json
+    config, state = load_gpt2(save_layout(ref, tmp_path / layout, layout))
+    assert (config.n_layer, config.n_embd, config.n_head, config.block_size) == (2, 96, 6, 64)
+    ours = GPT(config)
+    ours.load_state_dict(state)
+    assert_parity(ref, ours.eval())
+
+
+def test_single_weights_file_infers_the_shape(tmp_path):
+    from safetensors.torch import save_file
+    ref = hf_model(n_layer=3, n_embd=128, n_head=2, n_positions=48, vocab_size=300)  # 64-wide heads, like GPT-2
+    save_file(hub_state(ref), tmp_path / "weights.safetensors")
+    config, state = load_gpt2(str(tmp_path / "weights.safetensors"))
+    assert (config.n_layer, config.n_embd, config.n_head, config.block_size, config.vocab_size) == (3, 128, 2, 48, 300)
+    ours = GPT(config)
+    ours.load_state_dict(state)
+    assert_parity(ref, ours.eval())
+
+
+def test_our_safetensors_reader_matches_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half(),
+               "d": torch.randn(2, 2).bfloat16()}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    ours, lib = read_safetensors(str(tmp_path / "t.safetensors")), load_file(tmp_path / "t.safetensors")
+    assert ours.keys() == lib.keys()
+    for k in lib:
+        assert ours[k].dtype == lib[k].dtype and torch.equal(ours[k], lib[k])
+
+
+def test_missing_key_wrong_shape_and_junk_are_clear_errors(tmp_path):
+    from safetensors.torch import save_file
+    ref = hf_model()
+    folder = save_layout(ref, tmp_path / "m", "hub-safetensors")
+    sd = hub_state(ref)
+    del sd["h.1.mlp.c_fc.weight"]
+    save_file(sd, os.path.join(folder, "model.safetensors"))
+    with pytest.raises(LessonError, match=r"missing h\.1\.mlp\.c_fc\.weight"):
+        load_gpt2(folder)
+    sd = hub_state(ref)
+    sd["h.0.attn.c_proj.weight"] = torch.zeros(96, 95)
+    save_file(sd, os.path.join(folder, "model.safetensors"))
+    with pytest.raises(LessonError, match=r"h\.0\.attn\.c_proj\.weight has shape \(96, 95\)"):
+        load_gpt2(folder)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(os.urandom(1000))
+    with pytest.raises(LessonError, match="not a GPT-2 checkpoint"):
+        load_gpt2(str(junk))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(LessonError, match="not a valid safetensors file"):
+        load_gpt2(str(broken))
+
+
+def test_untied_lm_head_is_refused(tmp_path):
+    ref = hf_model()
+    sd = {"transformer." + k: v for k, v in ref.transformer.state_dict().items()}
+    sd["lm_head.weight"] = torch.randn_like(sd["transformer.wte.weight"])
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    ref.config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(LessonError, match="lm_head.weight differs"):
+        load_gpt2(str(tmp_path))
+
+
+def test_architecture_details():
+    cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=4, n_head=2, n_embd=32)
+    m = GPT(cfg)
+    assert m.lm_head.weight is m.transformer.wte.weight  # tied
+    assert m.transformer.h[0].ln_1.eps == 1e-5
+    # residual projections start with std 0.02 / sqrt(2 * n_layer)
+    torch.manual_seed(0)
+    big = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=8, n_head=4, n_embd=256))
+    assert abs(big.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / 4) < 0.0005
+    assert abs(big.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
+    logits, loss = m(torch.zeros(2, 5, dtype=torch.long))
+    assert logits.shape == (2, 5, 64) and loss is None
+
+
+def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
+    ref = hf_model(vocab_size=50257)
+    folder = save_layout(ref, tmp_path / "hub", "hub-safetensors")
+    r = run_py(["01_teacher.py", "--weights", folder, "--out", str(tmp_path / "art")])
+    assert r.returncode == 0, r.stderr
+    teacher, ckpt = load_model(str(tmp_path / "art" / "teacher.pt"), "teacher", vocab_size=50257)
+    assert ckpt["synthetic"] is False and "greedy continuation" in r.stdout
+    assert_parity(ref, teacher)
+
+
+def test_lesson01_tiny_preset_is_synthetic_and_peaked(tmp_path):
+    r = run_py(["01_teacher.py", "--preset", "tiny", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert "SYNTHETIC" in r.stdout and "parameters" in r.stdout
+    teacher, ckpt = load_model(str(tmp_path / "teacher.pt"), "teacher")
+    assert ckpt["synthetic"] is True and teacher.config.vocab_size == 50257

@@ -1,0 +1,99 @@
+"""Generation: the KV cache is exact, greedy decoding matches the reference, sampling filters are right."""
+import torch
+
+from common.model import GPT, GPTConfig, KVCache
+from common.sampling import generate, sample_next
+from conftest import hf_model, ours_from_hf
+
+
+def small(block_size=64, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=97, n_layer=2, n_head=4, n_embd=32, init_std=0.3)).eval()
+
+
+@torch.no_grad()
+def test_cached_and_uncached_logits_agree_at_every_step():
+    m = small()
+    seq = torch.randint(0, 97, (3, 30), generator=torch.Generator().manual_seed(0))
+    full, _ = m(seq)
+    cache = KVCache(m.config, 3, m.config.block_size, "cpu", torch.float32)
+    step_logits, _ = m(seq[:, :10], kv_cache=cache)  # the prompt in one pass
+    assert (step_logits - full[:, :10]).abs().max() < 1e-5
+    for t in range(10, 25):  # then one token at a time
+        step_logits, _ = m(seq[:, t:t + 1], kv_cache=cache)
+        assert (step_logits[:, 0] - full[:, t]).abs().max() < 1e-5
+    step_logits, _ = m(seq[:, 25:30], kv_cache=cache)  # several tokens after a cached prefix
+    assert (step_logits - full[:, 25:30]).abs().max() < 1e-5
+
+
+def test_greedy_matches_the_reference_generate():
+    ref = hf_model()
+    ours = ours_from_hf(ref)
+    prompt = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(3))
+    expected = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                            pad_token_id=0, eos_token_id=None)
+    got = generate(ours, prompt, 30, temperature=0)
+    assert torch.equal(got, expected)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    m = small()
+    prompt = torch.randint(0, 97, (4, 5), generator=torch.Generator().manual_seed(1))
+    greedy = generate(m, prompt, 20, temperature=0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(m, prompt, 20, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(generate(m, prompt, 20, temperature=1.0, top_p=1e-6, generator=g), greedy)
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    # 0.5 + 0.3 reaches 0.8: the nucleus is {1, 3}, drawn 5 : 3
+    draws = sample_next(logits, top_p=0.8, generator=g)
+    assert set(draws.tolist()) == {1, 3}
+    assert abs((draws == 1).float().mean().item() - 0.5 / 0.8) < 0.02
+    # 0.81 needs the third token too
+    assert set(sample_next(logits, top_p=0.81, generator=g).tolist()) == {1, 2, 3}
+    # top-k 2 then top-p 0.5 within the renormalised top-2: 0.5/0.8 = 0.625 >= 0.5, so only token 1
+    assert set(sample_next(logits, top_k=2, top_p=0.5, generator=g).tolist()) == {1}
+    # temperature flattens: at T = 2 the draw frequencies follow softmax(log p / 2)
+    d = sample_next(logits, temperature=2.0, generator=g)
+    want = torch.softmax(probs.log() / 2, 0)
+    assert abs((d == 0).float().mean().item() - want[0].item()) < 0.02
+
+
+def test_same_seed_same_samples():
+    m = small()
+    prompt = torch.zeros(4, 1, dtype=torch.long)
+    a = generate(m, prompt, 25, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    b = generate(m, prompt, 25, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    c = generate(m, prompt, 25, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_eos_stops_a_row_and_pads_it():
+    m = small()
+    prompt = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(5))
+    free = generate(m, prompt, 20, temperature=0)
+    eos = int(free[0, 4 + 5])  # the token row 0 produces at its 6th step
+    out = generate(m, prompt, 20, temperature=0, eos_token=eos)
+    assert out.shape == free.shape
+    for row_free, row in zip(free, out):
+        hits = (row_free[4:] == eos).nonzero()
+        stop = 4 + int(hits[0]) if len(hits) else len(row)
+        assert torch.equal(row[:stop + 1], row_free[:stop + 1])  # the same up to and including EOS
+        assert (row[stop:] == eos).all()                       # then only EOS
+    assert torch.equal(generate(m, prompt, 20, temperature=0, eos_token=None), free)
+
+
+def test_generation_past_the_context_crops_instead_of_crashing():
+    m = small(block_size=16)
+    out = generate(m, torch.zeros(2, 10, dtype=torch.long), 40, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 50)
+    # Greedy from a 10-token prompt in a 16-token window: the 7th new token fills the window, so the
+    # 8th is predicted after the cache restarts from the last half window (8 tokens).
+    seven = generate(m, torch.zeros(1, 10, dtype=torch.long), 7, temperature=0)        # (1, 17)
+    eighth = generate(m, torch.zeros(1, 10, dtype=torch.long), 8, temperature=0)[0, -1]
+    logits, _ = m(seven[:, -8:])
+    assert int(eighth) == int(logits[0, -1].argmax())
