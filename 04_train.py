@@ -88,6 +88,7 @@ def main():
     else:
         rank, world, device = 0, 1, get_device()
     master = rank == 0  # only rank 0 prints and writes files
+    torch.manual_seed(args.seed + rank)  # dropout masks (the data order has its own seeded generator)
     log = print if master else (lambda *a, **k: None)
 
     # --- precision: chosen here, in one place ---

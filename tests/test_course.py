@@ -1,0 +1,74 @@
+"""The whole course: run_all.sh on the tiny preset, and every lesson run as a notebook cell."""
+import re
+
+from common.artifacts import load_artifact
+from conftest import ROOT, run_py
+
+LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
+CHAIN = [("teacher.pt", "teacher"), ("generated.pt", "generated"), ("student_init.pt", "student_init"),
+         ("student.pt", "student"), ("train_log.pt", "train_log"), ("eval.pt", "eval")]
+
+
+def test_run_all_tiny_builds_the_whole_chain(course):
+    out, stdout = course
+    for file, kind in CHAIN:
+        assert load_artifact(str(out / file), kind)["kind"] == kind
+    assert (out / "report.md").exists()
+    assert re.search(r"course finished in \d+s", stdout)
+    ev = load_artifact(str(out / "eval.pt"), "eval")
+    ppl = ev["perplexity"]["generated-val"]
+    assert ppl["student"] < ppl["student_init"] / 5  # the student learned from the teacher's text
+    assert ppl["teacher"] < ppl["student"]
+    assert "wikitext2" not in ev["perplexity"] and "wikitext2" in ev["skipped"]  # skipped, not NaN
+    assert ev["agreement"]["student"] > ev["agreement"]["student_init"]
+    assert ev["kl"]["student"] < ev["kl"]["student_init"]
+    gen = load_artifact(str(out / "generated.pt"), "generated")
+    for split in ("train", "val"):  # top-K rows line up with the tokens: row t predicts token t + 1
+        for seq, ids, lps in zip(gen[split], gen[f"{split}_topk_ids"], gen[f"{split}_topk_logprobs"]):
+            assert ids.shape == lps.shape == (len(seq) - 1, 32) and seq[0] == 50256
+            assert str(ids.dtype) == "torch.int32" and str(lps.dtype) == "torch.float16"
+    assert len(gen["train_texts"]) == len(gen["train"]) and len(gen["val"]) >= 1
+
+
+def test_report_numbers_are_the_ones_in_eval_pt_and_the_charts_are_images(course):
+    out, _ = course
+    ev = load_artifact(str(out / "eval.pt"), "eval")
+    report = (out / "report.md").read_text()
+    for set_name, r in ev["perplexity"].items():
+        improvement = (r["student_init"] - r["student"]) / r["student_init"]
+        row = (f"| {set_name} | {r['teacher']:,.2f} | {r['student_init']:,.2f} | {r['student']:,.2f} | "
+               f"{improvement:.1%} | {r['teacher'] / r['student']:.1%} |")
+        assert row in report
+    assert "![perplexity](perplexity.png)" in report and "- teacher:" in report and "- student:" in report
+    import matplotlib.image
+    for png in ("perplexity.png", "training.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        h, w, _ = matplotlib.image.imread(out / png).shape
+        assert h > 300 and w > 400
+
+
+NOTEBOOK_CELL = """
+import sys
+sys.argv = ["/usr/lib/python3/dist-packages/ipykernel_launcher.py", "-f",
+            "/root/.local/share/jupyter/runtime/kernel-4f2a9c1e.json"]
+source = open({lesson!r}).read()
+exec(compile(source, "<cell>", "exec"), {{"__name__": "__main__"}})
+"""
+
+
+def test_each_lesson_runs_as_a_notebook_cell(tmp_path):
+    """As pasted into Colab: the kernel's argv, no __file__, tiny preset chosen with %env KD_PRESET=tiny."""
+    env = {"KD_PRESET": "tiny", "KD_OUT": str(tmp_path)}
+    for lesson in LESSONS:
+        r = run_py(["-c", NOTEBOOK_CELL.format(lesson=lesson)], env=env)
+        assert r.returncode == 0, f"{lesson}:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
+        assert "wrote" in r.stdout
+    assert (tmp_path / "report.md").exists()
+    # 05 and 06 with their plain defaults (the gpt2 preset), offline, on the artifacts already there
+    for lesson in LESSONS[4:]:
+        r = run_py(["-c", NOTEBOOK_CELL.format(lesson=lesson)],
+                   env={"KD_OUT": str(tmp_path), "KD_WIKITEXT_URL": "http://127.0.0.1:9/none.zip",
+                        "KD_CACHE": str(tmp_path / "cache")})
+        assert r.returncode == 0, f"{lesson}:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
+        if lesson == "05_evaluate.py":  # the gpt2 preset tries WikiText-2; offline it says so and goes on
+            assert "skipped wikitext2: could not download it" in r.stdout
