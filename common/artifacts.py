@@ -78,16 +78,16 @@ def load_artifact(path, kind, keys=()):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):  # a pickled class or function: loading it could run code
             raise LessonError(f"{path} holds Python objects that a safe load refuses (it may run code): "
                               f"run {maker} again to make a clean one") from None
         raise LessonError(f"{path} is truncated or not a checkpoint: run {maker} again") from None
     if not isinstance(obj, dict) or obj.get("kind") not in KINDS:
         raise LessonError(f"{path} is not a file of this course: run {maker} again")
     if obj["kind"] not in kinds:
-        what = KINDS[obj["kind"]][0]
-        wanted = " or ".join(KINDS[k][0] for k in kinds)
-        raise LessonError(f"{path} is a {what}, not a {wanted}: run {maker} to make one")
+        a = lambda what: ("an " if what[0] in "aeiou" else "a ") + what
+        wanted = " or ".join(a(KINDS[k][0]) for k in kinds)
+        raise LessonError(f"{path} is {a(KINDS[obj['kind']][0])}, not {wanted}: run {maker} to make one")
     missing = [k for k in keys if k not in obj]
     if missing:
         raise LessonError(f"{path} lacks {', '.join(missing)}: run {KINDS[obj['kind']][1]} again")

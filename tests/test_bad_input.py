@@ -1,0 +1,234 @@
+"""Bad input never ends in a traceback or a lost file: every case runs the real lessons on a copy of
+the tiny course and checks the exit code, the message, and that the other artifacts are untouched."""
+import hashlib
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common.artifacts import load_artifact, save_artifact
+from conftest import ROOT, run_py
+
+ARTIFACTS = ["teacher.pt", "generated.pt", "student_init.pt", "student.pt", "train_log.pt", "eval.pt"]
+
+
+def digests(folder):
+    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in sorted(os.listdir(folder))
+            if (folder / f).is_file()}
+
+
+def check_refused(r, *words, code=None):
+    assert r.returncode != 0 if code is None else r.returncode == code, r.stdout[-2000:] + r.stderr[-2000:]
+    message = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    for w in words:
+        assert w in message, f"{w!r} not in {message!r}"
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+# --- damaged, missing and mismatched artifacts: (what to do to the copy, lesson, expected words) ---
+
+def remove(name):
+    return lambda d: os.remove(d / name)
+
+
+def truncate(name):
+    return lambda d: (d / name).write_bytes((d / name).read_bytes()[:2000])
+
+
+def random_bytes(name):
+    return lambda d: (d / name).write_bytes(os.urandom(5000))
+
+
+def copy(src, dst):
+    return lambda d: (d / dst).write_bytes((d / src).read_bytes())
+
+
+def edit(name, change):
+    def do(d):
+        obj = torch.load(d / name, weights_only=True)
+        change(obj)
+        torch.save(obj, d / name)
+    return do
+
+
+def student_init_with_short_context(d):
+    from common.artifacts import model_checkpoint
+    from common.model import GPT, GPTConfig
+    save_artifact(model_checkpoint(GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)), "student_init"),
+                  d / "student_init.pt")
+
+
+def other_student_init(d):
+    r = run_py(["03_student.py", "--out", str(d), "--preset", "tiny", "--n-embd", "64"])
+    assert r.returncode == 0, r.stderr
+
+
+class Unsafe:
+    pass
+
+
+CASES = [
+    ("no teacher for 02", remove("teacher.pt"), ["02_generate.py"], ["teacher.pt not found", "run 01_teacher.py first"]),
+    ("no teacher for 03", remove("teacher.pt"), ["03_student.py"], ["teacher.pt not found", "run 01_teacher.py first"]),
+    ("no data for 04", remove("generated.pt"), ["04_train.py"], ["generated.pt not found", "run 02_generate.py first"]),
+    ("no student_init for 04", remove("student_init.pt"), ["04_train.py"], ["run 03_student.py first"]),
+    ("no student for 05", remove("student.pt"), ["05_evaluate.py"], ["student.pt not found", "run 04_train.py first"]),
+    ("no data for 05", remove("generated.pt"), ["05_evaluate.py"], ["run 02_generate.py first"]),
+    ("no eval for 06", remove("eval.pt"), ["06_compare.py"], ["eval.pt not found", "run 05_evaluate.py first"]),
+    ("no log for 06", remove("train_log.pt"), ["06_compare.py"], ["train_log.pt not found", "run 04_train.py"]),
+    ("no state to resume", remove("train_state.pt"), ["04_train.py", "--resume"], ["train_state.pt not found"]),
+    ("truncated teacher", truncate("teacher.pt"), ["02_generate.py"], ["teacher.pt is truncated or not a checkpoint",
+                                                                       "run 01_teacher.py again"]),
+    ("random-byte data", random_bytes("generated.pt"), ["04_train.py"], ["generated.pt is truncated or not a checkpoint"]),
+    ("random-byte student", random_bytes("student.pt"), ["06_compare.py"], ["student.pt is truncated", "04_train.py"]),
+    ("data as teacher", copy("generated.pt", "teacher.pt"), ["03_student.py"],
+     ["is a generated-data file, not a teacher checkpoint"]),
+    ("teacher as data", copy("teacher.pt", "generated.pt"), ["04_train.py"],
+     ["is a teacher checkpoint, not a generated-data file"]),
+    ("teacher as eval", copy("teacher.pt", "eval.pt"), ["06_compare.py"], ["not an evaluation results file"]),
+    ("unsafe pickle", lambda d: torch.save({"kind": "teacher", "x": Unsafe()}, d / "teacher.pt"), ["03_student.py"],
+     ["safe load refuses", "run 01_teacher.py again"]),
+    ("no weights in teacher", edit("teacher.pt", lambda o: o.pop("model")), ["02_generate.py"], ["lacks model"]),
+    ("missing tensor in teacher", edit("teacher.pt", lambda o: o["model"].pop("transformer.h.1.mlp.c_fc.weight")),
+     ["03_student.py"], ["does not match its own config", "transformer.h.1.mlp.c_fc.weight"]),
+    ("other vocabulary", edit("teacher.pt", lambda o: o["config"].update(vocab_size=500) or o["model"].update(
+        {k: o["model"][k][:500] for k in ("transformer.wte.weight", "lm_head.weight")})), ["02_generate.py"],
+     ["vocabulary of 500 tokens", "50257"]),
+    ("samples longer than the student's context", student_init_with_short_context, ["04_train.py"],
+     ["longer than the student's context", "--max-new-tokens"]),
+    ("student from another init", other_student_init, ["05_evaluate.py"], ["student.pt does not match"]),
+    ("no top-K for soft KD", edit("generated.pt", lambda o: o.update(train_topk_ids=[])), ["04_train.py", "--kd", "soft"],
+     ["--topk-logits"]),
+]
+
+
+@pytest.mark.parametrize("name,damage,cmd,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_artifact(course_copy, name, damage, cmd, words):
+    damage(course_copy)
+    before = digests(course_copy)
+    r = run_py([cmd[0], "--out", str(course_copy), "--preset", "tiny", *cmd[1:]])
+    check_refused(r, *words, code=1)
+    assert digests(course_copy) == before  # nothing overwritten, nothing half-written left behind
+
+
+# --- --weights files for lesson 01 ---
+
+def test_weights_broken_header_missing_key_and_missing_path(tmp_path):
+    from safetensors.torch import save_file
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((123456789).to_bytes(8, "little") + b'{"a": 1}')
+    check_refused(run_py(["01_teacher.py", "--weights", str(bad), "--out", str(tmp_path)]),
+                  "not a valid safetensors file", code=1)
+    from conftest import hf_model
+    sd = dict(hf_model(n_embd=128, n_head=2).transformer.state_dict())
+    del sd["h.0.mlp.c_fc.weight"]
+    save_file(sd, tmp_path / "partial.safetensors")
+    check_refused(run_py(["01_teacher.py", "--weights", str(tmp_path / "partial.safetensors"), "--out", str(tmp_path)]),
+                  "missing h.0.mlp.c_fc.weight", code=1)
+    check_refused(run_py(["01_teacher.py", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path)]),
+                  "does not exist", code=2)
+    assert not (tmp_path / "teacher.pt").exists()
+
+
+# --- every numeric flag refuses bad values at parse time (argparse: exit 2, a usage line) ---
+
+BAD_FLAGS = [
+    ("02_generate.py", "--num-samples", "0"), ("02_generate.py", "--max-new-tokens", "-5"),
+    ("02_generate.py", "--temperature", "-0.1"), ("02_generate.py", "--top-k", "0"),
+    ("02_generate.py", "--top-p", "0"), ("02_generate.py", "--top-p", "1.5"), ("02_generate.py", "--batch-size", "0"),
+    ("02_generate.py", "--val-fraction", "1"), ("02_generate.py", "--topk-logits", "-1"),
+    ("02_generate.py", "--max-repeat", "2"), ("02_generate.py", "--seed", "x"),
+    ("03_student.py", "--n-layer", "0"), ("03_student.py", "--n-embd", "0"), ("03_student.py", "--n-head", "-2"),
+    ("04_train.py", "--epochs", "0"), ("04_train.py", "--batch-size", "0"), ("04_train.py", "--grad-accum", "0"),
+    ("04_train.py", "--lr", "0"), ("04_train.py", "--lr", "nan"), ("04_train.py", "--min-lr-ratio", "2"),
+    ("04_train.py", "--warmup-steps", "-1"), ("04_train.py", "--weight-decay", "-0.1"),
+    ("04_train.py", "--grad-clip", "0"), ("04_train.py", "--dropout", "1.5"), ("04_train.py", "--kd-alpha", "1.1"),
+    ("04_train.py", "--kd-temperature", "0"), ("04_train.py", "--log-interval", "0"),
+    ("04_train.py", "--stop-after", "0"), ("04_train.py", "--kd", "hard"), ("04_train.py", "--dtype", "fp8"),
+    ("05_evaluate.py", "--stride", "0"), ("05_evaluate.py", "--batch-size", "0"), ("05_evaluate.py", "--max-tokens", "-1"),
+    ("05_evaluate.py", "--eval-text", "/no/such/file.txt"),
+    ("06_compare.py", "--max-new-tokens", "0"), ("06_compare.py", "--seed", "1.5"),
+    ("01_teacher.py", "--model", "gpt3"), ("01_teacher.py", "--preset", "huge"),
+]
+
+
+@pytest.mark.parametrize("lesson,flag,value", BAD_FLAGS, ids=[f"{a[:2]}{b}={c}" for a, b, c in BAD_FLAGS])
+def test_bad_flag_is_refused_at_parse_time(tmp_path, monkeypatch, capsys, lesson, flag, value):
+    monkeypatch.setattr(sys, "argv", [lesson, "--out", str(tmp_path), flag, value])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, lesson), run_name="__main__")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "usage:" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_all_refuses_unknown_options():
+    r = subprocess.run(["bash", "run_all.sh", "--epochs", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "only --preset and --out" in r.stderr
+
+
+# --- training stops cleanly: NaN, Ctrl-C ---
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(course_copy):
+    before = digests(course_copy)
+    r = run_py(["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--lr", "1e30", "--warmup-steps", "0"])
+    check_refused(r, "loss became nan", "--lr", code=1)
+    assert digests(course_copy) == before
+
+
+def test_ctrl_c_saves_a_resumable_state(course_copy):
+    before = digests(course_copy)
+    p = subprocess.Popen([sys.executable, "04_train.py", "--out", str(course_copy), "--preset", "tiny",
+                          "--log-interval", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in p.stdout:
+        if line.startswith("step    3/"):
+            p.send_signal(signal.SIGINT)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err
+    assert "interrupted at step" in err and "--resume" in err
+    state = load_artifact(str(course_copy / "train_state.pt"), "train_state")
+    assert state["step"] >= 3
+    after = digests(course_copy)
+    def others(d):
+        return {k: v for k, v in d.items() if k != "train_state.pt"}
+    assert others(after) == others(before) and after["train_state.pt"] != before["train_state.pt"]
+    r = run_py(["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--resume"])
+    assert r.returncode == 0 and f"resumed from" in r.stdout, r.stderr
+
+
+# --- a write killed half way leaves the old file whole ---
+
+SLOW_WRITER = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+from common.artifacts import save_artifact
+real_save = torch.save
+def slow_save(obj, f):
+    f.write(b"half a checkpoint" * 1000)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+save_artifact({{"kind": "eval", "perplexity": {{}}}}, {path!r})
+"""
+
+
+def test_sigkill_during_a_write_leaves_the_old_file(course_copy):
+    path = course_copy / "eval.pt"
+    old = path.read_bytes()
+    p = subprocess.Popen([sys.executable, "-c", SLOW_WRITER.format(root=ROOT, path=str(path))],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert path.read_bytes() == old
+    assert load_artifact(str(path), "eval")["perplexity"]
