@@ -186,7 +186,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(course_copy):
 def test_ctrl_c_saves_a_resumable_state(course_copy):
     before = digests(course_copy)
     p = subprocess.Popen([sys.executable, "04_train.py", "--out", str(course_copy), "--preset", "tiny",
-                          "--log-interval", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          "--log-interval", "1", "--epochs", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
     for line in p.stdout:
         if line.startswith("step    3/"):
@@ -201,7 +201,7 @@ def test_ctrl_c_saves_a_resumable_state(course_copy):
     def others(d):
         return {k: v for k, v in d.items() if k != "train_state.pt"}
     assert others(after) == others(before) and after["train_state.pt"] != before["train_state.pt"]
-    r = run_py(["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--resume"])
+    r = run_py(["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--resume", "--epochs", "1"])
     assert r.returncode == 0 and f"resumed from" in r.stdout, r.stderr
 
 
