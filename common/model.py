@@ -165,12 +165,8 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        """idx (B, T) token ids -> (logits (B, T, vocab), loss).
-
-        targets[:, t] is the token that follows idx[:, t]; positions with target -100 (padding) are
-        left out of the loss. With a kv_cache, idx continues the cached sequence.
-        """
+    def hidden(self, idx, kv_cache=None):
+        """The final hidden states (B, T, n_embd) after ln_f; forward() turns them into logits."""
         B, T = idx.size()
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -180,10 +176,17 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, kv_cache)
-        x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
-        logits = self.lm_head(x)  # (B, T, vocab)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss).
+
+        targets[:, t] is the token that follows idx[:, t]; positions with target -100 (padding) are
+        left out of the loss. With a kv_cache, idx continues the cached sequence.
+        """
+        logits = self.lm_head(self.hidden(idx, kv_cache))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)

@@ -48,18 +48,23 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     B = idx.size(0)
     block = model.config.block_size
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, B, block, idx.device, dtype)
+    cache = KVCache(model.config, B, min(block, idx.size(1) + max_new_tokens), idx.device, dtype)
+    # Only the last position's logits are needed. lm_head's weight is the (vocab, C) embedding matrix;
+    # for a few rows at a time, a product with a (C, vocab) copy reads memory about twice as fast on
+    # CPUs, so we make that copy once per call (the teacher's is 150 MB; it is freed on return).
+    head = model.lm_head.weight.t().contiguous()  # (C, vocab)
     out = torch.empty(B, idx.size(1) + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :idx.size(1)] = idx
     n = idx.size(1)
     feed = idx[:, -block:]  # the prompt (cropped to the context), then one token at a time
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        if cache.pos + feed.size(1) > block:  # window full: restart the cache from the last half window
+        if cache.pos + feed.size(1) > cache.k.size(3):  # window full: restart from the last half window
             cache.pos = 0
             feed = out[:, n - block // 2:n]
-        logits, _ = model(feed, kv_cache=cache)
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+        h = model.hidden(feed, kv_cache=cache)[:, -1, :]  # (B, C)
+        logits = h @ head                                 # (B, vocab): what model(feed) gives at the last position
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_token is not None:
             nxt = nxt.masked_fill(done, eos_token)
             done = done | (nxt == eos_token)
