@@ -22,7 +22,7 @@ from common.tokenizer import EOT, get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
 PRESETS = {
-    "gpt2": dict(num_samples=500, max_new_tokens=256, batch_size=50),
+    "gpt2": dict(num_samples=500, max_new_tokens=256, batch_size=128),
     "tiny": dict(num_samples=128, max_new_tokens=48, batch_size=32),
 }
 # Openings written for this course, to spread the samples over many subjects. With --prompts mixed,

@@ -1,0 +1,73 @@
+"""Time the whole course at the seed's scale: a GPT-2 124M-shaped teacher (random weights: speed does
+not depend on their values), 500 samples x 256 new tokens, the 6/512/8 student, 3 epochs, evaluation.
+
+It runs the real lessons 02-06 as subprocesses (lesson 01 needs the internet, so the teacher.pt is
+written directly) and reports each lesson's wall time and throughput. On a GPU the lessons use AMP
+as they always do, and training MFU is reported against the GPU's peak for the dtype used. On a CPU,
+--scale shrinks the number of samples to keep the run short (the shapes stay the same).
+Run: python bench/course_speed.py [--scale 0.02] [--out DIR]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common.artifacts import load_artifact, model_checkpoint, save_artifact  # noqa: E402
+from common.model import GPT, GPTConfig  # noqa: E402
+
+# Dense peak TFLOP/s by GPU name and dtype (vendor data sheets, without sparsity).
+PEAKS = {"H200": {"bf16": 989, "fp16": 989}, "H100": {"bf16": 989, "fp16": 989}, "A100": {"bf16": 312, "fp16": 312},
+         "L4": {"bf16": 121, "fp16": 121}, "T4": {"fp16": 65}, "A10": {"bf16": 125, "fp16": 125}}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", type=float, default=None, help="share of the 500 samples (default: 1 on a GPU, 0.02 on a CPU)")
+    p.add_argument("--out", default=None, help="artifact folder (default: a temporary one)")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    scale = args.scale if args.scale is not None else (1.0 if cuda else 0.02)
+    out = args.out or tempfile.mkdtemp(prefix="course_speed_")
+    n_samples = max(4, round(500 * scale))
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    print(f"course at scale {scale} ({n_samples} samples x 256 new tokens) on {device} | torch {torch.__version__} | "
+          f"{time.strftime('%Y-%m-%d')} | artifacts in {out}")
+
+    torch.manual_seed(0)
+    save_artifact(model_checkpoint(GPT(GPTConfig()), "teacher", source="random GPT-2 124M (timing only)",
+                                   synthetic=True), f"{out}/teacher.pt")
+    lessons = [("02_generate.py", ["--num-samples", str(n_samples)]), ("03_student.py", []), ("04_train.py", []),
+               ("05_evaluate.py", ["--no-wikitext"]), ("06_compare.py", [])]
+    times = {}
+    for lesson, extra in lessons:
+        t0 = time.time()
+        r = subprocess.run([sys.executable, lesson, "--out", out, *extra], cwd=ROOT, capture_output=True, text=True)
+        times[lesson] = time.time() - t0
+        if r.returncode != 0:
+            sys.exit(f"{lesson} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        print(f"  {lesson:<15} {times[lesson]:7.1f}s")
+
+    gen = load_artifact(f"{out}/generated.pt", "generated")
+    log = load_artifact(f"{out}/train_log.pt", "train_log")
+    student = GPT(GPTConfig(n_layer=6, n_head=8, n_embd=512))
+    n = student.num_params() - student.transformer.wpe.weight.numel()
+    mean_len = sum(len(s) for s in gen["train"]) / len(gen["train"])
+    flops = log["tokens"] * (6 * n + 12 * 6 * 512 * mean_len)  # forward + backward, attention included
+    print(f"generation: {gen['tokens_per_second']:,.0f} new tokens/s | training: {log['tokens'] / log['wall_time']:,.0f} "
+          f"tokens/s ({log['dtype']}, {len(log['loss'])} steps in {log['wall_time']:.1f}s, "
+          f"{flops / log['wall_time'] / 1e12:.2f} TFLOP/s)")
+    if cuda:
+        peak = next((v.get(log["dtype"]) for k, v in PEAKS.items() if k in torch.cuda.get_device_name()), None)
+        if peak:
+            print(f"training MFU: {flops / log['wall_time'] / 1e12 / peak:.1%} of {peak} TFLOP/s ({log['dtype']})")
+    print(f"whole course (02-06): {sum(times.values()):.1f}s")
+
+
+if __name__ == "__main__":
+    main()
