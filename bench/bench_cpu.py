@@ -3,7 +3,8 @@
 The two are timed interleaved in one run (ours, reference, ours, reference, ...) because shared
 machines are noisy; we report medians and the ratio reference time / our time (> 1: we are faster).
   train   one training step (forward + backward + AdamW) of the student config 6/512/8, batch 4 x 256
-  sample  64 new tokens for 8 prompts, top-k 50, with the KV cache (GPT-2 124M shape)
+  sample  64 new tokens for 8 prompts, top-k 50, with the KV cache (GPT-2 124M shape); also
+          timed once: the same without a KV cache, the naive loop
   ppl     perplexity forward passes over a 4,097-token stream (4 full windows), 1,024-token windows (GPT-2 124M shape)
   matmul  this CPU's fp32 matmul rate, and our training FLOP rate as a share of it
 Weights are random: speed does not depend on their values. Needs transformers (requirements-dev.txt).
@@ -103,7 +104,22 @@ def bench_sample(repeats):
                            max_new_tokens=64, min_new_tokens=64, pad_token_id=50256, eos_token_id=None)
         assert out.shape == (8, 80)
 
-    return interleave(run_ours, run_ref, repeats)
+    t_ours, t_ref = interleave(run_ours, run_ref, repeats)
+    t_naive = timed(lambda: naive_generate(ours, prompt, 64, 50, torch.Generator().manual_seed(0)))
+    return t_ours, t_ref, t_naive
+
+
+@torch.no_grad()
+def naive_generate(model, idx, max_new_tokens, top_k, generator):
+    """Sampling without a KV cache, the textbook way: the whole sequence through the model at every
+    step, top-k by masking the full vocabulary, softmax over all 50,257 entries."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        logits = logits[:, -1, :]
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        probs = F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return idx
 
 
 def bench_ppl(repeats):
@@ -154,6 +170,9 @@ def main():
         rows.append((name, t_ours, t_ref, ratio, TARGETS[name]))
         print(f"{name:<7} ours {t_ours * 1000:8.1f} ms | reference {t_ref * 1000:8.1f} ms | ratio {ratio:.2f}x "
               f"(target >= {TARGETS[name]:.2f}x) {'ok' if ratio >= TARGETS[name] else 'MISSED'}")
+        if name == "sample":
+            print(f"        without the KV cache (naive loop, once): {extra[0] * 1000:.1f} ms = "
+                  f"{8 * 64 / extra[0]:.0f} tokens/s, against our {8 * 64 / t_ours:.0f} tokens/s")
         if name == "train":
             share = extra[0] / rate
             ok &= share >= 0.55

@@ -232,3 +232,26 @@ def test_sigkill_during_a_write_leaves_the_old_file(course_copy):
     p.wait(timeout=30)
     assert path.read_bytes() == old
     assert load_artifact(str(path), "eval")["perplexity"]
+
+
+def test_out_of_memory_is_answered_with_a_suggestion(course_copy, monkeypatch, capsys):
+    """A GPU running out of memory (simulated: the CPU has no such limit) ends in advice, not a traceback."""
+    from torch.nn import functional as F
+    real_ce, calls = F.cross_entropy, []
+
+    def ce_that_runs_out(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # the second training step: val before training was the first call
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_ce(*a, **k)
+
+    before = digests(course_copy)
+    monkeypatch.setattr(F, "cross_entropy", ce_that_runs_out)
+    monkeypatch.setattr(sys, "argv", ["04_train.py", "--out", str(course_copy), "--preset", "tiny"])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "04_train.py"), run_name="__main__")
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "ran out of memory" in err and "--batch-size 4 --grad-accum 2" in err and "Traceback" not in err
+    assert digests(course_copy) == before
