@@ -10,12 +10,14 @@ import os
 import time
 
 import matplotlib
-matplotlib.use("Agg")  # draw to files; no window needed
-import matplotlib.pyplot as plt
 import torch
 
 from common.artifacts import load_artifact, load_model, run_lesson, write_text
-from common.cli import lesson_parser, parse, positive_int
+from common.cli import in_notebook, lesson_parser, parse, positive_int
+
+if not in_notebook():
+    matplotlib.use("Agg")  # from a shell: draw straight to files, no window needed
+import matplotlib.pyplot as plt  # noqa: E402
 from common.device import get_device, sync
 from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
