@@ -153,7 +153,7 @@ def main():
     for set_name, row in ppl.items():
         print(f"{set_name:<18}{row['teacher']:>12,.2f}{row['student_init']:>14,.2f}{row['student']:>12,.2f}")
     if agreement:
-        print(f"\non generated-val   top-1 agreement with teacher   KL(teacher || model) over top-K")
+        print("\non generated-val   top-1 agreement with teacher   KL(teacher || model) over top-K")
         for name in agreement:
             note = "  (the teacher itself: 100% and the KL of its top-K truncation)" if name == "teacher" else ""
             print(f"  {name:<16}{agreement[name]:>14.1%}{kl[name]:>28.4f}{note}")

@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.model import GPT, GPTConfig  # noqa: E402
+from common.model import GPT  # noqa: E402
 from common.perplexity import stream_nll, windows  # noqa: E402
 from common.sampling import generate  # noqa: E402
 

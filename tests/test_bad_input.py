@@ -6,7 +6,6 @@ import runpy
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -202,7 +201,7 @@ def test_ctrl_c_saves_a_resumable_state(course_copy):
         return {k: v for k, v in d.items() if k != "train_state.pt"}
     assert others(after) == others(before) and after["train_state.pt"] != before["train_state.pt"]
     r = run_py(["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--resume", "--epochs", "1"])
-    assert r.returncode == 0 and f"resumed from" in r.stdout, r.stderr
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
 
 
 # --- a write killed half way leaves the old file whole ---

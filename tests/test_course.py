@@ -2,7 +2,7 @@
 import re
 
 from common.artifacts import load_artifact
-from conftest import ROOT, run_py
+from conftest import run_py
 
 LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
 CHAIN = [("teacher.pt", "teacher"), ("generated.pt", "generated"), ("student_init.pt", "student_init"),

@@ -1,17 +1,13 @@
 """Our GPT loaded through our checkpoint loader computes what transformers' GPT-2 computes."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from common.artifacts import LessonError, load_model
 from common.gpt2_weights import load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
-from conftest import ROOT, hf_model, run_py
+from conftest import hf_model, run_py
 
 
 def hub_state(ref):

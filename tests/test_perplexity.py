@@ -89,7 +89,7 @@ def test_sequences_ignore_padding_and_weight_by_tokens():
     batched = sequences_perplexity(m, seqs, batch_size=4)      # short rows padded
     assert batched == pytest.approx(one_by_one, rel=1e-6)
     # token-weighted: the pooled NLL, not the mean of per-sequence perplexities
-    from common.perplexity import sequences_nll, stream_nll
+    from common.perplexity import stream_nll
     total = sum(stream_nll(m, s)[0] for s in seqs)
     count = sum(len(s) - 1 for s in seqs)
     assert batched == pytest.approx(math.exp(total / count), rel=1e-6)

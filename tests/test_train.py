@@ -1,7 +1,5 @@
 """Training: the losses, the AMP pieces, resume, and torchrun, on tiny models and the tiny course."""
-import math
 import os
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from common.artifacts import load_artifact
 from common.device import autocast, needs_scaler, pick_dtype
 from common.distill import distill_loss, make_batch, soft_kd_loss
 from common.model import GPT, GPTConfig
-from conftest import ROOT, run_py
+from conftest import run_py
 
 
 def small(vocab=64):

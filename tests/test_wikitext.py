@@ -7,7 +7,6 @@ import os
 import threading
 import zipfile
 
-import pytest
 
 from conftest import ROOT
 
