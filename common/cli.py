@@ -19,7 +19,8 @@ def in_notebook():
 
 def lesson_parser(description):
     """An ArgumentParser with the two flags every lesson shares: --out and --preset."""
-    p = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    first_line = (description or "").strip().splitlines()[:1]  # a notebook cell may have no __doc__
+    p = argparse.ArgumentParser(description=first_line[0] if first_line else None)
     p.add_argument("--out", default=OUT, help="folder for the artifacts (default: %(default)s)")
     p.add_argument("--preset", default=PRESET, choices=["gpt2", "tiny"],
                    help="gpt2: the real course; tiny: synthetic teacher, seconds on a CPU (default: %(default)s)")

@@ -79,8 +79,8 @@ def download(url, dest, size=None, sha256=None, retries=3, timeout=30, quiet=Fal
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             error = getattr(e, "reason", None) or e.__class__.__name__
         if attempt == retries:
-            raise LessonError(f"download of {url} failed ({error}); the partial file {part} is kept "
-                              f"and the next run resumes it")
+            kept = f"; the partial file {part} is kept and the next run resumes it" if os.path.exists(part) else ""
+            raise LessonError(f"download of {url} failed ({error}){kept}")
         print(f"  connection lost ({error}); retrying ({attempt}/{retries - 1})")
         time.sleep(attempt)
     problem = _verify(part, size, sha256)

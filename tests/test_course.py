@@ -2,7 +2,7 @@
 import re
 
 from common.artifacts import load_artifact
-from conftest import run_py
+from conftest import ROOT, run_py
 
 LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
 CHAIN = [("teacher.pt", "teacher"), ("generated.pt", "generated"), ("student_init.pt", "student_init"),
@@ -72,3 +72,15 @@ def test_each_lesson_runs_as_a_notebook_cell(tmp_path):
         assert r.returncode == 0, f"{lesson}:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
         if lesson == "05_evaluate.py":  # the gpt2 preset tries WikiText-2; offline it says so and goes on
             assert "skipped wikitext2: could not download it" in r.stdout
+
+
+def test_make_notebook_holds_every_lesson_unchanged(tmp_path):
+    import json
+    r = run_py(["make_notebook.py", str(tmp_path / "course.ipynb")])
+    assert r.returncode == 0, r.stderr
+    nb = json.loads((tmp_path / "course.ipynb").read_text())
+    assert nb["nbformat"] == 4
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code[1:] == [open(f"{ROOT}/{lesson}", encoding="utf-8").read() for lesson in LESSONS]
+    markdown = [c for c in nb["cells"] if c["cell_type"] == "markdown"]
+    assert len(markdown) == 1 + len(LESSONS) and markdown[1]["source"][0].startswith("## Lesson 01")

@@ -1,0 +1,48 @@
+"""Assemble the six lessons into one Jupyter/Colab notebook, course.ipynb: for each lesson a markdown
+cell (its docstring) and a code cell (the lesson itself, unchanged), after a setup cell.
+
+Reads:  01_teacher.py ... 06_compare.py
+Writes: course.ipynb (or the path given)
+Run:    python make_notebook.py [course.ipynb]
+"""
+import ast
+import json
+import sys
+
+LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
+SETUP = """# Run this notebook from the course folder (upload or clone it first), e.g. %cd /content/kd
+!pip install -q tiktoken
+# The lessons read these instead of command-line flags. KD_PRESET=gpt2 is the real course (a GPU runtime
+# is recommended); tiny runs a synthetic teacher in about a minute anywhere.
+%env KD_PRESET=gpt2
+%env KD_OUT=artifacts"""
+
+
+def cell(kind, text):
+    c = {"cell_type": kind, "metadata": {}, "source": text.splitlines(keepends=True)}
+    if kind == "code":
+        c.update(execution_count=None, outputs=[])
+    return c
+
+
+def main():
+    path = sys.argv[1] if len(sys.argv) > 1 else "course.ipynb"
+    cells = [cell("markdown", "# Knowledge distillation, from scratch\n\nSix lessons: GPT-2 teaches a smaller "
+                  "student. Run the cells in order; each one is a whole lesson script."), cell("code", SETUP)]
+    for lesson in LESSONS:
+        with open(lesson, encoding="utf-8") as f:
+            source = f.read()
+        doc = ast.get_docstring(ast.parse(source))
+        title, _, rest = doc.partition("\n")
+        cells.append(cell("markdown", f"## {title}\n{rest}\n\n(source: `{lesson}`)"))
+        cells.append(cell("code", source))
+    nb = {"cells": cells, "nbformat": 4, "nbformat_minor": 5,
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                       "language_info": {"name": "python"}, "accelerator": "GPU"}}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(nb, f, indent=1, ensure_ascii=False)
+    print(f"wrote {path}: {len(cells)} cells")
+
+
+if __name__ == "__main__":
+    main()
