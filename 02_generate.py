@@ -82,11 +82,12 @@ def main():
     print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | {device} {dtype}")
 
     # --- prompts ---
-    openings = {"unconditional": [""], "topics": TOPICS, "mixed": [""] + TOPICS}[args.prompts]
-    if args.prompts == "mixed":  # half unconditional, half spread over the topics
+    if args.prompts == "mixed":  # even samples unconditional, odd ones spread over the topics
         plan = ["" if i % 2 == 0 else TOPICS[(i // 2) % len(TOPICS)] for i in range(args.num_samples)]
+    elif args.prompts == "topics":
+        plan = [TOPICS[i % len(TOPICS)] for i in range(args.num_samples)]
     else:
-        plan = [openings[i % len(openings)] for i in range(args.num_samples)]
+        plan = [""] * args.num_samples
     prompts = [[EOT] + enc.encode(text) for text in plan]
     longest = max(len(t) for t in prompts)
     if longest + args.max_new_tokens > teacher.config.block_size:
@@ -166,8 +167,8 @@ def main():
     random.Random(args.seed).shuffle(order)
     n_val = max(1, round(args.val_fraction * len(kept))) if args.val_fraction > 0 else 0
     split = {"val": order[:n_val], "train": order[n_val:]}
-    data = {"kind": "generated", "teacher_config": ckpt["config"], "settings": {
-        k: v for k, v in vars(args).items()}, "dropped": dropped, "tokens_per_second": new_tokens / gen_time}
+    data = {"kind": "generated", "teacher_config": ckpt["config"], "settings": dict(vars(args)),
+            "dropped": dropped, "tokens_per_second": new_tokens / gen_time}
     for name, rows in split.items():
         data[name] = [kept[i] for i in rows]
         data[f"{name}_texts"] = [enc.decode(kept[i].tolist()) for i in rows]
