@@ -151,7 +151,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(course_copy):
 def test_torchrun_two_cpu_processes(course_copy):
     for f in ("student.pt", "train_log.pt"):
         os.remove(course_copy / f)
-    r = run_py(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "04_train.py",
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "04_train.py",
                 "--preset", "tiny", "--out", str(course_copy), "--epochs", "2"], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("trained in") == 1 and "2 process(es)" in r.stdout  # only rank 0 speaks
