@@ -5,8 +5,8 @@ clipping and accumulation, and optionally several GPUs. Two kinds of distillatio
   --kd soft  plus Hinton's soft targets: match the teacher's next-token distributions (Hinton et al., 2015)
 
 Reads:  artifacts/student_init.pt, artifacts/generated.pt  (and artifacts/train_state.pt with --resume)
-Writes: artifacts/student.pt (lowest val loss), artifacts/student_last.pt, artifacts/train_log.pt,
-        artifacts/train_state.pt (to resume an interrupted run)
+Writes: artifacts/student.pt (the lowest val loss), student_last.pt, train_log.pt, all three when
+        training finishes; artifacts/train_state.pt at each epoch end and on Ctrl-C, to resume
 Run:    python 04_train.py                (add --preset tiny for a CPU smoke run)
         torchrun --nproc_per_node=2 04_train.py   (data parallel on 2 GPUs, or 2 CPU processes)
 """
@@ -127,6 +127,8 @@ def main():
 
     # --- state: fresh, or from train_state.pt ---
     step, best_val, history = 0, float("inf"), {"step": [], "loss": [], "lr": [], "val": [], "tokens": 0}
+    best = None  # the checkpoint with the lowest val loss so far; written as student.pt at the end, so an
+                 # interrupted or failed run never replaces the student.pt of an earlier, finished one
     state_path = f"{out}/train_state.pt"
     if args.resume:
         st = load_artifact(state_path, "train_state", keys=("model", "optimizer", "step", "config", "settings"))
@@ -140,13 +142,14 @@ def main():
         raw.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
-        step, best_val, history = st["step"], st["best_val"], st["history"]
+        step, best_val, history, best = st["step"], st["best_val"], st["history"], st.get("best")
         torch.set_rng_state(st["rng"])
         log(f"resumed from {state_path} at step {step}/{total_steps}")
 
     def save_state():
         save_artifact({"kind": "train_state", "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "history": history,
+                       "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "best": best,
+                       "history": history,
                        "rng": torch.get_rng_state(), "config": init_ckpt["config"], "world": world,
                        "settings": vars(args)}, state_path)
 
@@ -238,18 +241,16 @@ def main():
                     f"{tokens_since / (now - t_last) / 1e3:.1f}k tok/s | eta {fmt_time(eta)}")
                 t_last, tokens_since = now, 0
 
-            if step % steps_per_epoch == 0:  # end of an epoch: validate, save
+            if step % steps_per_epoch == 0:  # end of an epoch: validate, keep the best, save the state
                 v = evaluate()
                 history["val"].append((step, v))
                 improved = v < best_val
                 if improved:
-                    best_val = v
+                    best_val, best = v, model_checkpoint(raw, "student", val_loss=v, step=step)
                 if master:
-                    if improved:
-                        save_artifact(model_checkpoint(raw, "student", val_loss=v, step=step), f"{out}/student.pt")
                     save_state()
                 log(f"epoch {epoch + 1} | val loss {v:.4f} | val ppl {math.exp(v):.1f}"
-                    + (" | best so far, saved student.pt" if improved else ""))
+                    + (" | best so far" if improved else ""))
             if args.stop_after and steps_this_run >= args.stop_after and step < total_steps:
                 if master:
                     save_state()
@@ -261,8 +262,8 @@ def main():
             save_state()
         raise LessonError(f"interrupted at step {step}: saved {state_path}; continue with --resume") from None
     except FloatingPointError as e:
-        raise LessonError(f"{e}: stopped without saving it; the last good checkpoint ({state_path}, student.pt) is "
-                          f"kept. Try a lower --lr or --dtype fp32") from None
+        raise LessonError(f"{e}: stopped without saving it; the last good state ({state_path}) and the earlier "
+                          f"student.pt are kept. Try a lower --lr or --dtype fp32") from None
     except torch.cuda.OutOfMemoryError:
         raise LessonError(f"the GPU ran out of memory at step {step} (batch {args.batch_size}): try --batch-size "
                           f"{max(1, args.batch_size // 2)} --grad-accum {args.grad_accum * 2} (same effective "
@@ -270,8 +271,12 @@ def main():
 
     # --- done ---
     wall = time.time() - t_start
+    if best is None:
+        raise LessonError("the validation loss was never finite, so there is no student to save: try a lower --lr")
     if master:
-        save_artifact(model_checkpoint(raw, "student", val_loss=history["val"][-1][1], step=step), f"{out}/student_last.pt")
+        save_artifact(best, f"{out}/student.pt")
+        last = model_checkpoint(raw, "student", val_loss=history["val"][-1][1], step=step)
+        save_artifact(last, f"{out}/student_last.pt")
         save_artifact({"kind": "train_log", **history, "settings": vars(args), "dtype": dtype, "world": world,
                        "wall_time": wall, "steps_per_epoch": steps_per_epoch, "best_val": best_val}, f"{out}/train_log.pt")
     log(f"trained in {fmt_time(wall)} | {history['tokens']:,} tokens seen | best val loss {best_val:.4f} "

@@ -95,10 +95,10 @@ def load_artifact(path, kind, keys=()):
 
 
 def model_checkpoint(model, kind, **extra):
-    """The dict a model is saved as: its config, its weights, and what produced it."""
+    """The dict a model is saved as: its config, a snapshot of its weights, and what produced it."""
     cfg = model.config
     return dict(kind=kind, config={f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
-                model={k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra)
+                model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, **extra)
 
 
 def load_model(path, kind, vocab_size=None):

@@ -254,3 +254,19 @@ def test_out_of_memory_is_answered_with_a_suggestion(course_copy, monkeypatch, c
     err = capsys.readouterr().err
     assert "ran out of memory" in err and "--batch-size 4 --grad-accum 2" in err and "Traceback" not in err
     assert digests(course_copy) == before
+
+
+def test_an_unfinished_run_never_replaces_the_finished_student(course_copy):
+    """Stopped after its first epoch (which had a new best), a run leaves the earlier student.pt alone;
+    the best is carried in train_state.pt and written when the resumed run finishes."""
+    before = digests(course_copy)
+    flags = ["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--epochs", "2", "--lr", "1e-3"]
+    r = run_py(flags + ["--stop-after", "16"])  # the tiny preset has 15 steps per epoch
+    assert r.returncode == 0 and "epoch 1 | val loss" in r.stdout, r.stderr
+    after = digests(course_copy)
+    assert after["student.pt"] == before["student.pt"] and after["train_state.pt"] != before["train_state.pt"]
+    assert load_artifact(str(course_copy / "train_state.pt"), "train_state")["best"]["step"] == 15
+    r = run_py(flags + ["--resume"])
+    assert r.returncode == 0, r.stderr
+    assert digests(course_copy)["student.pt"] != before["student.pt"]
+    assert load_artifact(str(course_copy / "student.pt"), "student")["step"] in (15, 30)
