@@ -14,13 +14,13 @@ import torch
 
 from common.artifacts import load_artifact, load_model, run_lesson, write_text
 from common.cli import in_notebook, lesson_parser, parse, positive_int
+from common.device import get_device, sync
+from common.sampling import generate
+from common.tokenizer import EOT, get_tokenizer
 
 if not in_notebook():
     matplotlib.use("Agg")  # from a shell: draw straight to files, no window needed
 import matplotlib.pyplot as plt  # noqa: E402
-from common.device import get_device, sync
-from common.sampling import generate
-from common.tokenizer import EOT, get_tokenizer
 
 # --- settings ---
 PROMPTS = ["The history of science shows that", "In the small village by the sea,", "The best way to learn is"]
