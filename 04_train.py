@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.artifacts import LessonError, load_artifact, load_model, model_checkpoint, run_lesson, save_artifact
 from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_float, positive_int, unit_float
-from common.device import autocast, get_device, needs_scaler, pick_dtype, sync
+from common.device import autocast, fused_adamw, get_device, keep_freed_memory, needs_scaler, pick_dtype, sync
 from common.distill import distill_loss, make_batch
 from common.model import GPT, GPTConfig
 from common.perplexity import sequences_nll
@@ -87,6 +87,8 @@ def main():
             torch.cuda.set_device(device)
     else:
         rank, world, device = 0, 1, get_device()
+    if device == "cpu":
+        keep_freed_memory()  # every step makes tensors of hundreds of MB: reuse their pages (see common/device.py)
     master = rank == 0  # only rank 0 prints and writes files
     torch.manual_seed(args.seed + rank)  # dropout masks (the data order has its own seeded generator)
     log = print if master else (lambda *a, **k: None)
@@ -116,7 +118,7 @@ def main():
     params = [p for p in raw.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused_adamw(device))
 
     # --- schedule: every rank gets the same number of micro-batches per epoch ---
     micro_per_epoch = (math.ceil(len(train) / args.batch_size) // world) or 1

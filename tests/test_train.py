@@ -1,12 +1,14 @@
 """Training: the losses, the AMP pieces, resume, and torchrun, on tiny models and the tiny course."""
 import os
+import platform
+import sys
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from common.artifacts import load_artifact
-from common.device import autocast, needs_scaler, pick_dtype
+from common.device import autocast, fused_adamw, keep_freed_memory, needs_scaler, pick_dtype
 from common.distill import distill_loss, make_batch, soft_kd_loss
 from common.model import GPT, GPTConfig
 from conftest import run_py
@@ -91,9 +93,39 @@ def test_precision_choice_and_bf16_autocast_on_cpu():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-def test_grad_scaler_scales_unscales_and_skips_overflowing_steps():
+def test_fused_adamw_makes_the_same_updates_as_the_loop():
+    assert fused_adamw("cpu") == (tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4))
+    if not fused_adamw("cpu"):
+        pytest.skip("fused AdamW on the CPU needs torch 2.4")
+    models, start = [small(), small()], list(small().parameters())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.5, fused=f) for m, f in zip(models, (False, True))]
+    for step in range(5):
+        x = batch(seed=step)
+        for m, opt in zip(models, opts):
+            _, loss = m(x[:, :-1], x[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for a, b, a0 in zip(*(m.parameters() for m in models), start):
+        assert (a - a0).abs().max() > 0.04      # five steps of lr 1e-2 moved every tensor
+        assert (a - b).abs().max() < 1e-4       # float rounding apart, the same place
+
+
+def test_keep_freed_memory_takes_on_linux_and_training_still_works():
+    linux_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() == linux_glibc
+    big = torch.ones(64, 2 ** 20)  # 256 MB: served from the heap now, not from a fresh mapping
+    assert float(big.sum()) == 64 * 2 ** 20
+    del big
+    test_one_step_lowers_the_loss_and_a_batch_can_be_overfit()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_scales_unscales_and_skips_overflowing_steps(fused):
+    if fused and not fused_adamw("cpu"):
+        pytest.skip("fused AdamW on the CPU needs torch 2.4")
     m = small()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=fused)  # 04_train.py uses the fused one where it can
     scaler = torch.amp.GradScaler("cpu", enabled=needs_scaler("fp16"), init_scale=2.0 ** 10)
     x = batch()
     _, loss = m(x[:, :-1], x[:, 1:])
