@@ -97,21 +97,24 @@ def main():
     print(f"prompts: {args.prompts} ({len(set(plan))} distinct openings) | {args.num_samples} samples x "
           f"{args.max_new_tokens} new tokens | T={args.temperature} top-k={args.top_k} top-p={args.top_p}")
 
-    # --- generate: one batch = prompts of the same length, so no padding is needed ---
-    by_len = {}
-    for t in prompts:
-        by_len.setdefault(len(t), []).append(t)
-    batches = [group[i:i + args.batch_size] for group in by_len.values() for i in range(0, len(group), args.batch_size)]
+    # --- generate: prompts sorted by length, so a batch holds prompts of (nearly) the same length ---
+    # generate() takes them padded on the right with their lengths; it feeds each row its own prompt
+    # tokens until they run out (see common/sampling.py), so one batch can mix lengths.
+    order = sorted(prompts, key=len)
+    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     samples, new_tokens = [], 0
     sync(device)
     t0 = time.time()
     for i, batch in enumerate(batches):
-        idx = torch.tensor(batch, device=device)
-        out = generate(teacher, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token=EOT, generator=gen).cpu()
-        for row in out:
-            P = idx.size(1)
+        lens = [len(t) for t in batch]
+        idx = torch.full((len(batch), max(lens)), EOT, dtype=torch.long)
+        for j, t in enumerate(batch):
+            idx[j, :len(t)] = torch.tensor(t)
+        out = generate(teacher, idx.to(device), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_token=EOT, generator=gen, prompt_lens=lens).cpu()
+        for row, P in zip(out, lens):
+            row = row[:P + args.max_new_tokens]
             ends = (row[P:] == EOT).nonzero()
             stop = P + int(ends[0]) + 1 if len(ends) else len(row)  # keep the <|endoftext|> that ended it
             samples.append((row[:stop].clone(), P))

@@ -47,7 +47,8 @@ def linear_weights_in_rows_first_layout(model):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, generator=None):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, generator=None,
+             prompt_lens=None):
     """Continue each row of idx (B, T) by max_new_tokens tokens -> LongTensor (B, T + max_new_tokens).
 
     The prompt is run through the model in one forward pass that fills the KV cache; after that each
@@ -56,34 +57,47 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     stops early once every row is finished. temperature 0 is greedy decoding. Pass a seeded
     torch.Generator (on the model's device) for reproducible samples.
 
+    Prompts of different lengths can share a batch: pad idx on the right to the longest and pass
+    prompt_lens (B,). The shortest prompt goes through in the first forward pass; after that a row
+    still inside its prompt is fed its own next prompt token instead of a sampled one, so every row
+    moves one position per step and no attention mask is needed. Row i's result is
+    out[i, :prompt_lens[i] + max_new_tokens]; with eos_token given, the positions after it are filled
+    with eos_token, otherwise they hold more samples, to be cut off.
+
     Contexts longer than the model's block_size are cropped: when the cache is full, the last half
     window of tokens becomes the new prompt and generation goes on from there.
     """
     model.eval()
     linear_weights_in_rows_first_layout(model)
-    B = idx.size(0)
+    B, T = idx.shape
+    lens = torch.full((B,), T, device=idx.device) if prompt_lens is None else torch.as_tensor(prompt_lens, device=idx.device)
+    if not bool(((lens >= 1) & (lens <= T)).all()):
+        raise ValueError(f"prompt_lens must be between 1 and the padded prompt length {T}")
     block = model.config.block_size
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, B, min(block, idx.size(1) + max_new_tokens), idx.device, dtype)
+    cache = KVCache(model.config, B, min(block, T + max_new_tokens), idx.device, dtype)
     # Only the last position's logits are needed. lm_head's weight is the (vocab, C) embedding matrix;
     # for a few rows at a time, a product with a (C, vocab) copy reads memory about twice as fast on
     # CPUs, so we make that copy once per call (the teacher's is 150 MB; it is freed on return).
     head = model.lm_head.weight.t().contiguous()  # (C, vocab)
-    out = torch.empty(B, idx.size(1) + max_new_tokens, dtype=torch.long, device=idx.device)
-    out[:, :idx.size(1)] = idx
-    n = idx.size(1)
-    feed = idx[:, -block:]  # the prompt (cropped to the context), then one token at a time
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+    out[:, :T] = idx
+    n = int(lens.min())  # positions filled in every row
+    feed = idx[:, :n][:, -block:]  # the (shortest) prompt, cropped to the context, then one token at a time
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
+    while n < T + max_new_tokens:
         if cache.pos + feed.size(1) > cache.k.size(3):  # window full: restart from the last half window
             cache.pos = 0
             feed = out[:, n - block // 2:n]
         h = model.hidden(feed, kv_cache=cache)[:, -1, :]  # (B, C)
         logits = h @ head                                 # (B, vocab): what model(feed) gives at the last position
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        in_prompt = n < lens
+        if prompt_lens is not None:
+            nxt = torch.where(in_prompt, out[:, n], nxt)  # rows still in their prompt take its next token
         if eos_token is not None:
             nxt = nxt.masked_fill(done, eos_token)
-            done = done | (nxt == eos_token)
+            done = done | ((nxt == eos_token) & ~in_prompt) | (n + 1 >= lens + max_new_tokens)
         out[:, n] = nxt
         n += 1
         feed = nxt.unsqueeze(1)  # (B, 1)

@@ -87,6 +87,33 @@ def test_eos_stops_a_row_and_pads_it():
     assert torch.equal(generate(m, prompt, 20, temperature=0, eos_token=None), free)
 
 
+def test_prompts_of_different_lengths_share_a_batch():
+    m = small().double()  # float64: batch size changes the rounding, and greedy ties must not flip
+    prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 1, 3)]
+    idx = torch.zeros(3, 5, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, :len(p)] = p
+    out = generate(m, idx, 12, temperature=0, prompt_lens=[5, 1, 3])
+    assert out.shape == (3, 17)
+    for i, p in enumerate(prompts):  # each row is what that prompt gives on its own
+        alone = generate(m, p[None], 12, temperature=0)[0]
+        assert torch.equal(out[i, :len(p) + 12], alone)
+
+
+def test_a_mixed_batch_stops_rows_at_eos_or_at_their_own_length():
+    m = small().double()
+    idx = torch.tensor([[7, 8, 9, 10], [7, 0, 0, 0], [7, 0, 0, 0]])
+    free = generate(m, idx, 10, temperature=0, prompt_lens=[4, 1, 1])
+    eos = int(free[0, 4 + 2])  # row 0's third new token
+    idx[2, :3] = torch.tensor([7, eos, 3])  # an eos inside a prompt must not stop the row
+    out = generate(m, idx, 10, temperature=0, eos_token=eos, prompt_lens=[4, 1, 3])
+    assert torch.equal(out[0, :7], free[0, :7]) and (out[0, 7:] == eos).all()
+    for i, n in ((1, 1), (2, 3)):  # the same as alone, for its own prompt length + 10 tokens, then eos
+        alone = generate(m, idx[i:i + 1, :n], 10, temperature=0, eos_token=eos)[0]
+        assert torch.equal(out[i, :n + 10], alone) and (out[i, n + 10:] == eos).all()
+    assert int(out[2, 3]) != eos  # row 2 went on after the eos in its prompt
+
+
 def test_generation_past_the_context_crops_instead_of_crashing():
     m = small(block_size=16)
     out = generate(m, torch.zeros(2, 10, dtype=torch.long), 40, top_k=5, generator=torch.Generator().manual_seed(0))
