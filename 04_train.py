@@ -30,7 +30,7 @@ from common.tokenizer import get_tokenizer
 # --- settings (flags left unset take the preset's values) ---
 # Learning rate: the seed's 5e-5 is a fine-tuning rate; a student trained from random weights needs far
 # more. Measured on the tiny preset (128 samples, 3 epochs, 36 steps), val loss after training:
-#   lr 5e-5: 10.82 (barely moved from 10.82 at init) | 6e-4: 10.46 | 1e-3: 10.17 | 3e-3: 8.76
+#   lr 5e-5: 10.82 (barely moved from 10.83 at init) | 6e-4: 10.40 | 1e-3: 10.09 | 3e-3: 8.64
 # The tiny 32-wide student takes 3e-3; for the 6/512 student we use 1e-3, the usual peak rate for a
 # transformer of that size trained from scratch (GPT-3 paper, table 2.1: 6e-4 at 125M, higher below).
 PRESETS = {

@@ -8,7 +8,7 @@ machines are noisy; we report medians and the ratio reference time / our time (>
   ppl     perplexity forward passes over a 4,097-token stream (4 full windows), 1,024-token windows (GPT-2 124M shape)
   matmul  this CPU's fp32 matmul rate, and our training FLOP rate as a share of it
 Weights are random: speed does not depend on their values. Needs transformers (requirements-dev.txt).
-Run: python bench/bench_cpu.py [--repeats 5] [--only train,sample,ppl]
+Run: python bench/bench_cpu.py [--repeats 5] [--only train,sample,ppl] [--keep-freed-memory]
 """
 import argparse
 import os
@@ -156,13 +156,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each side (medians reported)")
     p.add_argument("--only", default="train,sample,ppl", help="comma-separated subset of train,sample,ppl")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="leave malloc as it is (by default it keeps freed memory, as the lessons set it on the CPU)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="set malloc to keep freed memory, as 04_train.py does on the CPU (common/device.py)")
     args = p.parse_args()
     which = args.only.split(",")
-    # One process times both sides, so the malloc setting helps both alike: it moves the absolute
-    # times (and our share of the matmul rate), not the ratios.
-    kept = not args.system_malloc and keep_freed_memory()
+    # One process times both sides, so the malloc setting applies to both alike.
+    kept = args.keep_freed_memory and keep_freed_memory()
     print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | {os.cpu_count()} CPUs | "
           f"malloc keeps freed memory: {'yes' if kept else 'no'} | AdamW fused: {fused_adamw('cpu')} | "
           f"{time.strftime('%Y-%m-%d')}")
