@@ -151,8 +151,7 @@ def main():
     def save_state():
         save_artifact({"kind": "train_state", "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "best": best,
-                       "history": history,
-                       "rng": torch.get_rng_state(), "config": init_ckpt["config"], "world": world,
+                       "history": history, "rng": torch.get_rng_state(), "config": init_ckpt["config"], "world": world,
                        "settings": vars(args)}, state_path)
 
     def evaluate():

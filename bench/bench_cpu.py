@@ -165,7 +165,7 @@ def main():
     print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | {os.cpu_count()} CPUs | "
           f"malloc keeps freed memory: {'yes' if kept else 'no'} | AdamW fused: {fused_adamw('cpu')} | "
           f"{time.strftime('%Y-%m-%d')}")
-    rows, ok = [], True
+    ok = True
     rate = matmul_rate()
     print(f"fp32 matmul rate (2048^3): {rate / 1e9:.1f} GFLOP/s")
     for name, fn in (("train", bench_train), ("sample", bench_sample), ("ppl", bench_ppl)):
@@ -174,7 +174,6 @@ def main():
         t_ours, t_ref, *extra = fn(args.repeats)
         ratio = t_ref / t_ours
         ok &= ratio >= TARGETS[name]
-        rows.append((name, t_ours, t_ref, ratio, TARGETS[name]))
         print(f"{name:<7} ours {t_ours * 1000:8.1f} ms | reference {t_ref * 1000:8.1f} ms | ratio {ratio:.2f}x "
               f"(target >= {TARGETS[name]:.2f}x) {'ok' if ratio >= TARGETS[name] else 'MISSED'}")
         if name == "sample":
