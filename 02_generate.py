@@ -2,10 +2,14 @@
 text the teacher wrote, so these samples ARE the knowledge being passed on. Sampling (temperature,
 top-k, top-p, KV cache) is written from scratch in common/sampling.py; this lesson drives it, throws
 away degenerate samples, and stores the teacher's top-K next-token log-probabilities for lesson 04's
-soft-target distillation.
+soft-target distillation. Each sample remembers how many of its leading tokens were the prompt (given,
+not sampled): later lessons train and score only the tokens the teacher chose. The samples are split
+by opening into train, val (04 picks the best student on it) and test (05 reports on it), so no
+held-out sample shares its opening with a training sample.
 
 Reads:  artifacts/teacher.pt
-Writes: artifacts/generated.pt  ({"kind": "generated", "train": [...], "val": [...], "texts": ..., top-K data})
+Writes: artifacts/generated.pt  ({"kind": "generated", "train"/"val"/"test": [token tensors],
+        "{split}_texts", "{split}_prompt_lens", "{split}_topk_ids", "{split}_topk_logprobs", ...})
 Run:    python 02_generate.py             (add --preset tiny for a CPU smoke run)
 """
 import random
@@ -17,6 +21,7 @@ from torch.nn import functional as F
 from common.artifacts import LessonError, load_model, run_lesson, save_artifact
 from common.cli import fraction, lesson_parser, nonneg_float, nonneg_int, parse, positive_int, prob_float
 from common.device import DTYPES, get_device, pick_dtype, sync
+from common.perplexity import logits_fp32
 from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
 
@@ -64,7 +69,10 @@ def main():
     p.add_argument("--top-p", type=prob_float, default=0.95, help="nucleus: the smallest set with this much mass")
     p.add_argument("--batch-size", type=positive_int, default=None, help="sequences generated at once")
     p.add_argument("--seed", type=int, default=1337, help="seed for the sampling generator and the split")
-    p.add_argument("--val-fraction", type=fraction, default=0.1, help="share of samples held out for validation")
+    p.add_argument("--val-fraction", type=fraction, default=0.1,
+                   help="share of the openings (and of the unconditional samples) held out for validation")
+    p.add_argument("--test-fraction", type=fraction, default=0.1,
+                   help="share of the openings (and of the unconditional samples) held out for the test set")
     p.add_argument("--topk-logits", type=nonneg_int, default=32,
                    help="store the teacher's K most likely next tokens per position for soft KD (0: none)")
     p.add_argument("--prompts", choices=["mixed", "unconditional", "topics"], default="mixed",
@@ -89,6 +97,8 @@ def main():
     else:
         plan = [""] * args.num_samples
     prompts = [[EOT] + enc.encode(text) for text in plan]
+    if args.val_fraction + args.test_fraction >= 1:
+        raise LessonError("--val-fraction plus --test-fraction must leave some samples for training (sum < 1)")
     longest = max(len(t) for t in prompts)
     if longest + args.max_new_tokens > teacher.config.block_size:
         raise LessonError(f"--max-new-tokens {args.max_new_tokens} plus a {longest}-token prompt exceeds the teacher's "
@@ -100,24 +110,24 @@ def main():
     # --- generate: prompts sorted by length, so a batch holds prompts of (nearly) the same length ---
     # generate() takes them padded on the right with their lengths; it feeds each row its own prompt
     # tokens until they run out (see common/sampling.py), so one batch can mix lengths.
-    order = sorted(prompts, key=len)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # sample numbers, shortest prompt first
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     samples, new_tokens = [], 0
     sync(device)
     t0 = time.time()
     for i, batch in enumerate(batches):
-        lens = [len(t) for t in batch]
+        lens = [len(prompts[n]) for n in batch]
         idx = torch.full((len(batch), max(lens)), EOT, dtype=torch.long)
-        for j, t in enumerate(batch):
-            idx[j, :len(t)] = torch.tensor(t)
+        for j, n in enumerate(batch):
+            idx[j, :lens[j]] = torch.tensor(prompts[n])
         out = generate(teacher, idx.to(device), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_token=EOT, generator=gen, prompt_lens=lens).cpu()
-        for row, P in zip(out, lens):
+        for row, P, n in zip(out, lens, batch):
             row = row[:P + args.max_new_tokens]
             ends = (row[P:] == EOT).nonzero()
             stop = P + int(ends[0]) + 1 if len(ends) else len(row)  # keep the <|endoftext|> that ended it
-            samples.append((row[:stop].clone(), P))
+            samples.append((row[:stop].clone(), P, n))
             new_tokens += stop - P
         if (i + 1) % max(1, len(batches) // 5) == 0 or i + 1 == len(batches):
             sync(device)
@@ -128,8 +138,9 @@ def main():
           f"({new_tokens / gen_time:,.0f} tokens/s)")
 
     # --- quality: drop empty, degenerate and duplicate samples ---
+    samples.sort(key=lambda sample: sample[2])  # back in plan order
     kept, dropped, seen = [], {"empty or under 8 new tokens": 0, "repetitive": 0, "duplicate": 0}, set()
-    for tokens, P in samples:
+    for tokens, P, n in samples:
         new = tokens[P:].tolist()
         if new and new[-1] == EOT:
             new = new[:-1]
@@ -142,7 +153,7 @@ def main():
             dropped["duplicate"] += 1
         else:
             seen.add(key)
-            kept.append(tokens)
+            kept.append((tokens, P, n))
     print(f"kept {len(kept)} of {len(samples)} | dropped: " + ", ".join(f"{v} {k}" for k, v in dropped.items()))
     if len(kept) < 2:
         raise LessonError("fewer than 2 usable samples: raise --num-samples or --temperature")
@@ -154,32 +165,52 @@ def main():
     if args.topk_logits:
         with torch.no_grad():
             for i in range(0, len(kept), args.batch_size):
-                group = kept[i:i + args.batch_size]
+                group = [t for t, _, _ in kept[i:i + args.batch_size]]
                 L = max(len(t) for t in group) - 1
                 x = torch.full((len(group), L), EOT, dtype=torch.long)
                 for j, t in enumerate(group):
                     x[j, :len(t) - 1] = t[:-1]  # padding after the end is never looked at (causal)
-                logits, _ = teacher(x.to(device))
-                logp, ids = torch.topk(F.log_softmax(logits.float(), dim=-1), args.topk_logits, dim=-1)
+                logits = logits_fp32(teacher, x.to(device))  # (B, L, vocab), float32 even for a half teacher
+                logp, ids = torch.topk(F.log_softmax(logits, dim=-1), args.topk_logits, dim=-1)
                 for j, t in enumerate(group):
                     topk_ids.append(ids[j, :len(t) - 1].to(torch.int32).cpu())
                     topk_logprobs.append(logp[j, :len(t) - 1].to(torch.float16).cpu())
 
-    # --- train / validation split ---
-    order = list(range(len(kept)))
-    random.Random(args.seed).shuffle(order)
-    n_val = max(1, round(args.val_fraction * len(kept))) if args.val_fraction > 0 else 0
-    split = {"val": order[:n_val], "train": order[n_val:]}
+    # --- train / val / test, split by opening ---
+    # Samples that start from the same topic opening are alike, so a held-out sample must not share
+    # its opening with a training sample: each opening goes, whole, to one split. The unconditional
+    # samples (from <|endoftext|> alone) share no text and are spread over the three splits.
+    def assign(items, rng):
+        """item -> 'val', 'test' or 'train', in the given shares, after a seeded shuffle."""
+        items = list(items)
+        rng.shuffle(items)
+        n_val, n_test = (round(f * len(items)) for f in (args.val_fraction, args.test_fraction))
+        return {item: "val" if j < n_val else "test" if j < n_val + n_test else "train" for j, item in enumerate(items)}
+
+    rng = random.Random(args.seed)
+    split_of_opening = assign(sorted(set(t for t in plan if t)), rng)
+    split_of_unconditional = assign([n for n, t in enumerate(plan) if not t], rng)  # by sample number
+    splits = {"train": [], "val": [], "test": []}  # split -> indices into kept
+    for j, (_, _, n) in enumerate(kept):
+        splits[split_of_opening[plan[n]] if plan[n] else split_of_unconditional[n]].append(j)
+    for name in ("train", "val", "test"):
+        if not splits[name] and (name == "train" or getattr(args, f"{name}_fraction") > 0):
+            raise LessonError(f"the {name} split is empty ({len(kept)} samples kept): raise --num-samples"
+                              + (f" or --{name}-fraction" if name != "train" else ""))
     data = {"kind": "generated", "teacher_config": ckpt["config"], "settings": dict(vars(args)),
             "dropped": dropped, "tokens_per_second": new_tokens / gen_time}
-    for name, rows in split.items():
-        data[name] = [kept[i] for i in rows]
-        data[f"{name}_texts"] = [enc.decode(kept[i].tolist()) for i in rows]
-        data[f"{name}_topk_ids"] = [topk_ids[i] for i in rows] if topk_ids else []
-        data[f"{name}_topk_logprobs"] = [topk_logprobs[i] for i in rows] if topk_ids else []
-    n_tok = sum(len(t) for t in kept)
-    print(f"train {len(split['train'])} samples | val {n_val} samples | {n_tok:,} tokens in all "
-          f"(mean {n_tok / len(kept):.0f} per sample)")
+    for name, rows in splits.items():
+        data[name] = [kept[j][0] for j in rows]
+        data[f"{name}_prompt_lens"] = [kept[j][1] for j in rows]
+        data[f"{name}_openings"] = sorted(set(plan[kept[j][2]] for j in rows if plan[kept[j][2]]))
+        data[f"{name}_texts"] = [enc.decode(kept[j][0].tolist()) for j in rows]
+        data[f"{name}_topk_ids"] = [topk_ids[j] for j in rows] if topk_ids else []
+        data[f"{name}_topk_logprobs"] = [topk_logprobs[j] for j in rows] if topk_ids else []
+    n_tok = sum(len(t) for t, _, _ in kept)
+    n_new = sum(len(t) - P for t, P, _ in kept)
+    print(" | ".join(f"{name} {len(rows)} samples ({len(data[f'{name}_openings'])} openings)"
+                     for name, rows in splits.items())
+          + f" | {n_tok:,} tokens, {n_new:,} of them sampled (mean {n_tok / len(kept):.0f} per sample)")
     for text in data["train_texts"][:3]:
         print("  ---\n  " + text.replace("<|endoftext|>", "").strip()[:300].replace("\n", "\n  "))
 

@@ -3,6 +3,7 @@ by hand: mixed precision (bf16, or fp16 with a GradScaler), AdamW, warmup then c
 clipping and accumulation, and optionally several GPUs. Two kinds of distillation:
   --kd seq   sequence-level KD: cross-entropy on the teacher's sampled tokens (Kim & Rush, 2016)
   --kd soft  plus Hinton's soft targets: match the teacher's next-token distributions (Hinton et al., 2015)
+Only the tokens the teacher sampled are trained on: a sample's prompt is context, never a target.
 
 Reads:  artifacts/student_init.pt, artifacts/generated.pt  (and artifacts/train_state.pt with --resume)
 Writes: artifacts/student.pt (the lowest val loss), student_last.pt, train_log.pt, all three when
@@ -12,24 +13,27 @@ Run:    python 04_train.py                (add --preset tiny for a CPU smoke run
 """
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.artifacts import LessonError, load_artifact, load_model, model_checkpoint, run_lesson, save_artifact
 from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_float, positive_int, unit_float
 from common.device import autocast, fused_adamw, get_device, keep_freed_memory, needs_scaler, pick_dtype, sync
-from common.distill import distill_loss, make_batch
+from common.distill import make_batch, soft_kd_kl
 from common.model import GPT, GPTConfig
 from common.perplexity import sequences_nll
 from common.tokenizer import get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
-# Learning rate: the seed's 5e-5 is a fine-tuning rate; a student trained from random weights needs far
-# more. Measured on the tiny preset (128 samples, 3 epochs, 36 steps), val loss after training:
+# Learning rate: a fine-tuning rate such as 5e-5 barely moves a student trained from random weights.
+# Measured on the tiny preset (128 samples, 3 epochs, 36 steps), val loss after training:
 #   lr 5e-5: 10.82 (barely moved from 10.83 at init) | 6e-4: 10.40 | 1e-3: 10.09 | 3e-3: 8.64
 # The tiny 32-wide student takes 3e-3; for the 6/512 student we use 1e-3, the usual peak rate for a
 # transformer of that size trained from scratch (GPT-3 paper, table 2.1: 6e-4 at 125M, higher below).
@@ -37,6 +41,9 @@ PRESETS = {
     "gpt2": dict(epochs=3, lr=1e-3),
     "tiny": dict(epochs=4, lr=3e-3),
 }
+# Flags that cannot change the trained weights: they may differ between a run and its --resume.
+# Every other flag must be the same, or the resumed run would not be the run that was started.
+RESUME_MAY_CHANGE = ("out", "preset", "resume", "log_interval", "stop_after")
 
 
 def lr_at(step, total, warmup, lr, min_lr):
@@ -45,6 +52,65 @@ def lr_at(step, total, warmup, lr, min_lr):
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0):
+    """(training loss, cross-entropy), each SUMMED over the scored tokens (y != -100).
+
+    seq:  cross-entropy on the teacher's sampled tokens.
+    soft: Hinton's mix, alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, with the
+          teacher's distribution known only over its stored top K (see common/distill.py).
+    Sums, not means: the caller divides by the number of scored tokens in the whole optimizer step.
+    """
+    ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
+    if kd == "seq":
+        return ce, ce
+    kl = soft_kd_kl(logits, *topk, T)[y != -100].sum()
+    return alpha * T * T * kl + (1 - alpha) * ce, ce
+
+
+def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad_clip, kd="seq", alpha=0.5, T=2.0,
+               world=1):
+    """One optimizer step: forward and backward over this process's micro-batches, then one update.
+
+    micro: [(x, y, topk or None), ...] this process's share of the step. step_tokens: the scored tokens
+    in the WHOLE step (all micro-batches of all processes). The step's loss is the mean over those
+    tokens, however they are split: each micro-batch adds its loss sum / step_tokens. (Averaging each
+    micro-batch's own mean instead would weight a token of a short micro-batch more.) DDP averages the
+    gradients of the `world` processes, so each process multiplies by world to keep the sum.
+    Returns this process's (loss sum, cross-entropy sum) and the gradient norm before clipping.
+    """
+    loss_sum = ce_sum = 0.0
+    for j, (x, y, topk) in enumerate(micro):
+        # DDP averages gradients across processes on every backward; during accumulation only the
+        # last micro-batch needs that, so the others skip the communication.
+        sync_ctx = model.no_sync() if world > 1 and j < len(micro) - 1 else nullcontext()
+        with sync_ctx:
+            with autocast(device, dtype):
+                logits, _ = model(x)
+            loss, ce = loss_sums(logits, y, kd, topk, alpha, T)
+            # scaler.scale multiplies the loss (fp16 only) so that small gradients don't underflow.
+            scaler.scale(loss * world / step_tokens).backward()
+        loss_sum += loss.item()
+        ce_sum += ce.item()
+    scaler.unscale_(optimizer)  # true gradients again before clipping (a no-op without fp16)
+    norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)      # skips the step if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, ce_sum, float(norm)
+
+
+def rng_state(device):
+    """This process's random-number state: the CPU's and, on a GPU, the GPU's (dropout draws there)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def fmt_time(s):
@@ -98,21 +164,30 @@ def main():
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=needs_scaler(dtype))
 
     # --- data and models ---
-    data = load_artifact(f"{out}/generated.pt", "generated", keys=("train", "val"))
+    data = load_artifact(f"{out}/generated.pt", "generated", keys=("train", "val", "train_prompt_lens", "val_prompt_lens"))
     init_path = args.init or f"{out}/student_init.pt"
     raw, init_ckpt = load_model(init_path, ("student_init", "student"), vocab_size=get_tokenizer().n_vocab)
     if args.dropout:  # rebuild with dropout switched on; the weights are the same
         raw = GPT(GPTConfig.from_dict({**init_ckpt["config"], "dropout": args.dropout}))
         raw.load_state_dict(init_ckpt["model"])
     train, val = data["train"], data["val"]
+    train_P, val_P = data["train_prompt_lens"], data["val_prompt_lens"]
     longest = max(len(s) for s in train + val) - 1
     if longest > raw.config.block_size:
         raise LessonError(f"generated.pt holds samples of {longest} tokens, longer than the student's context "
                           f"({raw.config.block_size}): run 02_generate.py with a smaller --max-new-tokens")
     if args.kd == "soft" and not data.get("train_topk_ids"):
         raise LessonError("--kd soft needs the teacher's top-K log-probs: run 02_generate.py with --topk-logits 32")
+    scored = [len(s) - P for s, P in zip(train, train_P)]  # tokens the teacher sampled: the targets
     raw.to(device)
     model = DDP(raw, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None) if ddp else raw
+    allreduces = [0]  # backward passes whose gradients crossed between processes
+    if ddp:  # the all-reduce DDP does, written out (sum, divided by world), with a counter
+        def mean_allreduce(_, bucket):
+            allreduces[0] += bucket.index() == 0
+            grads = bucket.buffer().div_(world)
+            return dist.all_reduce(grads, async_op=True).get_future().then(lambda fut: fut.value()[0])
+        model.register_comm_hook(None, mean_allreduce)
 
     # --- optimizer: AdamW, weight decay on matrices only (not on biases and LayerNorm gains) ---
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -128,48 +203,73 @@ def main():
     min_lr = args.lr * args.min_lr_ratio
 
     # --- state: fresh, or from train_state.pt ---
-    step, best_val, history = 0, float("inf"), {"step": [], "loss": [], "lr": [], "val": [], "tokens": 0}
+    step, best_val, wall_before = 0, float("inf"), 0.0
+    history = {"step": [], "loss": [], "ce": [], "lr": [], "grad_norm": [], "val": [], "tokens": 0}
     best = None  # the checkpoint with the lowest val loss so far; written as student.pt at the end, so an
                  # interrupted or failed run never replaces the student.pt of an earlier, finished one
     state_path = f"{out}/train_state.pt"
+    settings = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
+    settings["dtype"] = dtype  # as resolved ("auto" means fp32 on a CPU, bf16 or fp16 on a GPU)
     if args.resume:
         st = load_artifact(state_path, "train_state", keys=("model", "optimizer", "step", "config", "settings"))
         if st["config"] != init_ckpt["config"]:
             raise LessonError(f"{state_path} is for a different student than {init_path}: run without --resume")
-        same = ("kd", "epochs", "batch_size", "grad_accum", "lr", "seed")
-        changed = [k for k in same if st["settings"].get(k) != getattr(args, k)]
-        if changed or st.get("world", 1) != world:
-            raise LessonError(f"{state_path} was made with other settings ({', '.join(changed) or 'process count'}): "
-                              f"resume with the same flags, or run without --resume")
+        changed = [k for k in settings if st["settings"].get(k) != settings[k]]
+        changed += ["process count"] if st.get("world", 1) != world else []
+        if changed:
+            was = ", ".join(f"--{k.replace('_', '-')} {st['settings'].get(k)}" for k in changed if k in settings)
+            raise LessonError(f"{state_path} was made with other settings ({', '.join(changed)}"
+                              f"{': it had ' + was if was else ''}): resume with the same flags, or run without --resume")
         raw.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
         step, best_val, history, best = st["step"], st["best_val"], st["history"], st.get("best")
-        torch.set_rng_state(st["rng"])
+        wall_before = st.get("wall_time", 0.0)
+        set_rng_state(st["rng"][rank], device)  # each process continues its own random stream
         log(f"resumed from {state_path} at step {step}/{total_steps}")
+    elif master and os.path.exists(state_path):
+        try:  # mmap: read the step count without loading the weights
+            old = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+            unfinished = old["step"] < old.get("total_steps", float("inf"))
+        except Exception:
+            unfinished = True
+        if unfinished:
+            os.replace(state_path, f"{out}/train_state.prev.pt")
+            log(f"an unfinished run's {state_path} is kept as train_state.prev.pt (rename it back to resume it)")
 
     def save_state():
-        save_artifact({"kind": "train_state", "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "best": best,
-                       "history": history, "rng": torch.get_rng_state(), "config": init_ckpt["config"], "world": world,
-                       "settings": vars(args)}, state_path)
+        """Write train_state.pt: everything needed to continue exactly where we are (called by every
+        process, since each contributes its own random-number state; only rank 0 writes)."""
+        states = [None] * world
+        if ddp:
+            dist.all_gather_object(states, rng_state(device))
+        else:
+            states = [rng_state(device)]
+        if master:
+            save_artifact({"kind": "train_state", "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(), "step": step, "total_steps": total_steps,
+                           "best_val": best_val, "best": best, "history": history, "rng": states,
+                           "config": init_ckpt["config"], "world": world, "settings": settings,
+                           "wall_time": wall_before + time.time() - t_start}, state_path)
 
     def evaluate():
         raw.eval()
         with autocast(device, dtype):
-            nll, n = sequences_nll(raw, val, batch_size=args.batch_size)
+            nll, n = sequences_nll(raw, val, batch_size=args.batch_size, prompt_lens=val_P)
         raw.train()
         return nll / n
 
-    def batches_of_epoch(epoch):
-        """This rank's micro-batches for an epoch: a seeded shuffle, then every world-th batch."""
+    def chunks_of_epoch(epoch):
+        """Every rank's micro-batches for an epoch: a seeded shuffle cut into batches; rank r takes
+        every world-th one, starting at r. Every rank computes all of them (to count the step's tokens)."""
         g = torch.Generator().manual_seed(args.seed + epoch)
         order = torch.randperm(len(train), generator=g).tolist()
         chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-        return chunks[rank::world][:micro_per_epoch]
+        return [chunks[r::world][:micro_per_epoch] for r in range(world)]
 
     n_params = raw.num_params()
-    log(f"student {n_params / 1e6:.1f}M params | {len(train)} train / {len(val)} val samples | {device} {dtype}"
+    log(f"student {n_params / 1e6:.1f}M params | {len(train)} train / {len(val)} val samples, "
+        f"{sum(scored):,} sampled tokens to learn from | {device} {dtype}"
         f"{' + GradScaler' if scaler.is_enabled() else ''} | {world} process(es)")
     log(f"kd {args.kd}" + (f" (T={args.kd_temperature}, alpha={args.kd_alpha})" if args.kd == "soft" else "") +
         f" | {args.epochs} epochs x {steps_per_epoch} steps | batch {args.batch_size} x accum {args.grad_accum}"
@@ -178,58 +278,63 @@ def main():
         history["val"].append((0, evaluate()))
         log(f"val before training: loss {history['val'][-1][1]:.4f} | ppl {math.exp(history['val'][-1][1]):.1f}")
 
+    def leave():
+        """Processes wait for each other (rank 0 may still be writing), then disconnect together."""
+        if ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+
+    # --- Ctrl-C: finish the step in progress, then save and stop, every process at the same step ---
+    stop_requested = []
+
+    def on_ctrl_c(signum, frame):
+        if stop_requested:  # a second Ctrl-C: stop now; train_state.pt holds the last epoch's state
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+        log(f"\nCtrl-C: finishing step {step + 1}, then saving {state_path} (Ctrl-C again to stop at once)")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c) if main_thread else None
+
     # --- the training loop ---
     raw.train()
     t_start = t_last = time.time()
-    tokens_since, steps_this_run = 0, 0
+    tokens_since, steps_this_run, allreduces_before = 0, 0, allreduces[0]
     try:
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
-            micro = batches_of_epoch(epoch)[i * args.grad_accum:(i + 1) * args.grad_accum]
+            chunks = chunks_of_epoch(epoch)
+            step_chunks = [c[i * args.grad_accum:(i + 1) * args.grad_accum] for c in chunks]  # per rank
+            step_tokens = sum(scored[k] for rank_chunks in step_chunks for idx in rank_chunks for k in idx)
+            micro = []
+            for idx in step_chunks[rank]:
+                x, y, *topk = make_batch([train[k] for k in idx], *(
+                    ([data["train_topk_ids"][k] for k in idx], [data["train_topk_logprobs"][k] for k in idx])
+                    if args.kd == "soft" else ()), device=device, prompt_lens=[train_P[k] for k in idx])
+                micro.append((x, y, topk or None))
             lr = lr_at(step, total_steps, warmup, args.lr, min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            loss_sum = torch.zeros((), device=device)
-            n_tokens = 0
-            for j, idx in enumerate(micro):
-                x, y, *topk = make_batch([train[k] for k in idx], *(
-                    ([data["train_topk_ids"][k] for k in idx], [data["train_topk_logprobs"][k] for k in idx])
-                    if args.kd == "soft" else ()), device=device)
-                # DDP averages gradients across processes on every backward; during accumulation only
-                # the last micro-batch needs that, so the others skip the communication.
-                sync_ctx = model.no_sync() if ddp and j < len(micro) - 1 else nullcontext()
-                with sync_ctx:
-                    with autocast(device, dtype):
-                        logits, ce = model(x, y)
-                        loss = ce
-                        if args.kd == "soft":
-                            loss = distill_loss(logits, ce, y, *topk, args.kd_alpha, args.kd_temperature)
-                    # divide by the number of micro-batches: gradients add up, we want their mean.
-                    # scaler.scale multiplies the loss (fp16 only) so small gradients don't underflow.
-                    scaler.scale(loss / len(micro)).backward()
-                loss_sum += loss.detach() / len(micro)
-                n_tokens += int((y != -100).sum())
+            loss_sum, ce_sum, norm = train_step(model, optimizer, scaler, micro, step_tokens, device, dtype,
+                                                args.grad_clip, args.kd, args.kd_alpha, args.kd_temperature, world)
 
-            scaler.unscale_(optimizer)  # back to true gradients before clipping (no-op without fp16)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-            scaler.step(optimizer)      # skips the step if fp16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            if ddp:  # the loss every rank reports, and stops on, is the mean over ranks
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            loss_val = loss_sum.item()  # also waits for the step to finish, so the timings below are true
+            # the step's mean loss over all its tokens (summed over processes), and whether anyone hit Ctrl-C
+            stats = torch.tensor([loss_sum, ce_sum, float(bool(stop_requested))], dtype=torch.float64, device=device)
+            if ddp:
+                dist.all_reduce(stats)
+            loss_val, ce_val = stats[0].item() / step_tokens, stats[1].item() / step_tokens
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss became {loss_val} at step {step + 1}")
             step += 1
             steps_this_run += 1
-            tokens_since += n_tokens * world
-            history["tokens"] += n_tokens * world
+            tokens_since += step_tokens
+            history["tokens"] += step_tokens
             history["step"].append(step)
             history["loss"].append(loss_val)
+            history["ce"].append(ce_val)
             history["lr"].append(lr)
+            history["grad_norm"].append(norm)
 
             if step % args.log_interval == 0 or step == total_steps:
                 sync(device)
@@ -237,9 +342,11 @@ def main():
                 n_steps = (step - 1) % args.log_interval + 1
                 ms = (now - t_last) / n_steps * 1000
                 eta = (now - t_start) / steps_this_run * (total_steps - step)
-                log(f"step {step:4d}/{total_steps} | epoch {epoch + 1} | loss {loss_val:.4f} | "
-                    f"ppl {math.exp(min(loss_val, 50)):.1f} | lr {lr:.1e} | {ms:.0f} ms | "
-                    f"{tokens_since / (now - t_last) / 1e3:.1f}k tok/s | eta {fmt_time(eta)}")
+                # ppl is exp(cross-entropy) on the teacher's tokens, also under --kd soft (where the
+                # loss adds the KL term and its exp would be no perplexity)
+                log(f"step {step:4d}/{total_steps} | epoch {epoch + 1} | loss {loss_val:.4f} | ppl {math.exp(min(ce_val, 50)):.1f}"
+                    f" | lr {lr:.1e} | norm {norm:.2f} | {ms:.0f} ms | {tokens_since / (now - t_last) / 1e3:.1f}k tok/s"
+                    f" | eta {fmt_time(eta)}")
                 t_last, tokens_since = now, 0
 
             if step % steps_per_epoch == 0:  # end of an epoch: validate, keep the best, save the state
@@ -248,20 +355,23 @@ def main():
                 improved = v < best_val
                 if improved:
                     best_val, best = v, model_checkpoint(raw, "student", val_loss=v, step=step)
-                if master:
-                    save_state()
+                save_state()
                 log(f"epoch {epoch + 1} | val loss {v:.4f} | val ppl {math.exp(v):.1f}"
                     + (" | best so far" if improved else ""))
+            if stats[2].item() and step < total_steps:
+                if step % steps_per_epoch:  # (at an epoch end it was just saved)
+                    save_state()
+                leave()
+                raise LessonError(f"interrupted at step {step}: saved {state_path}; continue with --resume")
             if args.stop_after and steps_this_run >= args.stop_after and step < total_steps:
-                if master:
+                if step % steps_per_epoch:
                     save_state()
                 log(f"stopped after {steps_this_run} steps as asked (--stop-after); wrote {state_path}; "
                     f"continue with --resume")
+                leave()
                 return
-    except KeyboardInterrupt:
-        if master:
-            save_state()
-        raise LessonError(f"interrupted at step {step}: saved {state_path}; continue with --resume") from None
+    except KeyboardInterrupt:  # the second Ctrl-C
+        raise LessonError(f"stopped at once at step {step}; {state_path} holds the last saved state") from None
     except FloatingPointError as e:
         raise LessonError(f"{e}: stopped without saving it; the last good state ({state_path}) and the earlier "
                           f"student.pt are kept. Try a lower --lr or --dtype fp32") from None
@@ -269,21 +379,25 @@ def main():
         raise LessonError(f"the GPU ran out of memory at step {step} (batch {args.batch_size}): try --batch-size "
                           f"{max(1, args.batch_size // 2)} --grad-accum {args.grad_accum * 2} (same effective "
                           f"batch); checkpoints already written are kept") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
 
     # --- done ---
-    wall = time.time() - t_start
+    wall = wall_before + time.time() - t_start  # all parts of a resumed run
     if best is None:
         raise LessonError("the validation loss was never finite, so there is no student to save: try a lower --lr")
-    if master:
+    if master:  # (train_state.pt was saved at the last epoch end: a finished state, step == total_steps)
         save_artifact(best, f"{out}/student.pt")
         last = model_checkpoint(raw, "student", val_loss=history["val"][-1][1], step=step)
         save_artifact(last, f"{out}/student_last.pt")
         save_artifact({"kind": "train_log", **history, "settings": vars(args), "dtype": dtype, "world": world,
-                       "wall_time": wall, "steps_per_epoch": steps_per_epoch, "best_val": best_val}, f"{out}/train_log.pt")
+                       "wall_time": wall, "steps_per_epoch": steps_per_epoch, "best_val": best_val,
+                       "allreduces_per_step": (allreduces[0] - allreduces_before) / max(1, steps_this_run)},
+                      f"{out}/train_log.pt")
     log(f"trained in {fmt_time(wall)} | {history['tokens']:,} tokens seen | best val loss {best_val:.4f} "
         f"(ppl {math.exp(best_val):.1f}) | wrote {out}/student.pt, student_last.pt, train_log.pt")
-    if ddp:
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Lesson 05: how close did the student get? Perplexity (written from scratch in common/perplexity.py)
 of the teacher, the untrained student and the trained student on
-  generated-val  the teacher's held-out samples: how well the student imitates the teacher
+  generated-test the teacher's held-out test samples (openings never seen in training, and not the
+                 val set 04 picked the student on): how well the student imitates the teacher.
+                 Only the tokens the teacher sampled are scored, not the prompts it was given.
   wikitext2      human-written Wikipedia text (WikiText-2 test split): whether it learned English
   --eval-text    any text file of yours
-plus, on generated-val, how often the student's top token is the teacher's (top-1 agreement) and
+plus, on generated-test, how often the student's top token is the teacher's (top-1 agreement) and
 the mean KL(teacher || student) over the teacher's stored top-K tokens.
+
+The teacher's own perplexity on generated-test is low partly by construction: it wrote those samples
+with temperature 0.9, top-k 50 and top-p 0.95, which pick the tokens it finds likely. Human-written
+text (WikiText-2) is the fair comparison between the teacher and anything else.
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, generated.pt (downloads WikiText-2 once)
 Writes: artifacts/eval.pt  ({"kind": "eval", "perplexity": {set: {"teacher": .., "student_init": .., "student": ..}}, ...})
@@ -23,7 +29,7 @@ from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive
 from common.device import autocast, get_device, pick_dtype
 from common.distill import make_batch, soft_kd_loss
 from common.download import cache_dir, download
-from common.perplexity import sequences_nll, stream_nll
+from common.perplexity import logits_fp32, sequences_nll, stream_nll
 from common.tokenizer import get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
@@ -51,15 +57,16 @@ def wikitext2_test():
 
 
 @torch.no_grad()
-def agreement_and_kl(model, seqs, topk_ids, topk_logprobs, batch_size, device, dtype):
-    """Share of positions where the model's most likely token is the teacher's, and the mean
-    KL(teacher || model) over the teacher's stored top-K (the soft-KD loss at T = 1)."""
+def agreement_and_kl(model, seqs, prompt_lens, topk_ids, topk_logprobs, batch_size, device, dtype):
+    """Share of the sampled positions where the model's most likely token is the teacher's, and the
+    mean KL(teacher || model) over the teacher's stored top-K (the soft-KD loss at T = 1)."""
     agree, kl_sum, count = 0, 0.0, 0
     for i in range(0, len(seqs), batch_size):
         x, y, ids, lps = make_batch(seqs[i:i + batch_size], topk_ids[i:i + batch_size],
-                                    topk_logprobs[i:i + batch_size], device=device)
+                                    topk_logprobs[i:i + batch_size], device=device,
+                                    prompt_lens=prompt_lens[i:i + batch_size])
         with autocast(device, dtype):
-            logits, _ = model(x)
+            logits = logits_fp32(model, x)
         mask = y != -100
         n = int(mask.sum())
         agree += int(((logits.argmax(-1) == ids[..., 0]) & mask).sum())  # ids[..., 0]: the teacher's top token
@@ -98,7 +105,8 @@ def main():
         raise LessonError(f"--stride {args.stride} is larger than the window ({window} tokens)")
 
     # --- the evaluation sets ---
-    data = load_artifact(f"{args.out}/generated.pt", "generated", keys=("val",))
+    data = load_artifact(f"{args.out}/generated.pt", "generated", keys=("test", "test_prompt_lens"))
+    test, test_P = data["test"], data["test_prompt_lens"]
     texts, skipped = {}, {}
     if args.wikitext:
         print("WikiText-2 (test split):")
@@ -121,19 +129,19 @@ def main():
         if len(tokens) < 2:
             raise LessonError(f"{name} holds fewer than 2 tokens: nothing to score")
         streams[name] = tokens
-    print(f"sets: generated-val ({len(data['val'])} samples, {sum(len(s) for s in data['val']):,} tokens)"
+    print(f"sets: generated-test ({len(test)} samples, {sum(len(s) - P for s, P in zip(test, test_P)):,} sampled tokens)"
           + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
           + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
 
     # --- perplexity of each model on each set ---
     ppl = {}
-    for set_name in ["generated-val", *streams]:
+    for set_name in ["generated-test", *streams]:
         ppl[set_name] = {}
         for name, model in models.items():
             t0 = time.time()
             with autocast(device, dtype):
-                if set_name == "generated-val":
-                    nll, n = sequences_nll(model, data["val"], batch_size=args.batch_size)
+                if set_name == "generated-test":
+                    nll, n = sequences_nll(model, test, batch_size=args.batch_size, prompt_lens=test_P)
                 else:
                     nll, n = stream_nll(model, streams[set_name], stride=args.stride, batch_size=args.batch_size)
             ppl[set_name][name] = math.exp(nll / n)
@@ -141,10 +149,10 @@ def main():
 
     # --- imitation: top-1 agreement and KL on the teacher's own held-out samples ---
     agreement, kl = {}, {}
-    if data.get("val_topk_ids"):
+    if data.get("test_topk_ids"):
         for name in ("student_init", "student", "teacher"):
-            agreement[name], kl[name] = agreement_and_kl(models[name], data["val"], data["val_topk_ids"],
-                                                         data["val_topk_logprobs"], args.batch_size, device, dtype)
+            agreement[name], kl[name] = agreement_and_kl(models[name], test, test_P, data["test_topk_ids"],
+                                                         data["test_topk_logprobs"], args.batch_size, device, dtype)
     else:
         print("  generated.pt has no top-K data (--topk-logits 0): agreement and KL skipped")
 
@@ -153,10 +161,12 @@ def main():
     for set_name, row in ppl.items():
         print(f"{set_name:<18}{row['teacher']:>12,.2f}{row['student_init']:>14,.2f}{row['student']:>12,.2f}")
     if agreement:
-        print("\non generated-val   top-1 agreement with teacher   KL(teacher || model) over top-K")
+        print("\non generated-test  top-1 agreement with teacher   KL(teacher || model) over top-K")
         for name in agreement:
             note = "  (the teacher itself: 100% and the KL of its top-K truncation)" if name == "teacher" else ""
             print(f"  {name:<16}{agreement[name]:>14.1%}{kl[name]:>28.4f}{note}")
+    print("(the teacher's generated-test perplexity is low partly by construction: it sampled those tokens "
+          "with T=0.9, top-k, top-p; compare models on human text such as wikitext2)")
     for set_name, why in skipped.items():
         print(f"skipped {set_name}: {why}")
 

@@ -5,8 +5,11 @@ torch.load(weights_only=True): a checkpoint is a pickle, and weights_only refuse
 hidden in one. Any problem with a file becomes a LessonError, a one-line message that names the
 file and the lesson that makes it.
 """
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 import torch
 
@@ -31,42 +34,66 @@ class LessonError(Exception):
 
 def run_lesson(main):
     """Run a lesson's main(); turn LessonError and Ctrl-C into a one-line message and an exit code."""
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, one process speaks for all
     try:
         main()
     except LessonError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted (files already written are intact)", file=sys.stderr)
         sys.exit(130)
 
 
+@contextlib.contextmanager
+def interrupt_deferred():
+    """Hold Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
+
+    For work that must not stop halfway: a save, or an optimizer update and the step count that goes
+    with it. Only the main thread can install signal handlers; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def save_artifact(obj, path):
     """torch.save to a temporary file in the same folder, then rename it over `path`.
 
-    A rename within one file system is atomic: a crash, kill or Ctrl-C mid-write leaves the previous
-    file as it was, never a half-written one.
+    A rename within one file system is atomic: a crash or kill mid-write leaves the previous file as it
+    was, never a half-written one. Ctrl-C is held until the save is done (then raised as usual).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with interrupt_deferred():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def write_text(text, path):
     """Write a text file atomically, like save_artifact."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with interrupt_deferred():
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
 
 
 def load_artifact(path, kind, keys=()):
@@ -94,11 +121,23 @@ def load_artifact(path, kind, keys=()):
     return obj
 
 
+def state_snapshot(model):
+    """A CPU copy of the model's state_dict that keeps tied weights tied: lm_head.weight IS the token
+    embedding, so its copy is the same tensor, and torch.save writes that storage once, not twice."""
+    copies, out = {}, {}  # (memory address, shape, strides) of an original tensor -> its copy
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.stride(), v.device)
+        if key not in copies:
+            copies[key] = v.detach().to("cpu", copy=True)
+        out[k] = copies[key]
+    return out
+
+
 def model_checkpoint(model, kind, **extra):
     """The dict a model is saved as: its config, a snapshot of its weights, and what produced it."""
     cfg = model.config
     return dict(kind=kind, config={f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
-                model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, **extra)
+                model=state_snapshot(model), **extra)
 
 
 def load_model(path, kind, vocab_size=None):

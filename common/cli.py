@@ -8,8 +8,16 @@ import argparse
 import os
 import sys
 
-PRESET = os.environ.get("KD_PRESET", "gpt2")   # gpt2: the real course; tiny: a synthetic teacher for CPU/offline runs
-OUT = os.environ.get("KD_OUT", "artifacts")    # the folder the lessons pass their .pt files through
+
+def default_preset():
+    """gpt2: the real course; tiny: a small stand-in teacher for CPU/offline runs. Read when a lesson
+    parses its flags (not at import), so `%env KD_PRESET=tiny` in a notebook takes effect at once."""
+    return os.environ.get("KD_PRESET", "gpt2")
+
+
+def default_out():
+    """The folder the lessons pass their .pt files through."""
+    return os.environ.get("KD_OUT", "artifacts")
 
 
 def in_notebook():
@@ -20,9 +28,10 @@ def in_notebook():
 def lesson_parser(description):
     """An ArgumentParser with the two flags every lesson shares: --out and --preset."""
     first_line = (description or "").strip().splitlines()[:1]  # a notebook cell may have no __doc__
-    p = argparse.ArgumentParser(description=first_line[0] if first_line else None)
-    p.add_argument("--out", default=OUT, help="folder for the artifacts (default: %(default)s)")
-    p.add_argument("--preset", default=PRESET, choices=["gpt2", "tiny"],
+    # allow_abbrev=False: argparse would otherwise take --epoch for --epochs, silently
+    p = argparse.ArgumentParser(description=first_line[0] if first_line else None, allow_abbrev=False)
+    p.add_argument("--out", default=default_out(), help="folder for the artifacts (default: %(default)s)")
+    p.add_argument("--preset", default=default_preset(), choices=["gpt2", "tiny"],
                    help="gpt2: the real course; tiny: synthetic teacher, seconds on a CPU (default: %(default)s)")
     return p
 

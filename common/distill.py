@@ -7,9 +7,12 @@ next-token distribution at every position, softened by a temperature T.
 import torch
 from torch.nn import functional as F
 
+from common.perplexity import pad_batch
 
-def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
-    """T^2 * KL(teacher_T || student_T), averaged over the positions where mask is True.
+
+def soft_kd_kl(logits, topk_ids, topk_logprobs, T=2.0):
+    """KL(teacher_T || student_T) at every position -> (B, L), over the teacher's stored top K.
+    The loss of soft-target KD is T^2 times this, averaged over the scored positions.
 
     logits (B, L, V): the student's. topk_ids, topk_logprobs (B, L, K): the teacher's K most likely
     next tokens and their log-probabilities, stored by lesson 02.
@@ -22,39 +25,33 @@ def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
     zero only when the student puts exactly the teacher's (re-normalised) mass on those K tokens,
     so it also learns to leave the other tokens out.
 
-    Why T^2: the gradient of the softened KL shrinks like 1/T^2, so scaling by T^2 keeps its size
-    comparable to the cross-entropy term whatever T is chosen (Hinton et al., section 2).
+    Why T^2 (applied by the caller): the gradient of the softened KL shrinks like 1/T^2, so scaling by
+    T^2 keeps its size comparable to the cross-entropy term whatever T is chosen (Hinton et al., sec. 2).
     """
     p_log = F.log_softmax(topk_logprobs.float() / T, dim=-1)               # (B, L, K) teacher, re-normalised
     q_log = F.log_softmax(logits.float() / T, dim=-1).gather(-1, topk_ids.long())  # (B, L, K) student
-    kl = (p_log.exp() * (p_log - q_log)).sum(-1)                           # (B, L)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)                         # (B, L)
+
+
+def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
+    """T^2 * KL(teacher_T || student_T), averaged over the positions where mask is True (see soft_kd_kl)."""
+    kl = soft_kd_kl(logits, topk_ids, topk_logprobs, T)
     return T * T * (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-def distill_loss(logits, ce, targets, topk_ids, topk_logprobs, alpha=0.5, T=2.0):
-    """Hinton's mix: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE on the teacher's tokens."""
-    kd = soft_kd_loss(logits, topk_ids, topk_logprobs, targets != -100, T)
-    return alpha * kd + (1 - alpha) * ce
+def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu", prompt_lens=None):
+    """Pad a list of token sequences into model inputs and targets (see perplexity.pad_batch).
 
-
-def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu"):
-    """Pad a list of token sequences into model inputs and targets.
-
-    x[:, t] is token t, y[:, t] is token t+1 (the one to predict). Sequences are padded at the end;
-    padded targets are -100, which cross_entropy skips. We pad rather than pack several samples into
-    one row: each sample is a document that starts with <|endoftext|>, and its stored teacher
-    distributions line up with its own positions. The padding costs a little compute.
+    x[:, t] is token t, y[:, t] is token t+1 (the one to predict); padding and prompt targets are -100,
+    which cross_entropy skips. We pad rather than pack several samples into one row: each sample is a
+    document that starts with <|endoftext|>, and its stored teacher distributions line up with its own
+    positions. The padding costs a little compute.
     Returns x, y and, if given, the teacher's top-K ids and log-probs padded to (B, L, K).
     """
-    B, L = len(seqs), max(len(s) for s in seqs) - 1
-    x = torch.zeros(B, L, dtype=torch.long)
-    y = torch.full((B, L), -100, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s) - 1] = s[:-1]
-        y[i, :len(s) - 1] = s[1:]
+    x, y = pad_batch(seqs, prompt_lens)
     out = [x.to(device), y.to(device)]
     if topk_ids is not None:
-        K = topk_ids[0].size(-1)
+        B, L, K = x.size(0), x.size(1), topk_ids[0].size(-1)
         ids = torch.zeros(B, L, K, dtype=torch.int32)
         lps = torch.zeros(B, L, K, dtype=torch.float16)
         for i, (a, b) in enumerate(zip(topk_ids, topk_logprobs)):

@@ -12,6 +12,10 @@ the guide turns each window's mean loss back into a sum by multiplying by (valid
 size), to account for the shift that drops one label. For windows after the first with stride < W
 the dropped label was already masked, so that count is one short: each later window is weighted by
 trg_len - 1 instead of trg_len tokens. Here we add up the per-token NLLs themselves and count them.
+
+Two details that keep the number honest: the logits are float32 even under bf16/fp16 autocast (a bf16
+logit carries ~3 significant digits; log-softmax over 50,257 of them would add rounding noise to the
+score), and tokens that were given rather than predicted (a prompt) can be left out of the score.
 """
 import math
 
@@ -35,9 +39,38 @@ def windows(n_tokens, block_size, stride=None):
     return out
 
 
+def logits_fp32(model, x):
+    """model(x)'s logits (B, T, vocab) in float32 whatever the autocast dtype: the transformer body may
+    run in bf16/fp16, the output layer (and so every logit) is computed in float32."""
+    h = model.hidden(x)  # (B, T, C)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return F.linear(h.float(), model.lm_head.weight.float())  # (B, T, vocab)
+
+
+def pad_batch(seqs, prompt_lens=None, device="cpu"):
+    """Pad token sequences into inputs x (B, L) and targets y (B, L); y[i, t] = seqs[i][t + 1].
+
+    Padding targets are -100 (cross_entropy skips them). So are the targets inside a prompt: with
+    prompt_lens[i] = P, tokens 0 .. P-1 were given, not predicted, so only targets t >= P - 1 (tokens
+    P, P+1, ...) are scored. The <|endoftext|> that ends a sample is a real target: the model must
+    learn when to stop.
+    """
+    B, L = len(seqs), max(len(s) for s in seqs) - 1
+    x = torch.zeros(B, L, dtype=torch.long)
+    y = torch.full((B, L), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = torch.as_tensor(s)
+        x[i, :len(s) - 1] = s[:-1]
+        y[i, :len(s) - 1] = s[1:]
+        if prompt_lens is not None:
+            y[i, :max(0, prompt_lens[i] - 1)] = -100
+    return x.to(device), y.to(device)
+
+
 @torch.no_grad()
-def stream_nll(model, tokens, stride=None, batch_size=8):
-    """(sum of token NLLs, number of scored tokens) over a 1-D token stream."""
+def stream_nll(model, tokens, stride=None, batch_size=8, score_from=1):
+    """(sum of token NLLs, number of scored tokens) over a 1-D token stream; tokens before position
+    score_from are context only (e.g. a prompt)."""
     W = model.config.block_size
     device = next(model.parameters()).device
     tokens = tokens.to(device)
@@ -53,8 +86,9 @@ def stream_nll(model, tokens, stride=None, batch_size=8):
             x[j, :e - s] = tokens[s:e]
             keep = first_new - (s + 1)                 # targets before first_new were scored earlier
             y[j, keep:e - s] = tokens[first_new:e + 1]
-        logits, _ = model(x)
-        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
+            y[j, :max(0, score_from - (s + 1))] = -100  # targets before score_from are context only
+        logits = logits_fp32(model, x)
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
         total += nll.item()
         count += int((y != -100).sum())
     return total, count
@@ -67,33 +101,31 @@ def perplexity(model, tokens, stride=None, batch_size=8):
 
 
 @torch.no_grad()
-def sequences_nll(model, seqs, batch_size=8):
+def sequences_nll(model, seqs, batch_size=8, prompt_lens=None):
     """(sum of NLLs, scored tokens) over separate sequences (e.g. generated samples), each scored from
-    its own start; padding is excluded. Sequences longer than the window are scored with stream_nll."""
+    its own start; padding is excluded, and so are the first prompt_lens[i] tokens of sequence i if
+    given (they were the prompt, not the model's prediction). Sequences longer than the window are
+    scored with stream_nll."""
     W = model.config.block_size
     device = next(model.parameters()).device
+    P = list(prompt_lens) if prompt_lens is not None else [1] * len(seqs)
     total, count = 0.0, 0
-    short = [s for s in seqs if len(s) <= W + 1]
-    for s in seqs:
+    short = [i for i, s in enumerate(seqs) if len(s) <= W + 1]
+    for i, s in enumerate(seqs):
         if len(s) > W + 1:
-            t, c = stream_nll(model, s, batch_size=batch_size)
+            t, c = stream_nll(model, s, batch_size=batch_size, score_from=P[i])
             total, count = total + t, count + c
     for i in range(0, len(short), batch_size):
         group = short[i:i + batch_size]
-        L = max(len(s) for s in group) - 1
-        x = torch.zeros(len(group), L, dtype=torch.long, device=device)
-        y = torch.full((len(group), L), -100, dtype=torch.long, device=device)
-        for j, s in enumerate(group):
-            x[j, :len(s) - 1] = s[:-1]
-            y[j, :len(s) - 1] = s[1:]
-        logits, _ = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100,
+        x, y = pad_batch([seqs[j] for j in group], [P[j] for j in group], device)
+        logits = logits_fp32(model, x)
+        total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100,
                                  reduction="sum").item()
         count += int((y != -100).sum())
     return total, count
 
 
-def sequences_perplexity(model, seqs, batch_size=8):
-    """Token-weighted perplexity over a list of 1-D LongTensors."""
-    total, count = sequences_nll(model, seqs, batch_size)
+def sequences_perplexity(model, seqs, batch_size=8, prompt_lens=None):
+    """Token-weighted perplexity over a list of 1-D LongTensors (prompt tokens not scored, if given)."""
+    total, count = sequences_nll(model, seqs, batch_size, prompt_lens)
     return math.exp(total / count)

@@ -1,4 +1,5 @@
 """Shared fixtures: the repository on sys.path, a small reference GPT-2, and one tiny course run."""
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -18,6 +19,14 @@ def run_py(args, cwd=ROOT, env=None, timeout=300, **kw):
     e.update(PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=e, capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+def load_lesson(file):
+    """A lesson script as a module (its main() does not run), to test the functions it defines."""
+    spec = importlib.util.spec_from_file_location("lesson_" + file[:2], os.path.join(ROOT, file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def hf_model(n_layer=2, n_embd=96, n_head=6, n_positions=64, vocab_size=500, seed=0):

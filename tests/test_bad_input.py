@@ -140,7 +140,8 @@ BAD_FLAGS = [
     ("02_generate.py", "--num-samples", "0"), ("02_generate.py", "--max-new-tokens", "-5"),
     ("02_generate.py", "--temperature", "-0.1"), ("02_generate.py", "--top-k", "0"),
     ("02_generate.py", "--top-p", "0"), ("02_generate.py", "--top-p", "1.5"), ("02_generate.py", "--batch-size", "0"),
-    ("02_generate.py", "--val-fraction", "1"), ("02_generate.py", "--topk-logits", "-1"),
+    ("02_generate.py", "--val-fraction", "1"), ("02_generate.py", "--test-fraction", "1"),
+    ("02_generate.py", "--topk-logits", "-1"),
     ("02_generate.py", "--max-repeat", "2"), ("02_generate.py", "--seed", "x"),
     ("03_student.py", "--n-layer", "0"), ("03_student.py", "--n-embd", "0"), ("03_student.py", "--n-head", "-2"),
     ("04_train.py", "--epochs", "0"), ("04_train.py", "--batch-size", "0"), ("04_train.py", "--grad-accum", "0"),
@@ -173,6 +174,15 @@ def test_run_all_refuses_unknown_options():
     assert r.returncode == 2 and "only --preset and --out" in r.stderr
 
 
+def test_flag_abbreviations_are_refused(tmp_path, monkeypatch, capsys):
+    """argparse would read --epoch as --epochs; a typo must not silently become another flag."""
+    monkeypatch.setattr(sys, "argv", ["04_train.py", "--out", str(tmp_path), "--epoch", "2"])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "04_train.py"), run_name="__main__")
+    assert e.value.code == 2 and "unrecognized arguments: --epoch 2" in capsys.readouterr().err
+
+
 # --- training stops cleanly: NaN, Ctrl-C ---
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(course_copy):
@@ -202,6 +212,30 @@ def test_ctrl_c_saves_a_resumable_state(course_copy):
     assert others(after) == others(before) and after["train_state.pt"] != before["train_state.pt"]
     r = run_py(["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--resume", "--epochs", "1"])
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+
+
+CTRL_C_MID_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+from common.artifacts import run_lesson, save_artifact
+real_save = torch.save
+def save_then_ctrl_c(obj, f):
+    real_save(obj, f)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives before the file is flushed and renamed
+    print("still saving", flush=True)
+torch.save = save_then_ctrl_c
+run_lesson(lambda: save_artifact({{"kind": "eval", "perplexity": {{"new": 1}}}}, {path!r}))
+print("not reached")
+"""
+
+
+def test_ctrl_c_during_a_save_finishes_the_save_then_stops_in_one_line(course_copy):
+    path = course_copy / "eval.pt"
+    r = run_py(["-c", CTRL_C_MID_SAVE.format(root=ROOT, path=str(path))])
+    assert r.returncode == 130 and "still saving" in r.stdout and "not reached" not in r.stdout
+    assert r.stderr.strip() == "interrupted (files already written are intact)"
+    assert load_artifact(str(path), "eval")["perplexity"] == {"new": 1}  # the save completed
+    assert not [f for f in os.listdir(course_copy) if ".tmp-" in f]
 
 
 # --- a write killed half way leaves the old file whole ---
@@ -261,12 +295,13 @@ def test_an_unfinished_run_never_replaces_the_finished_student(course_copy):
     the best is carried in train_state.pt and written when the resumed run finishes."""
     before = digests(course_copy)
     flags = ["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--epochs", "2", "--lr", "1e-3"]
-    r = run_py(flags + ["--stop-after", "16"])  # the tiny preset has 15 steps per epoch
+    per_epoch = load_artifact(str(course_copy / "train_log.pt"), "train_log")["steps_per_epoch"]
+    r = run_py(flags + ["--stop-after", str(per_epoch + 1)])
     assert r.returncode == 0 and "epoch 1 | val loss" in r.stdout, r.stderr
     after = digests(course_copy)
     assert after["student.pt"] == before["student.pt"] and after["train_state.pt"] != before["train_state.pt"]
-    assert load_artifact(str(course_copy / "train_state.pt"), "train_state")["best"]["step"] == 15
+    assert load_artifact(str(course_copy / "train_state.pt"), "train_state")["best"]["step"] == per_epoch
     r = run_py(flags + ["--resume"])
     assert r.returncode == 0, r.stderr
     assert digests(course_copy)["student.pt"] != before["student.pt"]
-    assert load_artifact(str(course_copy / "student.pt"), "student")["step"] in (15, 30)
+    assert load_artifact(str(course_copy / "student.pt"), "student")["step"] in (per_epoch, 2 * per_epoch)

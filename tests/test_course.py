@@ -1,7 +1,12 @@
 """The whole course: run_all.sh on the tiny preset, and every lesson run as a notebook cell."""
+import os
 import re
 
+import pytest
+import torch
+
 from common.artifacts import load_artifact
+from common.tokenizer import EOT, get_tokenizer
 from conftest import ROOT, run_py
 
 LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
@@ -16,18 +21,57 @@ def test_run_all_tiny_builds_the_whole_chain(course):
     assert (out / "report.md").exists()
     assert re.search(r"course finished in \d+s", stdout)
     ev = load_artifact(str(out / "eval.pt"), "eval")
-    ppl = ev["perplexity"]["generated-val"]
+    ppl = ev["perplexity"]["generated-test"]
     assert ppl["student"] < ppl["student_init"] / 5  # the student learned from the teacher's text
     assert ppl["teacher"] < ppl["student"]
     assert "wikitext2" not in ev["perplexity"] and "wikitext2" in ev["skipped"]  # skipped, not NaN
     assert ev["agreement"]["student"] > ev["agreement"]["student_init"]
     assert ev["kl"]["student"] < ev["kl"]["student_init"]
     gen = load_artifact(str(out / "generated.pt"), "generated")
-    for split in ("train", "val"):  # top-K rows line up with the tokens: row t predicts token t + 1
+    for split in ("train", "val", "test"):
+        assert len(gen[split]) == len(gen[f"{split}_texts"]) == len(gen[f"{split}_prompt_lens"]) >= 1
         for seq, ids, lps in zip(gen[split], gen[f"{split}_topk_ids"], gen[f"{split}_topk_logprobs"]):
             assert ids.shape == lps.shape == (len(seq) - 1, 32) and seq[0] == 50256
             assert str(ids.dtype) == "torch.int32" and str(lps.dtype) == "torch.float16"
-    assert len(gen["train_texts"]) == len(gen["train"]) and len(gen["val"]) >= 1
+
+
+def test_the_teachers_top_k_rows_line_up_with_its_tokens(course):
+    """Row t of a sample's top-K table is the teacher's distribution after token t. Then, on the test
+    positions, the teacher's top-1 is always its own stored top-1, and its KL to its own top-K is only
+    the truncation: -log(the mass of the K tokens), averaged over the sampled positions."""
+    out, _ = course
+    ev = load_artifact(str(out / "eval.pt"), "eval")
+    gen = load_artifact(str(out / "generated.pt"), "generated")
+    assert ev["agreement"]["teacher"] == 1.0
+    cost = [-torch.logsumexp(lps[P - 1:].float(), -1) for lps, P in zip(gen["test_topk_logprobs"], gen["test_prompt_lens"])]
+    cost = torch.cat(cost)
+    assert ev["kl"]["teacher"] == pytest.approx(cost.mean().item(), rel=2e-3)
+    assert cost.mean().item() > 0.01  # the K tokens do not hold all the mass: a real, visible cost
+
+
+def test_no_opening_is_in_two_splits_and_only_sampled_tokens_are_trained(course):
+    out, _ = course
+    gen = load_artifact(str(out / "generated.pt"), "generated")
+    enc = get_tokenizer()
+    openings = {}
+    for split in ("train", "val", "test"):  # read the openings back from the tokens themselves
+        openings[split] = {enc.decode(s[1:P].tolist()) for s, P in zip(gen[split], gen[f"{split}_prompt_lens"]) if P > 1}
+        assert all(s[0] == EOT for s in gen[split])
+    assert openings["val"] and openings["test"]
+    assert not openings["train"] & openings["val"] and not openings["train"] & openings["test"]
+    assert not openings["val"] & openings["test"]
+    assert any(P == 1 for P in gen["test_prompt_lens"])  # unconditional samples are held out too
+    log = load_artifact(str(out / "train_log.pt"), "train_log")
+    sampled = sum(len(s) - P for s, P in zip(gen["train"], gen["train_prompt_lens"]))
+    assert log["tokens"] == sampled * log["settings"]["epochs"]
+
+
+def test_the_tied_embedding_is_saved_once(course):
+    out, _ = course
+    for name in ("teacher", "student"):
+        params = sum(v.numel() for k, v in load_artifact(str(out / f"{name}.pt"), name)["model"].items()
+                     if k != "lm_head.weight")  # lm_head.weight is the token embedding itself
+        assert os.path.getsize(out / f"{name}.pt") == pytest.approx(4 * params, rel=0.01)
 
 
 def test_report_numbers_are_the_ones_in_eval_pt_and_the_charts_are_images(course):

@@ -1,16 +1,12 @@
 """Lesson 02's quality filter: loops and duplicates are dropped and counted."""
-import importlib.util
-import os
 import shutil
 
 from common.artifacts import load_artifact
-from conftest import ROOT, run_py
+from conftest import load_lesson, run_py
 
 
 def test_repeated_ngram_fraction():
-    spec = importlib.util.spec_from_file_location("lesson02", os.path.join(ROOT, "02_generate.py"))
-    lesson = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesson)
+    lesson = load_lesson("02_generate.py")
     assert lesson.repeated_ngram_fraction(list(range(40))) == 0.0
     assert lesson.repeated_ngram_fraction([1, 2, 3] * 20) > 0.9      # a loop
     assert lesson.repeated_ngram_fraction([5, 6]) == 0.0              # too short to judge
@@ -23,7 +19,7 @@ def test_greedy_duplicates_are_dropped_and_reported(course, tmp_path):
                 "--num-samples", "12", "--prompts", "mixed"])
     assert r.returncode == 0, r.stderr
     gen = load_artifact(str(tmp_path / "generated.pt"), "generated")
-    kept = [tuple(t.tolist()) for t in gen["train"] + gen["val"]]
+    kept = [tuple(t.tolist()) for t in gen["train"] + gen["val"] + gen["test"]]
     assert len(set(kept)) == len(kept)
     assert gen["dropped"]["duplicate"] + gen["dropped"]["repetitive"] >= 5
     assert f"kept {len(kept)} of 12" in r.stdout and len(kept) + sum(gen["dropped"].values()) == 12

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from common.model import GPT, GPTConfig
-from common.perplexity import perplexity, sequences_perplexity, windows
+from common.perplexity import logits_fp32, perplexity, sequences_nll, sequences_perplexity, windows
 from conftest import hf_model, ours_from_hf
 
 
@@ -32,6 +32,14 @@ def test_one_window_is_exp_mean_cross_entropy():
     x = stream(12)
     _, loss = m(x[None, :-1], x[None, 1:])
     assert perplexity(m, x) == pytest.approx(math.exp(loss.item()), rel=1e-6)
+
+
+def test_window_placement_exact():
+    """(start, first new target) of each window, worked out by hand: window i reads tokens
+    [i*stride, i*stride + W) and scores the targets not scored before, up to token start + W."""
+    assert windows(20, 8, 3) == [(0, 1), (3, 9), (6, 12), (9, 15), (12, 18)]
+    assert windows(10, 4, 4) == [(0, 1), (4, 5), (8, 9)]
+    assert windows(9, 4, 1) == [(0, 1), (1, 5), (2, 6), (3, 7), (4, 8)]
 
 
 def test_every_token_after_the_first_is_scored_once():
@@ -93,3 +101,57 @@ def test_sequences_ignore_padding_and_weight_by_tokens():
     total = sum(stream_nll(m, s)[0] for s in seqs)
     count = sum(len(s) - 1 for s in seqs)
     assert batched == pytest.approx(math.exp(total / count), rel=1e-6)
+
+
+@torch.no_grad()
+def test_prompt_tokens_are_context_not_targets():
+    """With prompt_lens, exactly the tokens after each prompt are scored, each given its full prefix:
+    the same sum as a token-by-token computation, also for a sequence longer than the window."""
+    m = small()
+    seqs = [stream(n, seed=n) for n in (9, 14, 5, 30)]  # 30 > the window of 16
+    P = [3, 1, 4, 7]
+    nll, n = sequences_nll(m, seqs, batch_size=2, prompt_lens=P)
+    want, count = 0.0, 0
+    for s, p in zip(seqs, P):
+        for j in range(p, len(s)):
+            ctx = s[max(0, j - 16):j]  # the window a token gets (side-by-side windows for the long one)
+            if len(s) > 17:
+                start = max(st for st, _ in windows(len(s), 16) if st < j)
+                ctx = s[start:j]
+            want -= F.log_softmax(m(ctx[None])[0][0, -1], -1)[s[j]].item()
+            count += 1
+    assert n == count == sum(len(s) - p for s, p in zip(seqs, P))
+    assert nll == pytest.approx(want, rel=1e-5)
+
+
+class WrongOnPrompts(torch.nn.Module):
+    """A model whose predictions are garbage at positions 0 .. P-2 (the ones whose targets are the
+    prompt's tokens 1 .. P-1) and the wrapped model's everywhere else."""
+
+    def __init__(self, model, P):
+        super().__init__()
+        self.model, self.P, self.config, self.lm_head = model, P, model.config, model.lm_head
+
+    def hidden(self, x):
+        h = self.model.hidden(x).clone()
+        h[:, :self.P - 1] = torch.randn(h[:, :self.P - 1].shape, generator=torch.Generator().manual_seed(0)) * 30
+        return h
+
+
+def test_a_model_wrong_only_on_prompt_tokens_keeps_its_perplexity():
+    m = small()
+    seqs = [stream(n, seed=n) for n in (9, 14, 5, 12)]
+    wrong = WrongOnPrompts(m, P=4)
+    assert sequences_perplexity(wrong, seqs, prompt_lens=[4] * 4) == pytest.approx(
+        sequences_perplexity(m, seqs, prompt_lens=[4] * 4), rel=1e-6)
+    assert sequences_perplexity(wrong, seqs) > 10 * sequences_perplexity(m, seqs)  # scored, they would count
+
+
+def test_logits_are_float32_under_autocast():
+    m = small()
+    x = stream(40, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = logits_fp32(m, x[None, :16])
+        ppl_bf16 = perplexity(m, x)
+    assert logits.dtype == torch.float32
+    assert ppl_bf16 == pytest.approx(perplexity(m, x), rel=2e-2)  # the body ran in bf16; the head did not

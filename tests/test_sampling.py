@@ -63,6 +63,18 @@ def test_top_p_keeps_exactly_the_nucleus():
     assert abs((d == 0).float().mean().item() - want[0].item()) < 0.02
 
 
+def test_top_p_boundary_with_exactly_representable_probabilities():
+    """0.5, 0.25, 0.125, 0.125 are exact in binary, so the cumulative mass hits top_p exactly: with
+    top_p = 0.75 the first two tokens already hold 0.75, and the third must not be kept."""
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    logits = probs.log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_p=0.75, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_next(logits, top_p=0.875, generator=g).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, top_k=3, top_p=0.75, generator=g).tolist()) == {0, 1}  # 0.75/0.875 < 1
+
+
 def test_same_seed_same_samples():
     m = small()
     prompt = torch.zeros(4, 1, dtype=torch.long)
