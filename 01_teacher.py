@@ -1,28 +1,35 @@
 """Lesson 01: the teacher. Load OpenAI's pretrained GPT-2 (124M) into our own ~150-line GPT module
 (common/model.py), look at its size, check that it writes sensible English, and save it.
+With --preset tiny the teacher is instead a small GPT (same architecture and tokenizer, 2 layers)
+trained here for a few seconds on a toy English language we wrote (common/toy_language.py), so the
+whole course runs offline on a laptop and still has a teacher that knows a language.
 
 Reads:  nothing (downloads GPT-2 once into ~/.cache/kd-course), or --weights PATH
 Writes: artifacts/teacher.pt  ({"kind": "teacher", "config": {...}, "model": state_dict, ...})
-Run:    python 01_teacher.py              (add --preset tiny for a synthetic teacher, offline, on a CPU)
+Run:    python 01_teacher.py              (add --preset tiny for the toy-language teacher, offline, on a CPU)
 """
 import time
 
 import torch
 
+import math
+
+from common import toy_language
 from common.artifacts import model_checkpoint, run_lesson, save_artifact
 from common.cli import existing_path, lesson_parser, parse
 from common.gpt2_weights import SIZES, download_gpt2, load_gpt2
 from common.model import GPT, GPTConfig
-from common.perplexity import perplexity
+from common.perplexity import perplexity, sequences_perplexity
 from common.sampling import generate
-from common.tokenizer import get_tokenizer
+from common.tokenizer import EOT, get_tokenizer
 
 # --- settings ---
-# --preset gpt2 downloads the real GPT-2. --preset tiny builds a synthetic teacher instead: GPT-2's
-# architecture and vocabulary but 2 small layers of random weights. Its init is 20x larger than
-# GPT-2's, which makes its next-token distributions peaked, so its text has structure to learn.
-TINY_TEACHER = GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=64, init_std=0.4)
+# --preset gpt2 downloads the real GPT-2. --preset tiny builds a small GPT with GPT-2's architecture
+# and vocabulary and trains it on the toy language: 800 steps of 8 x 128 tokens, about 15 s on 2 CPU cores.
+TINY_TEACHER = GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=64)
+TINY_STEPS = 800
 SEED = 1337
+TOY_HELD_OUT_SEED = 2  # documents the teacher never trained on (it trains on seed 1's stream)
 PROMPT = "The history of science shows that"
 PASSAGE = ("The river runs through the middle of the old town. In the summer, children swim near the bridge "
            "while their parents sit in the shade and talk. When autumn comes, the water rises and the boats "
@@ -44,7 +51,8 @@ def main():
         source = f"weights from {args.weights}"
     elif args.preset == "tiny":
         config, state = TINY_TEACHER, None
-        source = f"SYNTHETIC tiny teacher (random weights, seed {SEED}, init_std {config.init_std})"
+        source = (f"tiny teacher: {config.n_layer} layers x {config.n_embd} wide, trained {TINY_STEPS} steps "
+                  f"on the toy language (common/toy_language.py)")
     else:
         folder = download_gpt2(args.model)
         config, state = load_gpt2(folder)
@@ -53,29 +61,42 @@ def main():
     model = GPT(config)
     if state is not None:
         model.load_state_dict(state)
+    else:  # the tiny preset: learn the toy language (the stand-in for GPT-2's pretraining; not the lesson)
+        print(f"training the tiny teacher on the toy language ({TINY_STEPS} steps):")
+        n_used = toy_language.train_on_toy_language(model, TINY_STEPS, enc.encode, EOT, seed=1)
+        print(f"  the language uses {n_used} of the {config.vocab_size:,} GPT-2 tokens")
     model.eval()
     print(f"teacher: {source}, ready in {time.time() - t0:.1f}s")
-    if state is None:
-        print("  NOTE: this teacher is synthetic. It is a stand-in for GPT-2 so the course runs offline in seconds;"
-              " its text is not English.")
 
     # --- its spec ---
     print(f"  parameters {model.num_params() / 1e6:.1f}M ({model.num_params(embeddings=False) / 1e6:.1f}M without "
           f"embeddings) | layers {config.n_layer} | width {config.n_embd} | heads {config.n_head} "
           f"| context {config.block_size} | vocab {config.vocab_size}")
 
-    # --- sanity checks: does it continue a prompt, and how surprised is it by a passage of English? ---
-    prompt = torch.tensor([enc.encode(PROMPT)])
-    greedy = generate(model, prompt, max_new_tokens=24, temperature=0)
-    print(f"  greedy continuation: {enc.decode(greedy[0].tolist())!r}")
-    ppl = perplexity(model, torch.tensor(enc.encode(PASSAGE)))
-    print(f"  perplexity on a short English passage: {ppl:.1f}  (GPT-2 124M gives a few tens; "
-          f"a uniform guess over the vocabulary would give {config.vocab_size:,})")
+    # --- sanity checks: does it continue a prompt, and how surprised is it by text of its language? ---
+    # Perplexity = exp(mean negative log-likelihood per token): the number of equally likely tokens
+    # the model is, on average, choosing between. A uniform guess over the vocabulary gives 50,257.
+    toy = state is None
+    prompt = torch.tensor([[EOT] + enc.encode(toy_language.OPENINGS[0] if toy else PROMPT)])
+    greedy = generate(model, prompt, max_new_tokens=40 if toy else 24, temperature=0, eos_token=EOT)
+    greedy_text = enc.decode([t for t in greedy[0, 1:].tolist() if t != EOT])
+    print(f"  greedy continuation: {greedy_text!r}")
+    if toy:  # held-out documents of the toy language, and the floor no model can beat on them
+        held_out = toy_language.documents(20, TOY_HELD_OUT_SEED)
+        seqs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in held_out]
+        ppl = sequences_perplexity(model, seqs, prompt_lens=[1] * len(seqs))
+        floor = math.exp(toy_language.entropy_per_token(held_out, enc.encode))
+        print(f"  perplexity on 20 held-out toy documents: {ppl:.2f}  (the language's own entropy makes "
+              f"{floor:.2f} the floor for any model; a uniform guess gives {config.vocab_size:,})")
+    else:
+        ppl, floor = perplexity(model, torch.tensor(enc.encode(PASSAGE))), None
+        print(f"  perplexity on a short English passage: {ppl:.1f}  (GPT-2 124M gives a few tens; "
+              f"a uniform guess over the vocabulary would give {config.vocab_size:,})")
 
     # --- save ---
     path = f"{args.out}/teacher.pt"
-    save_artifact(model_checkpoint(model, "teacher", source=source, synthetic=state is None,
-                                   sanity={"greedy": enc.decode(greedy[0].tolist()), "passage_ppl": ppl}), path)
+    save_artifact(model_checkpoint(model, "teacher", source=source, language="toy" if toy else "english",
+                                   sanity={"greedy": greedy_text, "passage_ppl": ppl, "floor": floor}), path)
     print(f"wrote {path}")
 
 

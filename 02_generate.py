@@ -16,8 +16,8 @@ import random
 import time
 
 import torch
-from torch.nn import functional as F
 
+from common import toy_language
 from common.artifacts import LessonError, load_model, run_lesson, save_artifact
 from common.cli import fraction, lesson_parser, nonneg_float, nonneg_int, parse, positive_int, prob_float
 from common.device import DTYPES, get_device, pick_dtype, sync
@@ -28,11 +28,12 @@ from common.tokenizer import EOT, get_tokenizer
 # --- settings (flags left unset take the preset's values) ---
 PRESETS = {
     "gpt2": dict(num_samples=500, max_new_tokens=256, batch_size=128),
-    "tiny": dict(num_samples=128, max_new_tokens=48, batch_size=32),
+    "tiny": dict(num_samples=256, max_new_tokens=96, batch_size=64),
 }
 # Openings written for this course, to spread the samples over many subjects. With --prompts mixed,
 # half of the samples start from <|endoftext|> alone (GPT-2 writes whatever it likes) and half from one
-# of these. Every sample starts with <|endoftext|>, GPT-2's document separator.
+# of these. Every sample starts with <|endoftext|>, GPT-2's document separator. The tiny preset's
+# teacher knows only the toy language, so it gets openings of that language (toy_language.OPENINGS).
 TOPICS = [
     "The history of the Roman Empire", "In the kitchen, the secret to good bread is", "The new smartphone",
     "Scientists studying coral reefs have found", "When I was a child, my grandmother", "The football match",
@@ -61,9 +62,9 @@ def repeated_ngram_fraction(tokens, n=4):
 
 def main():
     p = lesson_parser(__doc__)
-    p.add_argument("--num-samples", type=positive_int, default=None, help="texts to generate (gpt2: 500, tiny: 128)")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="texts to generate (gpt2: 500, tiny: 256)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="tokens per sample after the prompt (gpt2: 256, tiny: 48)")
+                   help="tokens per sample after the prompt (gpt2: 256, tiny: 96)")
     p.add_argument("--temperature", type=nonneg_float, default=0.9, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=prob_float, default=0.95, help="nucleus: the smallest set with this much mass")
@@ -90,10 +91,11 @@ def main():
     print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | {device} {dtype}")
 
     # --- prompts ---
+    topics = toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS
     if args.prompts == "mixed":  # even samples unconditional, odd ones spread over the topics
-        plan = ["" if i % 2 == 0 else TOPICS[(i // 2) % len(TOPICS)] for i in range(args.num_samples)]
+        plan = ["" if i % 2 == 0 else topics[(i // 2) % len(topics)] for i in range(args.num_samples)]
     elif args.prompts == "topics":
-        plan = [TOPICS[i % len(TOPICS)] for i in range(args.num_samples)]
+        plan = [topics[i % len(topics)] for i in range(args.num_samples)]
     else:
         plan = [""] * args.num_samples
     prompts = [[EOT] + enc.encode(text) for text in plan]
@@ -104,7 +106,7 @@ def main():
         raise LessonError(f"--max-new-tokens {args.max_new_tokens} plus a {longest}-token prompt exceeds the teacher's "
                           f"context of {teacher.config.block_size}: use --max-new-tokens "
                           f"{teacher.config.block_size - longest} or less")
-    print(f"prompts: {args.prompts} ({len(set(plan))} distinct openings) | {args.num_samples} samples x "
+    print(f"prompts: {args.prompts} ({len(set(plan) - {''})} topic openings) | {args.num_samples} samples x "
           f"{args.max_new_tokens} new tokens | T={args.temperature} top-k={args.top_k} top-p={args.top_p}")
 
     # --- generate: prompts sorted by length, so a batch holds prompts of (nearly) the same length ---
@@ -164,14 +166,15 @@ def main():
     topk_ids, topk_logprobs = [], []
     if args.topk_logits:
         with torch.no_grad():
-            for i in range(0, len(kept), args.batch_size):
-                group = [t for t, _, _ in kept[i:i + args.batch_size]]
+            for i in range(0, len(kept), 16):  # 16 at a time: each holds a (16, L, 50257) float32 tensor
+                group = [t for t, _, _ in kept[i:i + 16]]
                 L = max(len(t) for t in group) - 1
                 x = torch.full((len(group), L), EOT, dtype=torch.long)
                 for j, t in enumerate(group):
                     x[j, :len(t) - 1] = t[:-1]  # padding after the end is never looked at (causal)
                 logits = logits_fp32(teacher, x.to(device))  # (B, L, vocab), float32 even for a half teacher
-                logp, ids = torch.topk(F.log_softmax(logits, dim=-1), args.topk_logits, dim=-1)
+                top, ids = torch.topk(logits, args.topk_logits, dim=-1)            # (B, L, K)
+                logp = top - torch.logsumexp(logits, dim=-1, keepdim=True)         # log-softmax at those K
                 for j, t in enumerate(group):
                     topk_ids.append(ids[j, :len(t) - 1].to(torch.int32).cpu())
                     topk_logprobs.append(logp[j, :len(t) - 1].to(torch.float16).cpu())

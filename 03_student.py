@@ -16,13 +16,13 @@ from common.tokenizer import get_tokenizer
 # --- settings (flags left unset take the preset's values) ---
 PRESETS = {
     "gpt2": dict(n_layer=6, n_embd=512, n_head=8),
-    "tiny": dict(n_layer=1, n_embd=32, n_head=2),
+    "tiny": dict(n_layer=2, n_embd=32, n_head=2),  # the tiny teacher: 2 layers, 64 wide, 4 heads
 }
 
 
 def main():
     p = lesson_parser(__doc__)
-    p.add_argument("--n-layer", type=positive_int, default=None, help="transformer blocks (gpt2: 6, tiny: 1)")
+    p.add_argument("--n-layer", type=positive_int, default=None, help="transformer blocks (gpt2: 6, tiny: 2)")
     p.add_argument("--n-embd", type=positive_int, default=None, help="width (gpt2: 512, tiny: 32)")
     p.add_argument("--n-head", type=positive_int, default=None, help="attention heads (gpt2: 8, tiny: 2)")
     p.add_argument("--seed", type=int, default=1337, help="seed for the initial weights")

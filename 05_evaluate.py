@@ -4,6 +4,9 @@ of the teacher, the untrained student and the trained student on
                  val set 04 picked the student on): how well the student imitates the teacher.
                  Only the tokens the teacher sampled are scored, not the prompts it was given.
   wikitext2      human-written Wikipedia text (WikiText-2 test split): whether it learned English
+  toy-language   for the tiny preset's teacher, the offline stand-in for WikiText-2: held-out documents
+                 written by the toy language itself, with the language's entropy, the floor no model
+                 can beat, beside the three models
   --eval-text    any text file of yours
 plus, on generated-test, how often the student's top token is the teacher's (top-1 agreement) and
 the mean KL(teacher || student) over the teacher's stored top-K tokens.
@@ -24,17 +27,20 @@ import zipfile
 
 import torch
 
+from common import toy_language
 from common.artifacts import LessonError, load_artifact, load_model, run_lesson, save_artifact
 from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_int
 from common.device import autocast, get_device, pick_dtype
 from common.distill import make_batch, soft_kd_loss
 from common.download import cache_dir, download
 from common.perplexity import logits_fp32, sequences_nll, stream_nll
-from common.tokenizer import get_tokenizer
+from common.tokenizer import EOT, get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
-# The tiny preset's teacher is synthetic: its perplexity on real English says nothing, so it skips WikiText-2.
+# The tiny preset's teacher knows only the toy language: WikiText-2 would say nothing about it, so it is
+# skipped, and held-out toy-language documents take its place.
 PRESETS = {"gpt2": dict(wikitext=True), "tiny": dict(wikitext=False)}
+TOY_DOCUMENTS, TOY_SEED = 60, 3  # the teacher trained on seed 1's stream; 01 checked itself on seed 2
 WIKITEXT_URLS = [os.environ["KD_WIKITEXT_URL"]] if os.environ.get("KD_WIKITEXT_URL") else [
     "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
     "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip",
@@ -96,6 +102,8 @@ def main():
     models = {}
     for name, file in MODELS.items():
         models[name], ckpt = load_model(f"{args.out}/{file}", name, vocab_size=enc.n_vocab)
+        if name == "teacher":
+            ckpt_teacher = ckpt
         models[name].to(device)
         if name == "student" and ckpt["config"] != models["student_init"].config.__dict__:
             raise LessonError(f"{args.out}/student.pt does not match {args.out}/student_init.pt (different config): "
@@ -121,6 +129,11 @@ def main():
     for path in args.eval_text:
         with open(path, encoding="utf-8", errors="replace") as f:
             texts[os.path.basename(path)] = f.read()
+    toy_docs, floor = None, {}
+    if ckpt_teacher.get("language") == "toy":
+        toy_docs = toy_language.documents(TOY_DOCUMENTS, TOY_SEED)
+        floor["toy-language"] = math.exp(toy_language.entropy_per_token(toy_docs, enc.encode))
+        toy_docs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in toy_docs]  # each read after <|endoftext|>
     streams = {}
     for name, text in texts.items():
         tokens = torch.tensor(enc.encode(text, allowed_special="all"))
@@ -130,18 +143,21 @@ def main():
             raise LessonError(f"{name} holds fewer than 2 tokens: nothing to score")
         streams[name] = tokens
     print(f"sets: generated-test ({len(test)} samples, {sum(len(s) - P for s, P in zip(test, test_P)):,} sampled tokens)"
+          + (f", toy-language ({len(toy_docs)} documents)" if toy_docs else "")
           + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
           + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
 
     # --- perplexity of each model on each set ---
     ppl = {}
-    for set_name in ["generated-test", *streams]:
+    for set_name in ["generated-test", *(["toy-language"] if toy_docs else []), *streams]:
         ppl[set_name] = {}
         for name, model in models.items():
             t0 = time.time()
             with autocast(device, dtype):
                 if set_name == "generated-test":
                     nll, n = sequences_nll(model, test, batch_size=args.batch_size, prompt_lens=test_P)
+                elif set_name == "toy-language":
+                    nll, n = sequences_nll(model, toy_docs, batch_size=args.batch_size, prompt_lens=[1] * len(toy_docs))
                 else:
                     nll, n = stream_nll(model, streams[set_name], stride=args.stride, batch_size=args.batch_size)
             ppl[set_name][name] = math.exp(nll / n)
@@ -157,9 +173,12 @@ def main():
         print("  generated.pt has no top-K data (--topk-logits 0): agreement and KL skipped")
 
     # --- the table ---
-    print(f"\n{'perplexity':<18}{'teacher':>12}{'student init':>14}{'student':>12}")
+    print(f"\n{'perplexity':<18}{'teacher':>12}{'student init':>14}{'student':>12}{'floor':>10}")
     for set_name, row in ppl.items():
-        print(f"{set_name:<18}{row['teacher']:>12,.2f}{row['student_init']:>14,.2f}{row['student']:>12,.2f}")
+        print(f"{set_name:<18}{row['teacher']:>12,.2f}{row['student_init']:>14,.2f}{row['student']:>12,.2f}"
+              + (f"{floor[set_name]:>10.2f}" if set_name in floor else ""))
+    if floor:
+        print("(floor: the toy language's own entropy per token, exp'd; no model can score below it)")
     if agreement:
         print("\non generated-test  top-1 agreement with teacher   KL(teacher || model) over top-K")
         for name in agreement:
@@ -171,7 +190,8 @@ def main():
         print(f"skipped {set_name}: {why}")
 
     path = f"{args.out}/eval.pt"
-    save_artifact({"kind": "eval", "perplexity": ppl, "agreement": agreement, "kl": kl, "skipped": skipped,
+    save_artifact({"kind": "eval", "perplexity": ppl, "floor": floor, "agreement": agreement, "kl": kl,
+                   "skipped": skipped, "teacher_source": ckpt_teacher.get("source"),
                    "stride": args.stride or window, "window": window, "device": device, "dtype": dtype}, path)
     print(f"wrote {path}")
 

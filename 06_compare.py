@@ -28,9 +28,9 @@ LABELS = {"teacher": "teacher", "student_init": "student (init)", "student": "st
 COLORS = {"teacher": "#4c72b0", "student_init": "#bbbbbb", "student": "#dd8452"}
 
 
-def perplexity_chart(ppl, path):
+def perplexity_chart(ppl, floor, vocab_size, path):
     sets = list(ppl)
-    fig, ax = plt.subplots(figsize=(2.6 + 2.4 * len(sets), 4.2))
+    fig, ax = plt.subplots(figsize=(3.6 + 2.4 * len(sets), 4.8))
     width = 0.26
     for i, name in enumerate(LABELS):
         xs = [j + (i - 1) * width for j in range(len(sets))]
@@ -39,13 +39,18 @@ def perplexity_chart(ppl, path):
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}", (b.get_x() + b.get_width() / 2, v),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.axhline(vocab_size, color="#999999", ls=":", lw=1, label=f"uniform guess ({vocab_size:,})")
+    for j, s in enumerate(sets):
+        if s in floor:  # the language's entropy: no model can go below this line
+            ax.hlines(floor[s], j - 0.42, j + 0.42, colors="black", linestyles="--", lw=1.2,
+                      label="floor: the toy language's own entropy" if j == sets.index(next(iter(floor))) else None)
     ax.set_yscale("log")
     ax.set_xticks(range(len(sets)), sets)
     ax.set_ylabel("perplexity (log scale, lower is better)")
     ax.set_title("Perplexity per evaluation set")
-    top = max(v for row in ppl.values() for v in row.values())
-    ax.set_ylim(top=top * 4)  # room for the labels above the tallest bar
-    ax.legend(loc="upper left", fontsize=8, ncol=3)
+    top = max([v for row in ppl.values() for v in row.values()] + [vocab_size])
+    ax.set_ylim(bottom=1, top=top * 6)  # room for the labels above the tallest bar
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -104,7 +109,8 @@ def main():
     ppl = ev["perplexity"]
 
     # --- charts ---
-    perplexity_chart(ppl, f"{out}/perplexity.png")
+    floor = ev.get("floor", {})
+    perplexity_chart(ppl, floor, models["teacher"].config.vocab_size, f"{out}/perplexity.png")
     training_chart(log, f"{out}/training.png")
 
     # --- the seed's rates: improvement = (before - after) / before, achievement = teacher / student ---
@@ -137,7 +143,7 @@ def main():
         pairs.append((prompt, row))
 
     # --- report.md ---
-    L = ["# Distillation report", ""]
+    L = ["# Distillation report", "", f"Teacher: {ev.get('teacher_source') or 'see teacher.pt'}.", ""]
     train_note = f"{log['settings']['kd']} KD, {log['settings']['epochs']} epochs, {log['tokens']:,} sampled tokens seen, " \
                  f"{log['wall_time']:.0f}s of training (all parts of a resumed run) on {log.get('world', 1)} " \
                  f"process(es), {log['dtype']}"
@@ -149,12 +155,16 @@ def main():
                  f"{rates[set_name]['improvement']:.1%} | {rates[set_name]['achievement']:.1%} |")
     L += ["", "improvement = (student init − student) / student init; achievement = teacher ppl / student ppl "
           "(100% = as good as the teacher).", ""]
+    for set_name, f in floor.items():
+        L += [f"{set_name}: documents written by the toy language itself (the offline stand-in for WikiText-2). "
+              f"Its floor, exp(the language's entropy per token), is {f:.2f}: no model can score lower. The teacher "
+              f"is at {ppl[set_name]['teacher'] / f:.2f}x the floor, the student at {ppl[set_name]['student'] / f:.2f}x.", ""]
     if "generated-test" in ppl:
         L += ["generated-test is the teacher's held-out samples (openings never used in training), scored on the "
               "tokens the teacher sampled, not on its prompts. The teacher's own perplexity there is low partly by "
               "construction: it chose those tokens with temperature 0.9, top-k 50 and top-p 0.95, which favour the "
               "tokens it finds likely. Human-written text (wikitext2) is the fair comparison of the teacher with "
-              "anything else.", ""]
+              "anything else" + (" (here toy-language)." if floor else "."), ""]
     for set_name, why in ev.get("skipped", {}).items():
         L.append(f"Not evaluated: {set_name} ({why}).")
     L += ["", "![perplexity](perplexity.png)", ""]

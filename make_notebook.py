@@ -13,7 +13,7 @@ LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "0
 SETUP = """# Run this notebook from the course folder (upload or clone it first), e.g. %cd /content/kd
 !pip install -q tiktoken
 # The lessons read these instead of command-line flags. KD_PRESET=gpt2 is the real course (a GPU runtime
-# is recommended); tiny runs a synthetic teacher in about a minute anywhere.
+# is recommended); tiny trains a small teacher on a toy language and runs the course in about a minute anywhere.
 %env KD_PRESET=gpt2
 %env KD_OUT=artifacts"""
 

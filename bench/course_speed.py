@@ -41,7 +41,7 @@ def main():
 
     torch.manual_seed(0)
     save_artifact(model_checkpoint(GPT(GPTConfig()), "teacher", source="random GPT-2 124M (timing only)",
-                                   synthetic=True), f"{out}/teacher.pt")
+                                   language="english"), f"{out}/teacher.pt")
     lessons = [("02_generate.py", ["--num-samples", str(n_samples)]), ("03_student.py", []), ("04_train.py", []),
                ("05_evaluate.py", ["--no-wikitext"]), ("06_compare.py", [])]
     times = {}

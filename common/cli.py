@@ -32,7 +32,8 @@ def lesson_parser(description):
     p = argparse.ArgumentParser(description=first_line[0] if first_line else None, allow_abbrev=False)
     p.add_argument("--out", default=default_out(), help="folder for the artifacts (default: %(default)s)")
     p.add_argument("--preset", default=default_preset(), choices=["gpt2", "tiny"],
-                   help="gpt2: the real course; tiny: synthetic teacher, seconds on a CPU (default: %(default)s)")
+                   help="gpt2: the real course; tiny: a small teacher that knows a toy language, about a minute on a CPU "
+                        "(default: %(default)s)")
     return p
 
 

@@ -21,7 +21,7 @@ class GPTConfig:
     n_embd: int = 768            # width of the residual stream
     dropout: float = 0.0         # dropout on attention, MLP and embeddings (0 for inference and distillation)
     layer_norm_eps: float = 1e-5  # GPT-2's LayerNorm epsilon
-    init_std: float = 0.02       # std of the weight init (GPT-2's 0.02; the tiny synthetic teacher uses more)
+    init_std: float = 0.02       # std of the weight init (GPT-2's 0.02)
 
     @classmethod
     def from_dict(cls, d):

@@ -91,31 +91,40 @@ def test_report_numbers_are_the_ones_in_eval_pt_and_the_charts_are_images(course
         assert h > 300 and w > 400
 
 
-NOTEBOOK_CELL = """
-import sys
+NOTEBOOK = """
+import os, sys
 sys.argv = ["/usr/lib/python3/dist-packages/ipykernel_launcher.py", "-f",
             "/root/.local/share/jupyter/runtime/kernel-4f2a9c1e.json"]
-source = open({lesson!r}).read()
-exec(compile(source, "<cell>", "exec"), {{"__name__": "__main__"}})
+
+def cell(lesson):  # what pasting a lesson into a cell and running it does: same process, kernel's argv
+    source = open(lesson).read()
+    try:
+        exec(compile(source, "<cell>", "exec"), {{"__name__": "__main__"}})
+    except SystemExit as e:
+        raise AssertionError(f"{{lesson}} exited with {{e.code}}")
+    print(f"=== cell {{lesson}} done", flush=True)
+
+os.environ["KD_PRESET"] = "tiny"          # %env KD_PRESET=tiny
+for lesson in {lessons!r}:
+    cell(lesson)
+del os.environ["KD_PRESET"]               # back to the default preset, gpt2, in the same kernel
+os.environ["KD_WIKITEXT_URL"] = "http://127.0.0.1:9/none.zip"
+for lesson in {lessons!r}[4:]:
+    cell(lesson)
 """
 
 
-def test_each_lesson_runs_as_a_notebook_cell(tmp_path):
-    """As pasted into Colab: the kernel's argv, no __file__, tiny preset chosen with %env KD_PRESET=tiny."""
-    env = {"KD_PRESET": "tiny", "KD_OUT": str(tmp_path)}
-    for lesson in LESSONS:
-        r = run_py(["-c", NOTEBOOK_CELL.format(lesson=lesson)], env=env)
-        assert r.returncode == 0, f"{lesson}:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
-        assert "wrote" in r.stdout
-    assert (tmp_path / "report.md").exists()
-    # 05 and 06 with their plain defaults (the gpt2 preset), offline, on the artifacts already there
-    for lesson in LESSONS[4:]:
-        r = run_py(["-c", NOTEBOOK_CELL.format(lesson=lesson)],
-                   env={"KD_OUT": str(tmp_path), "KD_WIKITEXT_URL": "http://127.0.0.1:9/none.zip",
-                        "KD_CACHE": str(tmp_path / "cache")})
-        assert r.returncode == 0, f"{lesson}:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
-        if lesson == "05_evaluate.py":  # the gpt2 preset tries WikiText-2; offline it says so and goes on
-            assert "skipped wikitext2: could not download it" in r.stdout
+def test_the_lessons_run_as_notebook_cells_in_one_kernel(tmp_path):
+    """As pasted into Colab, one cell after another in one process: the kernel's argv, no __file__,
+    the preset chosen with %env, and a change of KD_PRESET between cells taking effect at once."""
+    r = run_py(["-c", NOTEBOOK.format(lessons=LESSONS)], env={"KD_OUT": str(tmp_path), "KD_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert r.stdout.count("=== cell") == len(LESSONS) + 2 and (tmp_path / "report.md").exists()
+    first, again = r.stdout.split("=== cell 06_compare.py done", 1)
+    assert "training the tiny teacher" in first
+    # 05 and 06 again with the plain defaults (the gpt2 preset), offline, on the artifacts already there:
+    # the gpt2 preset tries WikiText-2 and, offline, says so and goes on
+    assert "skipped wikitext2: could not download it" in again
 
 
 def test_make_notebook_holds_every_lesson_unchanged(tmp_path):

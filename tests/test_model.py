@@ -1,9 +1,11 @@
 """Our GPT loaded through our checkpoint loader computes what transformers' GPT-2 computes."""
 import os
+import re
 
 import pytest
 import torch
 
+from common import toy_language
 from common.artifacts import LessonError, load_model
 from common.gpt2_weights import load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
@@ -131,13 +133,18 @@ def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
     r = run_py(["01_teacher.py", "--weights", folder, "--out", str(tmp_path / "art")])
     assert r.returncode == 0, r.stderr
     teacher, ckpt = load_model(str(tmp_path / "art" / "teacher.pt"), "teacher", vocab_size=50257)
-    assert ckpt["synthetic"] is False and "greedy continuation" in r.stdout
+    assert ckpt["language"] == "english" and "greedy continuation" in r.stdout
     assert_parity(ref, teacher)
 
 
-def test_lesson01_tiny_preset_is_synthetic_and_peaked(tmp_path):
-    r = run_py(["01_teacher.py", "--preset", "tiny", "--out", str(tmp_path)])
-    assert r.returncode == 0, r.stderr
-    assert "SYNTHETIC" in r.stdout and "parameters" in r.stdout
-    teacher, ckpt = load_model(str(tmp_path / "teacher.pt"), "teacher")
-    assert ckpt["synthetic"] is True and teacher.config.vocab_size == 50257
+def test_lesson01_tiny_teacher_knows_the_toy_language(course):
+    """The tiny preset's teacher was trained on the toy language: GPT-2's vocabulary and architecture,
+    a perplexity on held-out documents close to the language's floor, and greedy text in its words."""
+    out, stdout = course
+    teacher, ckpt = load_model(str(out / "teacher.pt"), "teacher", vocab_size=50257)
+    assert ckpt["language"] == "toy" and teacher.config.n_layer == 2
+    sanity = ckpt["sanity"]
+    assert sanity["floor"] < sanity["passage_ppl"] < 1.5 * sanity["floor"]
+    words = re.findall(r"[A-Za-z]+", sanity["greedy"])
+    assert len(words) > 10 and all(w.lower() in toy_language.vocabulary() for w in words)
+    assert "perplexity on 20 held-out toy documents" in stdout

@@ -1,0 +1,76 @@
+"""The toy language: deterministic, and it knows the exact probability of what it writes."""
+import math
+import random
+import re
+
+import pytest
+
+from common import toy_language as tl
+from common.artifacts import load_artifact
+from common.tokenizer import get_tokenizer
+
+
+def test_the_same_seed_writes_the_same_documents():
+    assert tl.documents(20, seed=5) == tl.documents(20, seed=5)
+    assert tl.documents(20, seed=5) != tl.documents(20, seed=6)
+
+
+def test_log_prob_of_a_written_text_is_the_sum_of_the_choices_made():
+    rng = random.Random(11)
+    for _ in range(40):
+        text, logp = tl.sample_document(rng)
+        assert tl.log_prob(text) == pytest.approx(logp, abs=1e-9)
+        assert logp < 0
+
+
+def test_texts_the_language_cannot_write_have_probability_zero():
+    text = tl.documents(1, seed=3)[0]
+    assert tl.log_prob(text + " The end.") == -math.inf       # more than a document
+    assert tl.log_prob(text[:-1]) == -math.inf                # a sentence left open
+    assert tl.log_prob(text.replace(".", "!", 1)) == -math.inf
+    assert tl.log_prob("Tom was a happy farmer. She said hi.") == -math.inf
+    counted = "Tom was a happy farmer. He counted the cats: one, two, three. There were four cats. He went to the park with Anna."
+    assert tl.log_prob(counted) == -math.inf                  # the total must be the count
+    assert tl.log_prob(counted.replace("four", "three")) > -math.inf
+
+
+def test_a_tiny_document_by_hand():
+    """'Tom was a happy farmer. Tom went to the park with Anna. ...' probability worked out by hand."""
+    n_names, n_adj, n_jobs, n_places = len(tl.NAMES), len(tl.ADJECTIVES), len(tl.JOBS), len(tl.PLACES)
+    text = "Tom was a happy farmer. Tom went to the park with Anna. He went to the park with Anna."
+    p = (0.5 / n_names / n_adj / n_jobs          # "Tom was a happy farmer."
+         * 0.2                                   # two sentences
+         * (0.15 * 0.4 / n_places / (n_names - 1)) * (0.15 * 0.6 / n_places / (n_names - 1))
+         * 0.5)                                  # no "In the end" sentence
+    assert tl.log_prob(text) == pytest.approx(math.log(p), rel=1e-12)
+
+
+def test_the_floor_is_the_mean_surprise_per_token():
+    enc = get_tokenizer()
+    texts = tl.documents(30, seed=4)
+    nats = -sum(tl.log_prob(t) for t in texts)
+    tokens = sum(len(enc.encode(t)) + 1 for t in texts)
+    assert tl.entropy_per_token(texts, enc.encode) == pytest.approx(nats / tokens)
+    assert 0.5 < nats / tokens < 2.0  # about one nat per GPT-2 token
+
+
+def test_openings_are_beginnings_of_real_documents():
+    assert len(set(tl.OPENINGS)) == 40
+    for opening in tl.OPENINGS:
+        name, _, article, adj = opening.split()
+        assert name in tl.NAMES and adj in tl.ADJECTIVES and article == tl.article(adj)
+
+
+def test_the_tiny_course_measures_something(course):
+    """The targets of the offline course, loosened for robustness: the teacher within 1.5x of the
+    language's floor, the student within 2x of the teacher on the teacher's held-out samples, and the
+    teacher's samples written in the toy language's words."""
+    out, _ = course
+    ev = load_artifact(str(out / "eval.pt"), "eval")
+    toy, test = ev["perplexity"]["toy-language"], ev["perplexity"]["generated-test"]
+    assert ev["floor"]["toy-language"] < toy["teacher"] < 1.5 * ev["floor"]["toy-language"]
+    assert test["student"] < 2 * test["teacher"]
+    gen = load_artifact(str(out / "generated.pt"), "generated")
+    words = [w.lower() for t in gen["test_texts"] + gen["train_texts"] for w in re.findall(r"[A-Za-z]+", t)]
+    words = [w for w in words if w != "endoftext"]
+    assert sum(w in tl.vocabulary() for w in words) >= 0.9 * len(words)
