@@ -187,7 +187,9 @@ def main():
         """item -> 'val', 'test' or 'train', in the given shares, after a seeded shuffle."""
         items = list(items)
         rng.shuffle(items)
-        n_val, n_test = (round(f * len(items)) for f in (args.val_fraction, args.test_fraction))
+        # at least one item for a held-out split asked for, once there are 3 items to share out
+        n_val, n_test = (0 if f == 0 or len(items) < 3 else max(1, round(f * len(items)))
+                         for f in (args.val_fraction, args.test_fraction))
         return {item: "val" if j < n_val else "test" if j < n_val + n_test else "train" for j, item in enumerate(items)}
 
     rng = random.Random(args.seed)
