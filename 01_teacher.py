@@ -95,7 +95,8 @@ def main():
 
     # --- save ---
     path = f"{args.out}/teacher.pt"
-    save_artifact(model_checkpoint(model, "teacher", source=source, language="toy" if toy else "english",
+    save_artifact(model_checkpoint(model, "teacher", source=source, preset=args.preset,
+                                   language="toy" if toy else "english",
                                    sanity={"greedy": greedy_text, "passage_ppl": ppl, "floor": floor}), path)
     print(f"wrote {path}")
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from common import toy_language
-from common.artifacts import LessonError, load_model, run_lesson, save_artifact
+from common.artifacts import LessonError, check_preset, load_model, run_lesson, save_artifact
 from common.cli import fraction, lesson_parser, nonneg_float, nonneg_int, parse, positive_int, prob_float
 from common.device import DTYPES, get_device, pick_dtype, sync
 from common.perplexity import logits_fp32
@@ -86,6 +86,7 @@ def main():
 
     # --- the teacher, in half precision on a GPU (inference needs no fp32 master weights) ---
     teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
+    check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
     dtype = pick_dtype(device)
     teacher.to(device=device, dtype=DTYPES[dtype])
     print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | {device} {dtype}")
@@ -202,7 +203,7 @@ def main():
         if not splits[name] and (name == "train" or getattr(args, f"{name}_fraction") > 0):
             raise LessonError(f"the {name} split is empty ({len(kept)} samples kept): raise --num-samples"
                               + (f" or --{name}-fraction" if name != "train" else ""))
-    data = {"kind": "generated", "teacher_config": ckpt["config"], "settings": dict(vars(args)),
+    data = {"kind": "generated", "preset": args.preset, "teacher_config": ckpt["config"], "settings": dict(vars(args)),
             "dropped": dropped, "tokens_per_second": new_tokens / gen_time}
     for name, rows in splits.items():
         data[name] = [kept[j][0] for j in rows]

@@ -8,7 +8,7 @@ Run:    python 03_student.py              (add --preset tiny for the tiny course
 """
 import torch
 
-from common.artifacts import LessonError, load_model, model_checkpoint, run_lesson, save_artifact
+from common.artifacts import LessonError, check_preset, load_model, model_checkpoint, run_lesson, save_artifact
 from common.cli import lesson_parser, parse, positive_int
 from common.model import GPT, GPTConfig
 from common.tokenizer import get_tokenizer
@@ -31,6 +31,7 @@ def main():
         raise LessonError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
 
     teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=get_tokenizer().n_vocab)
+    check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
     t = teacher.config
 
     # --- the student: same tokenizer and context as the teacher, fewer and narrower layers ---
@@ -60,7 +61,8 @@ def main():
         print("  NOTE: this student is not smaller than its teacher")
 
     path = f"{args.out}/student_init.pt"
-    save_artifact(model_checkpoint(student, "student_init", seed=args.seed, teacher_source=ckpt.get("source")), path)
+    save_artifact(model_checkpoint(student, "student_init", seed=args.seed, preset=args.preset,
+                                   teacher_source=ckpt.get("source")), path)
     print(f"wrote {path}")
 
 

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.artifacts import LessonError, load_artifact, load_model, model_checkpoint, run_lesson, save_artifact
+from common.artifacts import (LessonError, check_preset, load_artifact, load_model, model_checkpoint, run_lesson,
+                              save_artifact)
 from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_float, positive_int, unit_float
 from common.device import autocast, fused_adamw, get_device, keep_freed_memory, needs_scaler, pick_dtype, sync
 from common.distill import make_batch, soft_kd_kl
@@ -121,8 +122,10 @@ def main():
     p.add_argument("--kd", choices=["seq", "soft"], default="seq", help="seq: CE on teacher text; soft: + soft targets")
     p.add_argument("--kd-temperature", type=positive_float, default=2.0, help="soft KD: softening temperature T")
     p.add_argument("--kd-alpha", type=unit_float, default=0.5, help="soft KD: weight of the KL term (1-alpha: CE)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training texts (gpt2: 3, tiny: 6)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch, per GPU (gpt2: 8, tiny: 4)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="passes over the training texts (gpt2: 3, tiny: 6)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="sequences per micro-batch, per GPU (gpt2: 8, tiny: 4)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (gpt2: 1e-3, tiny: 1e-2)")
     p.add_argument("--min-lr-ratio", type=unit_float, default=0.1, help="final learning rate as a share of --lr")
@@ -163,12 +166,15 @@ def main():
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=needs_scaler(dtype))
 
     # --- data and models ---
-    data = load_artifact(f"{out}/generated.pt", "generated", keys=("train", "val", "train_prompt_lens", "val_prompt_lens"))
+    data = load_artifact(f"{out}/generated.pt", "generated",
+                         keys=("train", "val", "train_prompt_lens", "val_prompt_lens"))
     init_path = args.init or f"{out}/student_init.pt"
     raw, init_ckpt = load_model(init_path, ("student_init", "student"), vocab_size=get_tokenizer().n_vocab)
     if args.dropout:  # rebuild with dropout switched on; the weights are the same
         raw = GPT(GPTConfig.from_dict({**init_ckpt["config"], "dropout": args.dropout}))
         raw.load_state_dict(init_ckpt["model"])
+    check_preset(data, f"{out}/generated.pt", args.preset)
+    check_preset(init_ckpt, init_path, args.preset)
     train, val = data["train"], data["val"]
     train_P, val_P = data["train_prompt_lens"], data["val_prompt_lens"]
     longest = max(len(s) for s in train + val) - 1
@@ -342,7 +348,8 @@ def main():
                 eta = (now - t_start) / steps_this_run * (total_steps - step)
                 # ppl is exp(cross-entropy) on the teacher's tokens, also under --kd soft (where the
                 # loss adds the KL term and its exp would be no perplexity)
-                log(f"step {step:4d}/{total_steps} | epoch {epoch + 1} | loss {loss_val:.4f} | ppl {math.exp(min(ce_val, 50)):.1f}"
+                log(f"step {step:4d}/{total_steps} | epoch {epoch + 1} | loss {loss_val:.4f} | "
+                    f"ppl {math.exp(min(ce_val, 50)):.1f}"
                     f" | lr {lr:.1e} | norm {norm:.2f} | {ms:.0f} ms | {tokens_since / (now - t_last) / 1e3:.1f}k tok/s"
                     f" | eta {fmt_time(eta)}")
                 t_last, tokens_since = now, 0
@@ -352,7 +359,7 @@ def main():
                 history["val"].append((step, v))
                 improved = v < best_val
                 if improved:
-                    best_val, best = v, model_checkpoint(raw, "student", val_loss=v, step=step)
+                    best_val, best = v, model_checkpoint(raw, "student", val_loss=v, step=step, preset=args.preset)
                 save_state()
                 log(f"epoch {epoch + 1} | val loss {v:.4f} | val ppl {math.exp(v):.1f}"
                     + (" | best so far" if improved else ""))
@@ -387,10 +394,10 @@ def main():
         raise LessonError("the validation loss was never finite, so there is no student to save: try a lower --lr")
     if master:  # (train_state.pt was saved at the last epoch end: a finished state, step == total_steps)
         save_artifact(best, f"{out}/student.pt")
-        last = model_checkpoint(raw, "student", val_loss=history["val"][-1][1], step=step)
+        last = model_checkpoint(raw, "student", val_loss=history["val"][-1][1], step=step, preset=args.preset)
         save_artifact(last, f"{out}/student_last.pt")
-        save_artifact({"kind": "train_log", **history, "settings": vars(args), "dtype": dtype, "world": world,
-                       "wall_time": wall, "steps_per_epoch": steps_per_epoch, "best_val": best_val,
+        save_artifact({"kind": "train_log", "preset": args.preset, **history, "settings": vars(args), "dtype": dtype,
+                       "world": world, "wall_time": wall, "steps_per_epoch": steps_per_epoch, "best_val": best_val,
                        "allreduces_per_step": (allreduces[0] - allreduces_before) / max(1, steps_this_run)},
                       f"{out}/train_log.pt")
     log(f"trained in {fmt_time(wall)} | {history['tokens']:,} tokens seen | best val loss {best_val:.4f} "

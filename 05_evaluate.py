@@ -190,7 +190,7 @@ def main():
         print(f"skipped {set_name}: {why}")
 
     path = f"{args.out}/eval.pt"
-    save_artifact({"kind": "eval", "perplexity": ppl, "floor": floor, "agreement": agreement, "kl": kl,
+    save_artifact({"kind": "eval", "preset": args.preset, "perplexity": ppl, "floor": floor, "agreement": agreement, "kl": kl,
                    "skipped": skipped, "teacher_source": ckpt_teacher.get("source"),
                    "stride": args.stride or window, "window": window, "device": device, "dtype": dtype}, path)
     print(f"wrote {path}")

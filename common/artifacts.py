@@ -133,6 +133,17 @@ def state_snapshot(model):
     return out
 
 
+def check_preset(obj, path, preset):
+    """Refuse an input made with another preset: a gpt2-preset lesson on a tiny teacher would build a
+    student ten times larger than its teacher, and the reverse a toy student for GPT-2. Files from
+    before presets were recorded carry none and pass."""
+    made = obj.get("preset")
+    if made is not None and made != preset:
+        from common.cli import preset_advice
+        raise LessonError(f"{path} was made with the {made} preset, this lesson runs the {preset} preset: "
+                          f"{preset_advice(made)} to go on with this folder, or start a new folder from 01_teacher.py")
+
+
 def model_checkpoint(model, kind, **extra):
     """The dict a model is saved as: its config, a snapshot of its weights, and what produced it."""
     cfg = model.config

@@ -25,6 +25,11 @@ def in_notebook():
     return launcher.endswith("_launcher.py") or "ipykernel" in sys.modules
 
 
+def preset_advice(preset):
+    """How to choose a preset, said the way that works here: a flag in a shell, %env in a notebook."""
+    return f"run %env KD_PRESET={preset} in a cell" if in_notebook() else f"add --preset {preset}"
+
+
 def lesson_parser(description):
     """An ArgumentParser with the two flags every lesson shares: --out and --preset."""
     first_line = (description or "").strip().splitlines()[:1]  # a notebook cell may have no __doc__

@@ -1,13 +1,55 @@
-"""The two distillation losses, and batching the teacher's samples for them.
+"""The distillation losses, and batching the teacher's samples for them.
 
 Sequence-level KD (Kim & Rush, 2016): the student is trained with plain cross-entropy on text the
 teacher generated. Soft-target KD (Hinton et al., 2015): the student also matches the teacher's whole
-next-token distribution at every position, softened by a temperature T.
+next-token distribution at every position, softened by a temperature T. token_divergence: the
+divergences of full distributions that newer methods minimise (forward KL, reverse KL as in MiniLLM,
+GKD's generalized Jensen-Shannon).
 """
+import math
+
 import torch
 from torch.nn import functional as F
 
 from common.perplexity import pad_batch
+
+
+def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature=1.0):
+    """A divergence between the teacher's next-token distribution p and the student's q at every
+    position: logits (..., V) of any float dtype -> (...) in float32, no reduction.
+
+    "fkl", forward KL(p || q) = sum p (log p - log q): the student pays wherever the teacher puts mass
+      and it does not, so it must cover every token the teacher allows (mode-covering). Where the
+      teacher's mass is spread over many continuations, a small student spreads itself thin too.
+    "rkl", reverse KL(q || p) = sum q (log q - log p): the student pays for mass where the teacher
+      has little, so it may drop some of the teacher's modes but must not invent any (mode-seeking).
+      MiniLLM (Gu et al., 2024) trains with it for sharper, more precise small students.
+    "jsd", GKD's generalized Jensen-Shannon (Agarwal et al., 2024): with m = beta p + (1 - beta) q,
+      beta KL(p || m) + (1 - beta) KL(q || m). It is bounded, and it moves between the two: divided by
+      beta it tends to KL(p || q) as beta -> 0, divided by 1 - beta to KL(q || p) as beta -> 1.
+      log m is taken in log space (logsumexp of log p + log beta and log q + log(1 - beta)), never as
+      the log of a sum of probabilities, which underflows for unlikely tokens.
+    All of it in float32, from log-softmax at the given temperature.
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V) student
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V) teacher
+    if kind == "fkl":
+        return _kl(log_p, log_q)
+    if kind == "rkl":
+        return _kl(log_q, log_p)
+    if kind == "jsd":
+        if not 0 < beta < 1:
+            raise ValueError(f"the JSD's beta must be strictly between 0 and 1, got {beta}")
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))  # (..., V)
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    raise ValueError(f"unknown divergence {kind!r}: fkl, rkl or jsd")
+
+
+def _kl(log_a, log_b):
+    """KL(a || b) = sum a (log a - log b) over the last axis, from log-probabilities; a token with
+    a = 0 adds 0 (not 0 * inf = nan)."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
 
 
 def soft_kd_kl(logits, topk_ids, topk_logprobs, T=2.0):

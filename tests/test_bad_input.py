@@ -103,6 +103,10 @@ CASES = [
     ("student from another init", other_student_init, ["05_evaluate.py"], ["student.pt does not match"]),
     ("no top-K for soft KD", edit("generated.pt", lambda o: o.update(train_topk_ids=[])), ["04_train.py", "--kd", "soft"],
      ["--topk-logits"]),
+    ("gpt2-preset student for a tiny teacher", lambda d: None, ["03_student.py", "--preset", "gpt2"],
+     ["teacher.pt was made with the tiny preset, this lesson runs the gpt2 preset", "add --preset tiny"]),
+    ("gpt2-preset training on tiny data", lambda d: None, ["04_train.py", "--preset", "gpt2"],
+     ["generated.pt was made with the tiny preset", "add --preset tiny"]),
 ]
 
 
@@ -172,6 +176,13 @@ def test_bad_flag_is_refused_at_parse_time(tmp_path, monkeypatch, capsys, lesson
 def test_run_all_refuses_unknown_options():
     r = subprocess.run(["bash", "run_all.sh", "--epochs", "3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "only --preset and --out" in r.stderr
+
+
+def test_preset_advice_is_a_flag_in_a_shell_and_env_in_a_notebook(monkeypatch):
+    from common import cli
+    assert cli.preset_advice("tiny") == "add --preset tiny"
+    monkeypatch.setattr(sys, "argv", ["/usr/lib/python3/dist-packages/ipykernel_launcher.py", "-f", "k.json"])
+    assert cli.preset_advice("tiny") == "run %env KD_PRESET=tiny in a cell"
 
 
 def test_flag_abbreviations_are_refused(tmp_path, monkeypatch, capsys):
