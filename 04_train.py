@@ -1,8 +1,11 @@
 """Lesson 04: distillation. Train the student on the teacher's texts with a training loop written out
 by hand: mixed precision (bf16, or fp16 with a GradScaler), AdamW, warmup then cosine decay, gradient
-clipping and accumulation, and optionally several GPUs. Two kinds of distillation:
+clipping and accumulation, and optionally several GPUs. The kinds of distillation:
   --kd seq   sequence-level KD: cross-entropy on the teacher's sampled tokens (Kim & Rush, 2016)
-  --kd soft  plus Hinton's soft targets: match the teacher's next-token distributions (Hinton et al., 2015)
+  --kd soft  plus Hinton's soft targets: match the teacher's stored top-K distributions (Hinton et al., 2015)
+  --kd fkl | rkl | jsd   the teacher runs beside the student and gives its full next-token distribution
+             on every batch; the student minimises forward KL, reverse KL (MiniLLM, Gu et al., 2024) or
+             GKD's generalized JSD (Agarwal et al., 2024) to it (see token_divergence in common/distill.py)
 Only the tokens the teacher sampled are trained on: a sample's prompt is context, never a target.
 
 Reads:  artifacts/student_init.pt, artifacts/generated.pt  (and artifacts/train_state.pt with --resume)
@@ -27,7 +30,7 @@ from common.artifacts import (LessonError, check_preset, load_artifact, load_mod
                               save_artifact)
 from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_float, positive_int, unit_float
 from common.device import autocast, fused_adamw, get_device, keep_freed_memory, needs_scaler, pick_dtype, sync
-from common.distill import make_batch, soft_kd_kl
+from common.distill import make_batch, soft_kd_kl, token_divergence
 from common.model import GPT, GPTConfig
 from common.perplexity import sequences_nll
 from common.tokenizer import get_tokenizer
@@ -54,23 +57,30 @@ def lr_at(step, total, warmup, lr, min_lr):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0):
+ONLINE = ("fkl", "rkl", "jsd")  # the kinds that need the teacher's full distributions, computed as we train
+
+
+def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0, teacher_logits=None, beta=0.5):
     """(training loss, cross-entropy), each SUMMED over the scored tokens (y != -100).
 
     seq:  cross-entropy on the teacher's sampled tokens.
     soft: Hinton's mix, alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, with the
           teacher's distribution known only over its stored top K (see common/distill.py).
+    fkl, rkl, jsd: the divergence between the teacher's full distribution (teacher_logits) and the
+          student's at every scored position, at temperature 1; the cross-entropy is only reported.
     Sums, not means: the caller divides by the number of scored tokens in the whole optimizer step.
     """
     ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
     if kd == "seq":
         return ce, ce
+    if kd in ONLINE:
+        return token_divergence(logits, teacher_logits, kd, beta=beta)[y != -100].sum(), ce.detach()
     kl = soft_kd_kl(logits, *topk, T)[y != -100].sum()
     return alpha * T * T * kl + (1 - alpha) * ce, ce
 
 
 def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad_clip, kd="seq", alpha=0.5, T=2.0,
-               world=1):
+               world=1, teacher=None, beta=0.5):
     """One optimizer step: forward and backward over this process's micro-batches, then one update.
 
     micro: [(x, y, topk or None), ...] this process's share of the step. step_tokens: the scored tokens
@@ -78,6 +88,7 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
     tokens, however they are split: each micro-batch adds its loss sum / step_tokens. (Averaging each
     micro-batch's own mean instead would weight a token of a short micro-batch more.) DDP averages the
     gradients of the `world` processes, so each process multiplies by world to keep the sum.
+    With an online kind (fkl, rkl, jsd) the teacher runs on the same micro-batch, without gradients.
     Returns this process's (loss sum, cross-entropy sum) and the gradient norm before clipping.
     """
     loss_sum = ce_sum = 0.0
@@ -88,7 +99,9 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
         with sync_ctx:
             with autocast(device, dtype):
                 logits, _ = model(x)
-            loss, ce = loss_sums(logits, y, kd, topk, alpha, T)
+                with torch.no_grad():
+                    teacher_logits = teacher(x)[0] if kd in ONLINE else None  # (B, L, V), one micro-batch at a time
+            loss, ce = loss_sums(logits, y, kd, topk, alpha, T, teacher_logits, beta)
             # scaler.scale multiplies the loss (fp16 only) so that small gradients don't underflow.
             scaler.scale(loss * world / step_tokens).backward()
         loss_sum += loss.item()
@@ -119,7 +132,11 @@ def fmt_time(s):
 
 def main():
     p = lesson_parser(__doc__)
-    p.add_argument("--kd", choices=["seq", "soft"], default="seq", help="seq: CE on teacher text; soft: + soft targets")
+    p.add_argument("--kd", choices=["seq", "soft", *ONLINE], default="seq",
+                   help="seq: CE on the teacher's text; soft: + its stored top-K distributions; fkl, rkl, jsd: a "
+                        "divergence to its full distributions, the teacher running beside the student (default: seq)")
+    p.add_argument("--jsd-beta", type=unit_float, default=0.5,
+                   help="--kd jsd: beta of the generalized JSD, strictly between 0 and 1 (default: 0.5)")
     p.add_argument("--kd-temperature", type=positive_float, default=2.0, help="soft KD: softening temperature T")
     p.add_argument("--kd-alpha", type=unit_float, default=0.5, help="soft KD: weight of the KL term (1-alpha: CE)")
     p.add_argument("--epochs", type=positive_int, default=None,
@@ -183,6 +200,17 @@ def main():
                           f"({raw.config.block_size}): run 02_generate.py with a smaller --max-new-tokens")
     if args.kd == "soft" and not data.get("train_topk_ids"):
         raise LessonError("--kd soft needs the teacher's top-K log-probs: run 02_generate.py with --topk-logits 32")
+    if args.kd == "jsd" and not 0 < args.jsd_beta < 1:
+        raise LessonError(f"--jsd-beta must be strictly between 0 and 1 (got {args.jsd_beta}); 0 and 1 are "
+                          f"--kd fkl and --kd rkl in the limit")
+    teacher = None
+    if args.kd in ONLINE:  # the teacher beside the student: eval mode, no gradients, half precision on a GPU
+        teacher, _ = load_model(f"{out}/teacher.pt", "teacher", vocab_size=raw.config.vocab_size)
+        if teacher.config.block_size < longest:
+            raise LessonError(f"the teacher's context ({teacher.config.block_size}) is shorter than the samples")
+        teacher.requires_grad_(False)
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype) if device.startswith("cuda") else None
+        teacher.to(device=device, dtype=half or torch.float32)
     scored = [len(s) - P for s, P in zip(train, train_P)]  # tokens the teacher sampled: the targets
     raw.to(device)
     model = DDP(raw, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None) if ddp else raw
@@ -276,7 +304,9 @@ def main():
     log(f"student {n_params / 1e6:.1f}M params | {len(train)} train / {len(val)} val samples, "
         f"{sum(scored):,} sampled tokens to learn from | {device} {dtype}"
         f"{' + GradScaler' if scaler.is_enabled() else ''} | {world} process(es)")
-    log(f"kd {args.kd}" + (f" (T={args.kd_temperature}, alpha={args.kd_alpha})" if args.kd == "soft" else "") +
+    log(f"kd {args.kd}" + (f" (T={args.kd_temperature}, alpha={args.kd_alpha})" if args.kd == "soft" else "")
+        + (f" (beta={args.jsd_beta})" if args.kd == "jsd" else "")
+        + (" with the teacher online" if teacher is not None else "") +
         f" | {args.epochs} epochs x {steps_per_epoch} steps | batch {args.batch_size} x accum {args.grad_accum}"
         f" x {world} | lr {args.lr:.1e}, warmup {warmup}")
     def leave():
@@ -321,7 +351,8 @@ def main():
                 group["lr"] = lr
 
             loss_sum, ce_sum, norm = train_step(model, optimizer, scaler, micro, step_tokens, device, dtype,
-                                                args.grad_clip, args.kd, args.kd_alpha, args.kd_temperature, world)
+                                                args.grad_clip, args.kd, args.kd_alpha, args.kd_temperature, world,
+                                                teacher, args.jsd_beta)
 
             # the step's mean loss over all its tokens (summed over processes), and whether anyone hit Ctrl-C
             stats = torch.tensor([loss_sum, ce_sum, float(bool(stop_requested))], dtype=torch.float64, device=device)

@@ -154,6 +154,7 @@ BAD_FLAGS = [
     ("04_train.py", "--grad-clip", "0"), ("04_train.py", "--dropout", "1.5"), ("04_train.py", "--kd-alpha", "1.1"),
     ("04_train.py", "--kd-temperature", "0"), ("04_train.py", "--log-interval", "0"),
     ("04_train.py", "--stop-after", "0"), ("04_train.py", "--kd", "hard"), ("04_train.py", "--dtype", "fp8"),
+    ("04_train.py", "--jsd-beta", "-0.1"), ("04_train.py", "--jsd-beta", "1.5"),
     ("05_evaluate.py", "--stride", "0"), ("05_evaluate.py", "--batch-size", "0"), ("05_evaluate.py", "--max-tokens", "-1"),
     ("05_evaluate.py", "--eval-text", "/no/such/file.txt"),
     ("06_compare.py", "--max-new-tokens", "0"), ("06_compare.py", "--seed", "1.5"),

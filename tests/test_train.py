@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from common.artifacts import load_artifact, save_artifact
 from common.device import autocast, fused_adamw, keep_freed_memory, needs_scaler, pick_dtype
-from common.distill import make_batch, soft_kd_loss
+from common.distill import make_batch, soft_kd_loss, token_divergence
 from common.model import GPT, GPTConfig
 from conftest import load_lesson, run_py
 
@@ -91,9 +91,22 @@ def test_loss_sums_score_sampled_tokens_only_and_alpha_mixes_ce_and_kl():
         kl_mean = soft_kd_loss(logits, ids, lps, mask, T=2.0)  # T^2 * KL, averaged
         want = alpha * kl_mean * mask.sum() + (1 - alpha) * ce
         assert ce2.item() == pytest.approx(ce.item()) and loss.item() == pytest.approx(want.item(), rel=1e-5)
+    # online: the divergence to the teacher's full distribution, summed over the sampled positions only
+    teacher_logits = small()(x)[0] * 2
+    for kind in ("fkl", "rkl", "jsd"):
+        loss, _ = L04.loss_sums(logits, y, kind, teacher_logits=teacher_logits, beta=0.3)
+        want = token_divergence(logits, teacher_logits, kind, beta=0.3)[mask].sum()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6) and loss.item() > 0
+
+
+def other_teacher(dtype=torch.float64):
+    """A model like the student with other weights, as the online teacher."""
+    torch.manual_seed(5)
+    return GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).to(dtype).eval()
 
 
 def one_step_change(splits, kd="seq", dtype=torch.float64, grad_clip=1e9, scaler=None, seqs=None):
+    teacher = other_teacher(dtype) if kd in L04.ONLINE else None
     """Weights after one train_step with plain SGD (lr 1) minus before: minus the (clipped) gradient."""
     if seqs is None:
         seqs, P, topk = mixed_samples(8)
@@ -107,15 +120,22 @@ def one_step_change(splits, kd="seq", dtype=torch.float64, grad_clip=1e9, scaler
         micro.append((x, y, (ids, lps) if kd == "soft" else None))
     step_tokens = sum(len(s) - p for s, p in zip(seqs, P))
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    L04.train_step(m, opt, scaler, micro, step_tokens, "cpu", "fp32", grad_clip, kd=kd)
+    L04.train_step(m, opt, scaler, micro, step_tokens, "cpu", "fp32", grad_clip, kd=kd, teacher=teacher, beta=0.3)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)])
 
 
-@pytest.mark.parametrize("kd", ["seq", "soft"])
+@pytest.mark.parametrize("kd", ["seq", "soft", "fkl", "rkl", "jsd"])
 def test_a_steps_gradient_does_not_depend_on_its_micro_batch_split(kd):
     """8 samples of different lengths as 1x8, 2x4 or 8x1: the same mean over the step's tokens."""
     whole = one_step_change(1, kd)
     assert whole.abs().max() > 1e-3
+    if kd in L04.ONLINE:  # and it is minus the gradient of the divergence written out, teacher and student on x
+        seqs, P, _ = mixed_samples(8)
+        m, teacher = small().double(), other_teacher()
+        x, y = make_batch(seqs, prompt_lens=P)
+        loss = token_divergence(m(x)[0], teacher(x)[0], kd, beta=0.3)[y != -100].sum() / int((y != -100).sum())
+        loss.backward()
+        assert torch.allclose(whole, -torch.cat([p.grad.flatten() for p in m.parameters()]), rtol=1e-6, atol=1e-12)
     for splits in (2, 8):
         assert torch.allclose(one_step_change(splits, kd), whole, rtol=1e-6, atol=1e-12), splits
 
@@ -221,12 +241,13 @@ def test_lessons_03_04_train_the_tiny_student(course):
     assert len(log["loss"]) == len(log["lr"]) == log["step"][-1]
 
 
-@pytest.mark.parametrize("flags", [["--kd", "soft"], ["--dtype", "bf16"]])  # fp16: in the resume test below
+@pytest.mark.parametrize("flags", [["--kd", "soft"], ["--dtype", "bf16"], ["--kd", "jsd"]])  # fp16: the resume test
 def test_soft_kd_and_cpu_autocast_train_the_tiny_student(course_copy, flags):
     keep_train_samples(course_copy, 64)
     r = run_py(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--epochs", "2", *flags])
     assert r.returncode == 0, r.stderr
     assert "GradScaler" not in r.stdout
+    assert ("with the teacher online" in r.stdout) == ("jsd" in flags)
     log = load_artifact(str(course_copy / "train_log.pt"), "train_log")
     assert log["val"][-1][1] < log["val"][0][1] - 0.5
 
