@@ -104,14 +104,14 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
             loss, ce = loss_sums(logits, y, kd, topk, alpha, T, teacher_logits, beta)
             # scaler.scale multiplies the loss (fp16 only) so that small gradients don't underflow.
             scaler.scale(loss * world / step_tokens).backward()
-        loss_sum += loss.item()
-        ce_sum += ce.item()
+        loss_sum = loss_sum + loss.detach()  # kept on the device: reading it now would wait for the GPU
+        ce_sum = ce_sum + ce.detach()
     scaler.unscale_(optimizer)  # true gradients again before clipping (a no-op without fp16)
     norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     scaler.step(optimizer)      # skips the step if fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, ce_sum, float(norm)
+    return float(loss_sum), float(ce_sum), float(norm)  # one wait for the device, once a step
 
 
 def rng_state(device):
