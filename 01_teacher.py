@@ -8,11 +8,10 @@ Reads:  nothing (downloads GPT-2 once into ~/.cache/kd-course), or --weights PAT
 Writes: artifacts/teacher.pt  ({"kind": "teacher", "config": {...}, "model": state_dict, ...})
 Run:    python 01_teacher.py              (add --preset tiny for the toy-language teacher, offline, on a CPU)
 """
+import math
 import time
 
 import torch
-
-import math
 
 from common import toy_language
 from common.artifacts import model_checkpoint, run_lesson, save_artifact

@@ -38,8 +38,8 @@ from common.tokenizer import get_tokenizer
 # --- settings (flags left unset take the preset's values) ---
 # Learning rate: a fine-tuning rate such as 5e-5 barely moves a student trained from random weights.
 # For the 6/512 student we use 1e-3, the usual peak rate for a transformer of that size trained from
-# scratch (GPT-3 paper, table 2.1: 6e-4 at 125M, higher below). The tiny 2/32 student takes 1e-2:
-# LR_SWEEP in the README has the measured val perplexities.
+# scratch (GPT-3 paper, table 2.1: 6e-4 at 125M, higher below). The tiny 2/32 student takes 1e-2
+# ("Choosing the learning rate" in the README has the measured val perplexities).
 PRESETS = {
     "gpt2": dict(epochs=3, lr=1e-3, batch_size=8),
     "tiny": dict(epochs=6, lr=1e-2, batch_size=4),

@@ -12,7 +12,8 @@ plus, on generated-test, how often the student's top token is the teacher's (top
 the mean KL(teacher || student) over the teacher's stored top-K tokens.
 
 The teacher's own perplexity on generated-test is low partly by construction: it wrote those samples
-with temperature 0.9, top-k 50 and top-p 0.95, which pick the tokens it finds likely. Human-written
+with the sampling settings of lesson 02 (by default temperature 0.9, top-k 50, top-p 0.95), which pick
+the tokens it finds likely. Human-written
 text (WikiText-2) is the fair comparison between the teacher and anything else.
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, generated.pt (downloads WikiText-2 once)
@@ -115,6 +116,8 @@ def main():
     # --- the evaluation sets ---
     data = load_artifact(f"{args.out}/generated.pt", "generated", keys=("test", "test_prompt_lens"))
     test, test_P = data["test"], data["test_prompt_lens"]
+    s = data.get("settings", {})
+    sampling = f"T={s.get('temperature', '?')}, top-k {s.get('top_k', '?')}, top-p {s.get('top_p', '?')}"
     texts, skipped = {}, {}
     if args.wikitext:
         print("WikiText-2 (test split):")
@@ -184,14 +187,14 @@ def main():
         for name in agreement:
             note = "  (the teacher itself: 100% and the KL of its top-K truncation)" if name == "teacher" else ""
             print(f"  {name:<16}{agreement[name]:>14.1%}{kl[name]:>28.4f}{note}")
-    print("(the teacher's generated-test perplexity is low partly by construction: it sampled those tokens "
-          "with T=0.9, top-k, top-p; compare models on human text such as wikitext2)")
+    print(f"(the teacher's generated-test perplexity is low partly by construction: it sampled those tokens "
+          f"with {sampling}; compare models on text nobody sampled from them: wikitext2, or toy-language)")
     for set_name, why in skipped.items():
         print(f"skipped {set_name}: {why}")
 
     path = f"{args.out}/eval.pt"
     save_artifact({"kind": "eval", "preset": args.preset, "perplexity": ppl, "floor": floor, "agreement": agreement, "kl": kl,
-                   "skipped": skipped, "teacher_source": ckpt_teacher.get("source"),
+                   "skipped": skipped, "teacher_source": ckpt_teacher.get("source"), "sampling": sampling,
                    "stride": args.stride or window, "window": window, "device": device, "dtype": dtype}, path)
     print(f"wrote {path}")
 

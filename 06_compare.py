@@ -40,10 +40,11 @@ def perplexity_chart(ppl, floor, vocab_size, path):
             ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}", (b.get_x() + b.get_width() / 2, v),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.axhline(vocab_size, color="#999999", ls=":", lw=1, label=f"uniform guess ({vocab_size:,})")
+    label = "floor: the toy language's own entropy"
     for j, s in enumerate(sets):
         if s in floor:  # the language's entropy: no model can go below this line
-            ax.hlines(floor[s], j - 0.42, j + 0.42, colors="black", linestyles="--", lw=1.2,
-                      label="floor: the toy language's own entropy" if j == sets.index(next(iter(floor))) else None)
+            ax.hlines(floor[s], j - 0.42, j + 0.42, colors="black", linestyles="--", lw=1.2, label=label)
+            label = None  # one legend entry
     ax.set_yscale("log")
     ax.set_xticks(range(len(sets)), sets)
     ax.set_ylabel("perplexity (log scale, lower is better)")
@@ -162,7 +163,7 @@ def main():
     if "generated-test" in ppl:
         L += ["generated-test is the teacher's held-out samples (openings never used in training), scored on the "
               "tokens the teacher sampled, not on its prompts. The teacher's own perplexity there is low partly by "
-              "construction: it chose those tokens with temperature 0.9, top-k 50 and top-p 0.95, which favour the "
+              f"construction: it chose those tokens with {ev.get('sampling', 'its sampling settings')}, which favour the "
               "tokens it finds likely. Human-written text (wikitext2) is the fair comparison of the teacher with "
               "anything else" + (" (here toy-language)." if floor else "."), ""]
     for set_name, why in ev.get("skipped", {}).items():

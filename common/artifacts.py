@@ -13,6 +13,7 @@ import threading
 
 import torch
 
+from common.cli import preset_advice
 from common.model import GPT, GPTConfig
 
 # kind -> (what it is, in words; the lesson that writes it)
@@ -50,8 +51,8 @@ def run_lesson(main):
 def interrupt_deferred():
     """Hold Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
 
-    For work that must not stop halfway: a save, or an optimizer update and the step count that goes
-    with it. Only the main thread can install signal handlers; elsewhere the block runs as it is.
+    For work that must not stop halfway, such as writing and renaming a file. Only the main thread can
+    install signal handlers; elsewhere the block runs as it is.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -139,7 +140,6 @@ def check_preset(obj, path, preset):
     before presets were recorded carry none and pass."""
     made = obj.get("preset")
     if made is not None and made != preset:
-        from common.cli import preset_advice
         raise LessonError(f"{path} was made with the {made} preset, this lesson runs the {preset} preset: "
                           f"{preset_advice(made)} to go on with this folder, or start a new folder from 01_teacher.py")
 

@@ -72,7 +72,7 @@ def soft_kd_kl(logits, topk_ids, topk_logprobs, T=2.0):
     """
     p_log = F.log_softmax(topk_logprobs.float() / T, dim=-1)               # (B, L, K) teacher, re-normalised
     q_log = F.log_softmax(logits.float() / T, dim=-1).gather(-1, topk_ids.long())  # (B, L, K) student
-    return (p_log.exp() * (p_log - q_log)).sum(-1)                         # (B, L)
+    return _kl(p_log, q_log)                                               # (B, L)
 
 
 def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):

@@ -287,6 +287,8 @@ def train_on_toy_language(model, steps, encode, eot, batch_size=8, lr=3e-3, seed
             group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         tokens = torch.tensor(token_stream(rng, batch_size * (T + 1), encode, eot)[:batch_size * (T + 1)])
         x, y = tokens.view(batch_size, T + 1)[:, :-1], tokens.view(batch_size, T + 1)[:, 1:]
+        if bool(unused[tokens].any()):  # never seen in 40,000 documents; say so rather than fail in gather
+            raise ValueError("the toy language wrote a token missing from used_tokens(): raise its n_docs")
         logits = model.hidden(x) @ wte[used].T                                    # (B, T, used)
         log_z = torch.logaddexp(torch.logsumexp(logits, dim=-1), log_n_unused)   # (B, T) the full softmax's
         loss = (log_z - logits.gather(-1, index[y].unsqueeze(-1)).squeeze(-1)).mean()
