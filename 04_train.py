@@ -6,7 +6,11 @@ clipping and accumulation, and optionally several GPUs. The kinds of distillatio
   --kd fkl | rkl | jsd   the teacher runs beside the student and gives its full next-token distribution
              on every batch; the student minimises forward KL, reverse KL (MiniLLM, Gu et al., 2024) or
              GKD's generalized JSD (Agarwal et al., 2024) to it (see token_divergence in common/distill.py)
-Only the tokens the teacher sampled are trained on: a sample's prompt is context, never a target.
+  --on-policy LAMBDA   with fkl, rkl or jsd: for that share of the micro-batches the student writes its
+             own continuation of each prompt, and the teacher grades those tokens instead of its own
+             (on-policy distillation, as in GKD): the student learns on the text it actually produces
+Only sampled tokens are trained on: a sample's prompt is context, never a target. The <|endoftext|>
+that ends a sample is a target (the student must learn to stop); nothing after it is.
 
 Reads:  artifacts/student_init.pt, artifacts/generated.pt  (and artifacts/train_state.pt with --resume)
 Writes: artifacts/student.pt (the lowest val loss), student_last.pt, train_log.pt, all three when
@@ -28,12 +32,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.artifacts import (LessonError, check_preset, load_artifact, load_model, model_checkpoint, run_lesson,
                               save_artifact)
-from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_float, positive_int, unit_float
+from common.cli import existing_file, lesson_parser, nonneg_float, nonneg_int, parse, positive_float, positive_int, unit_float
 from common.device import autocast, fused_adamw, get_device, keep_freed_memory, needs_scaler, pick_dtype, sync
 from common.distill import make_batch, soft_kd_kl, token_divergence
 from common.model import GPT, GPTConfig
 from common.perplexity import sequences_nll
-from common.tokenizer import get_tokenizer
+from common.sampling import continue_each
+from common.tokenizer import EOT, get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
 # Learning rate: a fine-tuning rate such as 5e-5 barely moves a student trained from random weights.
@@ -114,6 +119,20 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
     return float(loss_sum), float(ce_sum), float(norm)  # one wait for the device, once a step
 
 
+def student_samples(student, seqs, prompt_lens, temperature):
+    """On-policy data: the student continues each sample's prompt itself (KV cache, no gradients), with
+    as many new tokens as the teacher's sample has, stopping after an <|endoftext|>, which is kept: it
+    is a token to learn. The result looks like the teacher's samples (prompt, then sampled tokens), so
+    the same batching, masking and loss apply; only the author of the sampled tokens changed. It draws
+    from the global random stream, so a resumed run (which restores it) draws the same samples."""
+    was_training = student.training
+    samples = continue_each(student, [s[:P] for s, P in zip(seqs, prompt_lens)],
+                            [len(s) - P for s, P in zip(seqs, prompt_lens)], EOT, temperature,
+                            fast_layout=False)  # the optimizer's state is laid out like the weights: keep them
+    student.train(was_training)
+    return samples
+
+
 def rng_state(device):
     """This process's random-number state: the CPU's and, on a GPU, the GPU's (dropout draws there)."""
     return {"cpu": torch.get_rng_state(),
@@ -137,6 +156,11 @@ def main():
                         "divergence to its full distributions, the teacher running beside the student (default: seq)")
     p.add_argument("--jsd-beta", type=unit_float, default=0.5,
                    help="--kd jsd: beta of the generalized JSD, strictly between 0 and 1 (default: 0.5)")
+    p.add_argument("--on-policy", type=unit_float, default=0.0,
+                   help="share of the micro-batches on which the student writes the text and the teacher grades it "
+                        "(needs --kd fkl, rkl or jsd; default: 0, the teacher's samples only)")
+    p.add_argument("--on-policy-temperature", type=nonneg_float, default=1.0,
+                   help="the student's sampling temperature for --on-policy (0: greedy; default: 1.0)")
     p.add_argument("--kd-temperature", type=positive_float, default=2.0, help="soft KD: softening temperature T")
     p.add_argument("--kd-alpha", type=unit_float, default=0.5, help="soft KD: weight of the KL term (1-alpha: CE)")
     p.add_argument("--epochs", type=positive_int, default=None,
@@ -203,6 +227,9 @@ def main():
     if args.kd == "jsd" and not 0 < args.jsd_beta < 1:
         raise LessonError(f"--jsd-beta must be strictly between 0 and 1 (got {args.jsd_beta}); 0 and 1 are "
                           f"--kd fkl and --kd rkl in the limit")
+    if args.on_policy and args.kd not in ONLINE:
+        raise LessonError(f"--on-policy needs the teacher online to grade the student's text: use it with --kd fkl, "
+                          f"rkl or jsd, not --kd {args.kd} (which train on the teacher's stored samples)")
     teacher = None
     if args.kd in ONLINE:  # the teacher beside the student: eval mode, no gradients, half precision on a GPU
         teacher, _ = load_model(f"{out}/teacher.pt", "teacher", vocab_size=raw.config.vocab_size)
@@ -293,12 +320,15 @@ def main():
         return nll / n
 
     def chunks_of_epoch(epoch):
-        """Every rank's micro-batches for an epoch: a seeded shuffle cut into batches; rank r takes
-        every world-th one, starting at r. Every rank computes all of them (to count the step's tokens)."""
+        """Every rank's micro-batches for an epoch, each (sample indices, on-policy?): a seeded shuffle
+        cut into batches; rank r takes every world-th one, starting at r. Every rank computes all of
+        them (to count the step's tokens). Each micro-batch is on-policy with probability --on-policy,
+        drawn after the shuffle from the same generator, so --on-policy 0 leaves the order unchanged."""
         g = torch.Generator().manual_seed(args.seed + epoch)
         order = torch.randperm(len(train), generator=g).tolist()
         chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-        return [chunks[r::world][:micro_per_epoch] for r in range(world)]
+        own = (torch.rand(len(chunks), generator=g) < args.on_policy).tolist()
+        return [list(zip(chunks[r::world], own[r::world]))[:micro_per_epoch] for r in range(world)]
 
     n_params = raw.num_params()
     log(f"student {n_params / 1e6:.1f}M params | {len(train)} train / {len(val)} val samples, "
@@ -306,6 +336,7 @@ def main():
         f"{' + GradScaler' if scaler.is_enabled() else ''} | {world} process(es)")
     log(f"kd {args.kd}" + (f" (T={args.kd_temperature}, alpha={args.kd_alpha})" if args.kd == "soft" else "")
         + (f" (beta={args.jsd_beta})" if args.kd == "jsd" else "")
+        + (f", on-policy {args.on_policy:g} (T={args.on_policy_temperature:g})" if args.on_policy else "")
         + (" with the teacher online" if teacher is not None else "") +
         f" | {args.epochs} epochs x {steps_per_epoch} steps | batch {args.batch_size} x accum {args.grad_accum}"
         f" x {world} | lr {args.lr:.1e}, warmup {warmup}")
@@ -331,6 +362,7 @@ def main():
     raw.train()
     t_start = t_last = time.time()
     tokens_since, steps_this_run, allreduces_before = 0, 0, allreduces[0]
+    sampled_since, sampling_time = 0, 0.0  # the student's own tokens (--on-policy), and the time spent writing them
     try:
         if step == 0:
             history["val"].append((0, evaluate()))
@@ -339,13 +371,24 @@ def main():
             epoch, i = divmod(step, steps_per_epoch)
             chunks = chunks_of_epoch(epoch)
             step_chunks = [c[i * args.grad_accum:(i + 1) * args.grad_accum] for c in chunks]  # per rank
-            step_tokens = sum(scored[k] for rank_chunks in step_chunks for idx in rank_chunks for k in idx)
+            step_tokens = sum(scored[k] for rank_chunks in step_chunks for idx, _ in rank_chunks for k in idx)
             micro = []
-            for idx in step_chunks[rank]:
-                x, y, *topk = make_batch([train[k] for k in idx], *(
+            for idx, on_policy in step_chunks[rank]:
+                seqs, P = [train[k] for k in idx], [train_P[k] for k in idx]
+                if on_policy:  # the student writes the sampled part itself; the teacher will grade it
+                    t0 = time.time()
+                    seqs = student_samples(raw, seqs, P, args.on_policy_temperature)
+                    sampling_time += time.time() - t0
+                    sampled_since += sum(len(s) - p for s, p in zip(seqs, P))
+                x, y, *topk = make_batch(seqs, *(
                     ([data["train_topk_ids"][k] for k in idx], [data["train_topk_logprobs"][k] for k in idx])
-                    if args.kd == "soft" else ()), device=device, prompt_lens=[train_P[k] for k in idx])
+                    if args.kd == "soft" else ()), device=device, prompt_lens=P)
                 micro.append((x, y, topk or None))
+            if args.on_policy:  # the student's samples have lengths of their own: count, then add up over processes
+                mine = torch.tensor(sum(int((y != -100).sum()) for _, y, _ in micro), dtype=torch.float64, device=device)
+                if ddp:
+                    dist.all_reduce(mine)
+                step_tokens = int(mine.item())
             lr = lr_at(step, total_steps, warmup, args.lr, min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -382,8 +425,9 @@ def main():
                 log(f"step {step:4d}/{total_steps} | epoch {epoch + 1} | loss {loss_val:.4f} | "
                     f"ppl {math.exp(min(ce_val, 50)):.1f}"
                     f" | lr {lr:.1e} | norm {norm:.2f} | {ms:.0f} ms | {tokens_since / (now - t_last) / 1e3:.1f}k tok/s"
-                    f" | eta {fmt_time(eta)}")
-                t_last, tokens_since = now, 0
+                    + (f" (student sampling {sampled_since / max(sampling_time, 1e-9) / 1e3:.1f}k tok/s)"
+                       if sampled_since else "") + f" | eta {fmt_time(eta)}")
+                t_last, tokens_since, sampled_since, sampling_time = now, 0, 0, 0.0
 
             if step % steps_per_epoch == 0:  # end of an epoch: validate, keep the best, save the state
                 v = evaluate()

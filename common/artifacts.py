@@ -25,6 +25,7 @@ KINDS = {
     "train_state": ("resumable training state", "04_train.py"),
     "train_log": ("training log", "04_train.py"),
     "eval": ("evaluation results file", "05_evaluate.py"),
+    "methods": ("divergence-lab results file", "07_methods.py"),
 }
 MODEL_KINDS = ("teacher", "student_init", "student")
 

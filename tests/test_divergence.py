@@ -103,3 +103,33 @@ def test_low_precision_logits_give_the_float32_value(dtype):
         got = token_divergence(s, t, kind)
         assert got.dtype == torch.float32
         assert torch.allclose(got, token_divergence(s.float(), t.float(), kind), rtol=1e-6, atol=1e-7)
+
+
+def test_the_rest_bucket_kl_is_the_kl_of_the_merged_distributions():
+    """07's rest-bucket KL: the teacher's top K tokens kept, every other token merged into one bucket on
+    each side; brute force in float64 Python. It never exceeds the exact KL and equals it at K = V."""
+    from conftest import load_lesson
+    lab = load_lesson("07_methods.py")
+    s, t = logits_pair(seed=3)
+    log_q, log_p = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+    exact = brute(s, t, "fkl")
+    for K in (1, 4, V):
+        lp, ids = log_p.topk(K, -1)
+        got = lab.rest_bucket_kl(log_q, ids, lp)
+        for idx in torch.cartesian_prod(torch.arange(3), torch.arange(4)).tolist():
+            keep = ids[tuple(idx)].tolist()
+            p, q = log_p[tuple(idx)].exp().tolist(), log_q[tuple(idx)].exp().tolist()
+            P = [p[j] for j in keep] + [sum(p[j] for j in range(V) if j not in keep)]
+            Q = [q[j] for j in keep] + [sum(q[j] for j in range(V) if j not in keep)]
+            want = sum(a * math.log(a / b) for a, b in zip(P, Q) if a > 0)
+            assert got[tuple(idx)].item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert (got <= exact + 1e-12).all()
+    assert torch.allclose(got, exact, rtol=1e-9)
+
+
+def test_distinct_2_counts_distinct_pairs_in_the_sampled_part():
+    from conftest import load_lesson
+    lab = load_lesson("07_methods.py")
+    seqs = [torch.tensor([9, 9, 1, 2, 1, 2]), torch.tensor([9, 1, 2, 3])]
+    # sampled parts [1, 2, 1, 2] (prompt 2) and [1, 2, 3] (prompt 1): pairs 12 21 12 | 12 23: 3 distinct of 5
+    assert lab.distinct_2(seqs, [2, 1]) == pytest.approx(3 / 5)

@@ -350,3 +350,103 @@ def test_torchrun_resume_with_dropout_is_exact(course_copy):
     assert len(load_artifact(str(course_copy / "train_state.pt"), "train_state")["rng"]) == 2
     train(course_copy, *flags, "--resume", torchrun=True)
     assert_same_run(finished(course_copy), straight)
+
+
+def captured_run(out, monkeypatch, *flags):
+    """Run lesson 04 in this process and record each optimizer step's micro-batches (x, y) as trained on."""
+    steps = []
+    real = L04.train_step
+
+    def recording(model, optimizer, scaler, micro, *args, **kw):
+        steps.append([(x.clone(), y.clone()) for x, y, _ in micro])
+        return real(model, optimizer, scaler, micro, *args, **kw)
+    monkeypatch.setattr(L04, "train_step", recording)
+    monkeypatch.setattr(sys, "argv", ["04_train.py", "--preset", "tiny", "--out", str(out), *flags])
+    L04.main()
+    return steps, load_artifact(str(out / "train_log.pt"), "train_log")
+
+
+def step_divergence(student, teacher, batches, kind):
+    """An independent step loss: the divergence summed over the scored targets, over their count."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            d = token_divergence(student(x)[0], teacher(x)[0], kind)
+            total += d[y != -100].double().sum().item()
+            count += int((y != -100).sum())
+    return total / count
+
+
+def test_on_policy_0_trains_on_the_teachers_samples_in_the_seeded_order(course_copy, monkeypatch):
+    """--on-policy 0: every step is the offline run's: the teacher's samples, in the order of the
+    seeded shuffle, and the first step's loss is the reverse KL of the untrained student on them."""
+    keep_train_samples(course_copy, 8, n_val=2)
+    steps, log = captured_run(course_copy, monkeypatch, "--kd", "rkl", "--on-policy", "0", "--epochs", "2")
+    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    for epoch in range(2):
+        order = torch.randperm(8, generator=torch.Generator().manual_seed(1337 + epoch)).tolist()
+        for i in range(2):
+            idx = order[4 * i:4 * i + 4]
+            x, y = make_batch([gen["train"][k] for k in idx], prompt_lens=[gen["train_prompt_lens"][k] for k in idx])
+            (gx, gy), = steps[2 * epoch + i]
+            assert torch.equal(gx, x) and torch.equal(gy, y)
+    student = load_artifact(str(course_copy / "student_init.pt"), "student_init")
+    teacher = load_artifact(str(course_copy / "teacher.pt"), "teacher")
+    s, t = (GPT(GPTConfig.from_dict(c["config"])) for c in (student, teacher))
+    s.load_state_dict(student["model"])
+    t.load_state_dict(teacher["model"])
+    assert log["loss"][0] == pytest.approx(step_divergence(s.eval(), t.eval(), steps[0], "rkl"), rel=1e-5)
+
+
+def test_on_policy_1_trains_on_the_students_own_text(course_copy, monkeypatch, capsys):
+    """--on-policy 1 at temperature 0, starting from the course's trained student: step 1 trains on its
+    greedy continuation of each prompt (computed here without a KV cache), at most as long as the
+    teacher's sample and shorter where it wrote <|endoftext|>, the prompt never scored; the step's loss
+    is the reverse KL averaged over exactly those tokens (not over the teacher's sample lengths)."""
+    keep_train_samples(course_copy, 8, n_val=2)
+    os.replace(course_copy / "student.pt", course_copy / "trained.pt")  # (this run writes a new student.pt)
+    steps, log = captured_run(course_copy, monkeypatch, "--kd", "rkl", "--on-policy", "1", "--init",
+                              str(course_copy / "trained.pt"), "--on-policy-temperature", "0", "--epochs", "1",
+                              "--log-interval", "1")
+    assert "student sampling" in capsys.readouterr().out
+    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    student = load_artifact(str(course_copy / "trained.pt"), "student")
+    s = GPT(GPTConfig.from_dict(student["config"]))
+    s.load_state_dict(student["model"])
+    s.eval()
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(1337)).tolist()
+    (x, y), = steps[0]
+    shorter = 0
+    for row, k in enumerate(order[:4]):
+        seq, P = gen["train"][k], gen["train_prompt_lens"][k]
+        text = seq[:P].tolist()
+        with torch.no_grad():
+            while len(text) < len(seq) and (len(text) == P or text[-1] != 50256):
+                text.append(int(s(torch.tensor([text]))[0][0, -1].argmax()))
+        assert x[row, :P].tolist() == seq[:P].tolist()                 # the teacher's prompt, as context
+        assert (y[row, :P - 1] == -100).all()                          # never a target
+        assert y[row, P - 1:len(text) - 1].tolist() == text[P:]        # the student's own tokens are
+        assert (y[row, len(text) - 1:] == -100).all()                  # and nothing after them
+        assert text[P:] != seq[P:].tolist()
+        shorter += len(text) < len(seq)
+    assert shorter  # the student stopped before the teacher's length somewhere: the token count differs
+    teacher = load_artifact(str(course_copy / "teacher.pt"), "teacher")
+    t = GPT(GPTConfig.from_dict(teacher["config"]))
+    t.load_state_dict(teacher["model"])
+    assert log["loss"][0] == pytest.approx(step_divergence(s, t.eval(), steps[0], "rkl"), rel=1e-5)
+
+
+def test_student_samples_keep_the_endoftext_and_nothing_after():
+    """A student that always says <|endoftext|>: each sample becomes its prompt plus that one token,
+    which is scored; the positions after it are padding, never targets."""
+    m = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():  # the final LayerNorm outputs e_0 everywhere; the tied head reads EOT's row: 100
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(torch.eye(16)[0])
+        m.transformer.wte.weight[50256, 0] = 100.0
+    seqs = [torch.tensor([50256, 11, 12, 13, 14, 15]), torch.tensor([50256, 21, 22, 23])]
+    out = L04.student_samples(m, seqs, [2, 1], temperature=0)
+    assert [s.tolist() for s in out] == [[50256, 11, 50256], [50256, 50256]]
+    assert m.training
+    _, y = make_batch(out, prompt_lens=[2, 1])
+    assert y.tolist() == [[-100, 50256], [50256, -100]]

@@ -1,0 +1,337 @@
+"""Lesson 07: the divergence lab. One teacher, one data set, one student init, one seed and the same
+number of optimizer steps, trained six ways, then measured the same way:
+  seq                sequence-level KD: cross-entropy on the teacher's samples (Kim & Rush, 2016)
+  soft               plus the teacher's stored top-32 distributions (Hinton et al., 2015)
+  fkl                forward KL(teacher || student) to the full distribution, the teacher online
+  rkl                reverse KL(student || teacher), the teacher online (MiniLLM, Gu et al., 2024)
+  jsd+on-policy 0.5  GKD's recipe (Agarwal et al., 2024): generalized JSD with beta 0.5, and half of the
+                     micro-batches written by the student itself, then graded by the teacher
+  rkl+on-policy 1    reverse KL on the student's own text only
+Forward KL makes the student cover everything the teacher might say (a low perplexity on the
+teacher's text); reverse KL and on-policy training make it say only what the teacher would say (the
+teacher finds the student's own text plausible). The table shows both sides of that trade, per method:
+  ppl on teacher text     the student's perplexity on the teacher's held-out test samples
+  KL(t||s), KL(s||t)      the exact forward and reverse KL, full vocabulary, on those positions
+  teacher ppl of own text the teacher's perplexity on text the student writes itself (temperature 1,
+                          untruncated: the student's real distribution), continuing the same prompts
+  distinct-2              the share of distinct token pairs in that text (low: the student repeats itself)
+  time                    training wall time (on-policy pays for sampling)
+and the price of a top-K cache: how far the KL that soft KD computes from K stored tokens is from the
+exact one, for K = 1, 8, 32, 128, with the missing mass renormalised away (as 04 does) or kept as one
+"rest" bucket.
+
+Why 07 runs 04 as a subprocess, once per method: the project keeps one training loop, and 04 stays
+the lesson that shows it; each run here is exactly a command you could type (07 prints it), with its
+own folder, log and resumable state. This lesson is about the comparison: the settings held equal,
+the measurements, and how to read them. Every student is compared after the same number of steps
+(student_last.pt, not the checkpoint 04 picked on val cross-entropy, which would favour the methods
+that minimise cross-entropy).
+
+Reads:  artifacts/teacher.pt, generated.pt, student_init.pt
+Writes: artifacts/methods/<method>/ (each method's 04 run: student_last.pt, train_log.pt, ...),
+        artifacts/methods.pt, methods.md, methods.png
+Run:    python 07_methods.py                (add --preset tiny for a CPU run of about two minutes)
+        a second run skips the methods already trained with the same settings, and resumes one
+        that was interrupted
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import matplotlib
+import torch
+from torch.nn import functional as F
+
+from common.artifacts import LessonError, check_preset, load_artifact, load_model, run_lesson, save_artifact, write_text
+from common.cli import in_notebook, lesson_parser, parse, positive_int
+from common.device import autocast, get_device, pick_dtype
+from common.distill import make_batch, soft_kd_kl, token_divergence
+from common.perplexity import logits_fp32, sequences_nll
+from common.sampling import continue_each
+from common.tokenizer import EOT, get_tokenizer
+
+if not in_notebook():
+    matplotlib.use("Agg")  # from a shell: draw straight to a file
+import matplotlib.pyplot as plt  # noqa: E402
+
+# --- settings ---
+# name -> the flags 04 gets (besides --preset, --out and --epochs, the same for every method)
+METHODS = {
+    "seq": ["--kd", "seq"],
+    "soft": ["--kd", "soft"],
+    "fkl": ["--kd", "fkl"],
+    "rkl": ["--kd", "rkl"],
+    "jsd+on-policy 0.5": ["--kd", "jsd", "--jsd-beta", "0.5", "--on-policy", "0.5"],
+    "rkl+on-policy 1": ["--kd", "rkl", "--on-policy", "1"],
+}
+# The budget: epochs over the teacher's training samples, the same for every method (04's own
+# defaults are 3 for gpt2 and 6 for tiny; the lab trains six students, so it takes fewer).
+PRESETS = {"gpt2": dict(epochs=2), "tiny": dict(epochs=3)}
+TOPK = (1, 8, 32, 128)      # cache sizes for the price-of-top-K table
+SAMPLE_SEED = 1234           # every model writes its own text with the same seeded generator
+LESSON_04 = os.path.join(os.path.dirname(os.path.abspath(globals().get("__file__", "04_train.py"))), "04_train.py")
+
+
+def run_04(flags):
+    """Run lesson 04 with these flags, its output shown here line by line. It runs in its own process
+    group, so a Ctrl-C reaches it once, from us: it then finishes its step, saves, and stops."""
+    proc = subprocess.Popen([sys.executable, "-u", LESSON_04, *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            print("    " + line, end="")
+            lines.append(line)
+        return proc.wait(), lines
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stdout:  # let it save, and show what it says
+            print("    " + line, end="")
+        proc.wait()
+        raise
+
+
+def link(src, dst):
+    """dst points at src (a symbolic link, or a copy where links are not allowed)."""
+    if os.path.lexists(dst):
+        os.remove(dst)
+    try:
+        os.symlink(os.path.abspath(src), dst)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, dst)
+
+
+@torch.no_grad()
+def held_out_scores(student, teacher, seqs, prompt_lens, batch_size, device, dtype):
+    """On the teacher's held-out samples, at every sampled position: the student's perplexity of the
+    teacher's token, and the mean exact forward and reverse KL between the full distributions."""
+    nll = fkl = rkl = 0.0
+    n = 0
+    for i in range(0, len(seqs), batch_size):
+        x, y = make_batch(seqs[i:i + batch_size], device=device, prompt_lens=prompt_lens[i:i + batch_size])
+        with autocast(device, dtype):
+            s, t = logits_fp32(student, x), logits_fp32(teacher, x)  # (B, L, V) each
+        scored = y != -100
+        nll += F.cross_entropy(s[scored], y[scored], reduction="sum").item()
+        fkl += token_divergence(s, t, "fkl")[scored].sum().item()
+        rkl += token_divergence(s, t, "rkl")[scored].sum().item()
+        n += int(scored.sum())
+    return {"ppl": math.exp(nll / n), "fkl": fkl / n, "rkl": rkl / n}
+
+
+def rest_bucket_kl(student_logprobs, ids, teacher_logprobs):
+    """KL over K + 1 buckets: the teacher's K stored tokens, and one "rest" bucket holding all other
+    tokens, whose mass is 1 - (the K tokens' mass) on each side. A cache already holds what it needs:
+    the stored log-probs are normalised over the whole vocabulary. Merging tokens into one bucket can
+    only hide differences, so this is never above the exact KL: a lower bound that tightens as K grows.
+    student_logprobs (..., V); ids, teacher_logprobs (..., K) -> (...)."""
+    log_q = student_logprobs.gather(-1, ids)                                   # (..., K)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - log_q)).sum(-1)
+    p_rest = (-torch.expm1(torch.logsumexp(teacher_logprobs, -1))).clamp(min=0)   # 1 - sum of the K p's
+    q_rest = (-torch.expm1(torch.logsumexp(log_q, -1))).clamp(min=1e-30)
+    return kl + torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-30).log() - q_rest.log()), 0.0)
+
+
+@torch.no_grad()
+def price_of_top_k(student, teacher, seqs, prompt_lens, batch_size, device, dtype):
+    """The mean forward KL(teacher || student) on held-out positions: exact (full vocabulary), and as
+    a top-K cache gives it for each K: renormalised over the K (soft_kd_kl at T = 1, what 04 --kd soft
+    minimises) or with a rest bucket. The teacher's log-probs are rounded to float16, as 02 stores them."""
+    exact, n = 0.0, 0
+    renorm, rest = {k: 0.0 for k in TOPK}, {k: 0.0 for k in TOPK}
+    for i in range(0, len(seqs), batch_size):
+        x, y = make_batch(seqs[i:i + batch_size], device=device, prompt_lens=prompt_lens[i:i + batch_size])
+        with autocast(device, dtype):
+            s, t = logits_fp32(student, x), logits_fp32(teacher, x)
+        scored = y != -100
+        exact += token_divergence(s, t, "fkl")[scored].sum().item()
+        log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        for k in TOPK:
+            lp, ids = log_p.topk(k, dim=-1)
+            lp = lp.half().float()  # what the cache keeps
+            renorm[k] += soft_kd_kl(s, ids, lp, T=1.0)[scored].sum().item()
+            rest[k] += rest_bucket_kl(log_q, ids, lp)[scored].sum().item()
+        n += int(scored.sum())
+    return {"exact": exact / n, "renorm": {k: v / n for k, v in renorm.items()},
+            "rest": {k: v / n for k, v in rest.items()}}
+
+
+def own_text(model, seqs, prompt_lens, device):
+    """The model continues each held-out prompt itself, as many tokens as the teacher's sample has
+    (fewer if it ends the text), at temperature 1, with the same seeded generator for every model."""
+    g = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
+    out = []
+    for i in range(0, len(seqs), 32):
+        group, P = seqs[i:i + 32], prompt_lens[i:i + 32]
+        out += continue_each(model, [s[:p] for s, p in zip(group, P)], [len(s) - p for s, p in zip(group, P)], EOT,
+                             temperature=1.0, generator=g)
+    return out
+
+
+def distinct_2(seqs, prompt_lens):
+    """Distinct token pairs over all pairs, in the sampled part of each text (1.0: no pair repeats)."""
+    pairs = [tuple(s[j:j + 2].tolist()) for s, P in zip(seqs, prompt_lens) for j in range(P, len(s) - 1)]
+    return len(set(pairs)) / max(1, len(pairs))
+
+
+def chart(rows, teacher_row, path):
+    """Left: what each method traded (coverage of the teacher's text against plausibility of its own);
+    right: what it cost."""
+    names = list(rows)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    colors = plt.get_cmap("tab10").colors
+    for i, name in enumerate(names):
+        r = rows[name]
+        ax.scatter(r["ppl"], r["teacher_ppl_own"], s=60, color=colors[i], label=name, zorder=3)
+        ax.annotate(name, (r["ppl"], r["teacher_ppl_own"]), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    ax.scatter(teacher_row["ppl"], teacher_row["teacher_ppl_own"], marker="*", s=160, color="black", zorder=3)
+    ax.annotate("teacher", (teacher_row["ppl"], teacher_row["teacher_ppl_own"]), xytext=(5, 4),
+                textcoords="offset points", fontsize=8)
+    ax.set_xlabel("student's perplexity on the teacher's text\n(lower: covers what the teacher says)")
+    ax.set_ylabel("teacher's perplexity on the student's text\n(lower: says what the teacher would)")
+    ax.set_title("What each method trades")
+    ax.grid(alpha=0.3)
+    bx.barh(names[::-1], [rows[n]["time"] for n in names[::-1]], color=[colors[i] for i in range(len(names))][::-1])
+    bx.set_xlabel("training time (s)")
+    bx.set_title("What it costs (same number of steps)")
+    bx.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    if in_notebook():
+        plt.show()  # in a notebook: shown under the cell, and saved
+    plt.close(fig)
+
+
+def main():
+    p = lesson_parser(__doc__)
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs of training for every method (gpt2: 2, tiny: 3)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"the methods to run, comma-separated (default: all: {','.join(METHODS)})")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch when measuring")
+    p.add_argument("--fresh", action="store_true", help="train every method again, even those already trained")
+    args = parse(p, PRESETS)
+    out = args.out
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise LessonError(f"unknown method {', '.join(unknown) or '(none)'}: choose among {', '.join(METHODS)}")
+    enc = get_tokenizer()
+    device = get_device()
+    dtype = pick_dtype(device)
+
+    # --- inputs: checked here once, so that a problem is one line, not six failed runs ---
+    inputs = {"teacher.pt": "teacher", "generated.pt": "generated", "student_init.pt": "student_init"}
+    for file, kind in inputs.items():
+        check_preset(load_artifact(f"{out}/{file}", kind), f"{out}/{file}", args.preset)
+    data = load_artifact(f"{out}/generated.pt", "generated", keys=("test", "test_prompt_lens"))
+    test, test_P = data["test"], data["test_prompt_lens"]
+    teacher, teacher_ckpt = load_model(f"{out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
+    init, _ = load_model(f"{out}/student_init.pt", "student_init", vocab_size=enc.n_vocab)
+    teacher.to(device)
+    stamp = {f: [os.path.getsize(f"{out}/{f}"), os.path.getmtime(f"{out}/{f}")] for f in inputs}
+
+    # --- training: one 04 run per method, each in its own folder ---
+    t_lab = time.time()
+    for name in chosen:
+        sub = f"{out}/methods/{name.replace(' ', '_')}"
+        os.makedirs(sub, exist_ok=True)
+        flags = ["--preset", args.preset, "--out", sub, "--epochs", str(args.epochs), *METHODS[name]]
+        recipe = {"flags": flags, "inputs": stamp}
+        done = f"{sub}/method.json"
+        same = os.path.exists(done) and json.load(open(done)) == recipe and not args.fresh
+        if same and os.path.exists(f"{sub}/train_log.pt") and os.path.getmtime(f"{sub}/train_log.pt") >= os.path.getmtime(done):
+            print(f"=== {name}: trained earlier with the same settings, kept ({sub})")
+            continue
+        for file in inputs:
+            link(f"{out}/{file}", f"{sub}/{file}")
+        resume = same and os.path.exists(f"{sub}/train_state.pt")
+        with open(done, "w") as f:
+            json.dump(recipe, f)
+        print(f"=== {name}: python 04_train.py {' '.join(flags)}{' --resume' if resume else ''}")
+        try:
+            code, lines = run_04(flags + (["--resume"] if resume else []))
+        except KeyboardInterrupt:
+            raise LessonError(f"interrupted while training {name}: run 07 again to go on (finished methods are "
+                              f"kept; this one resumes from its saved state)") from None
+        if code:
+            said = next((ln.strip() for ln in reversed(lines) if ln.startswith("error:")), f"exit code {code}")
+            raise LessonError(f"04_train.py failed for {name} ({said}); the methods trained before it are kept")
+
+    # --- measuring: every student after the same number of steps, on the same held-out samples ---
+    print(f"\nmeasuring on generated-test ({len(test)} samples, {sum(len(s) - P for s, P in zip(test, test_P)):,} "
+          f"sampled tokens) | {device} {dtype}")
+    rows, steps = {}, {}
+    for name in chosen:
+        sub = f"{out}/methods/{name.replace(' ', '_')}"
+        student, _ = load_model(f"{sub}/student_last.pt", "student", vocab_size=enc.n_vocab)
+        student.to(device)
+        log = load_artifact(f"{sub}/train_log.pt", "train_log")
+        steps[name] = log["step"][-1]
+        r = held_out_scores(student, teacher, test, test_P, args.batch_size, device, dtype)
+        text = own_text(student, test, test_P, device)
+        with autocast(device, dtype):
+            nll, n = sequences_nll(teacher, text, args.batch_size, test_P)
+        r.update(teacher_ppl_own=math.exp(nll / n), distinct_2=distinct_2(text, test_P), time=log["wall_time"])
+        rows[name] = r
+        if name == "soft" or (name == chosen[-1] and "soft" not in rows):
+            price_of = name
+            price = price_of_top_k(student, teacher, test, test_P, args.batch_size, device, dtype)
+        print(f"  {name:<18} ppl {r['ppl']:7.2f} | KL(t||s) {r['fkl']:.3f} | KL(s||t) {r['rkl']:.3f} | "
+              f"teacher ppl of own text {r['teacher_ppl_own']:7.2f} | distinct-2 {r['distinct_2']:.3f} | "
+              f"{r['time']:.0f}s")
+    if len(set(steps.values())) > 1:
+        raise LessonError(f"the methods trained for different numbers of steps ({steps}): run 07 with --fresh")
+    own = own_text(teacher, test, test_P, device)
+    with autocast(device, dtype):
+        nll, n = sequences_nll(teacher, own, args.batch_size, test_P)
+        t_nll, t_n = sequences_nll(teacher, test, args.batch_size, test_P)
+    teacher_row = {"ppl": math.exp(t_nll / t_n), "teacher_ppl_own": math.exp(nll / n),
+                   "distinct_2": distinct_2(own, test_P)}
+    init_scores = held_out_scores(init.to(device), teacher, test, test_P, args.batch_size, device, dtype)
+
+    # --- the report ---
+    who = teacher_ckpt.get("source") or "see teacher.pt"
+    md = [f"# The divergence lab\n", f"Teacher: {who}. Every method starts from the same student_init.pt and trains "
+          f"{steps[chosen[0]]} optimizer steps ({args.epochs} epochs, seed 1337, 04's other defaults for the "
+          f"{args.preset} preset); measured on the teacher's {len(test)} held-out test samples (prompts not scored).\n",
+          "| method | ppl on teacher text | KL(t‖s) | KL(s‖t) | teacher ppl of own text | distinct-2 | time |",
+          "|---|---:|---:|---:|---:|---:|---:|",
+          f"| teacher (reference) | {teacher_row['ppl']:.2f} | 0 | 0 | {teacher_row['teacher_ppl_own']:.2f} | "
+          f"{teacher_row['distinct_2']:.3f} | |",
+          f"| student init | {init_scores['ppl']:,.0f} | {init_scores['fkl']:.2f} | {init_scores['rkl']:.2f} | | | |"]
+    for name, r in rows.items():
+        md.append(f"| {name} | {r['ppl']:.2f} | {r['fkl']:.3f} | {r['rkl']:.3f} | {r['teacher_ppl_own']:.2f} | "
+                  f"{r['distinct_2']:.3f} | {r['time']:.0f} s |")
+    md += ["", "How to read it: the first three numbers ask whether the student covers what the teacher would say "
+           "(forward KL is what seq, soft and fkl minimise); the next two whether what the student says itself is "
+           "what the teacher would say, and how varied it is (reverse KL and on-policy training aim there). "
+           "A method that wins one side often pays on the other; times include the student's sampling for on-policy.",
+           "", f"## The price of a top-K cache (the {price_of} student)\n",
+           f"Exact forward KL(teacher ‖ student), full vocabulary: **{price['exact']:.4f}** nats per token. What a cache "
+           f"of the teacher's K most likely tokens gives instead (int32 id + float16 log-prob = 6 bytes each; the rest "
+           f"bucket needs no extra bytes, since the stored log-probs are normalised over the whole vocabulary; the "
+           f"full distribution would be {2 * enc.n_vocab:,} bytes a token in float16):\n",
+           "| K | bytes per token | renormalised over K (04 --kd soft) | with a rest bucket (a lower bound) |",
+           "|---:|---:|---:|---:|"]
+    for k in TOPK:
+        md.append(f"| {k} | {6 * k} | {price['renorm'][k]:.4f} | {price['rest'][k]:.4f} |")
+    md += ["", "The methods' runs are in methods/<method>/ (train_log.pt, student_last.pt); rerun one by hand with "
+           "the command 07 printed for it."]
+    save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "teacher": teacher_row,
+                   "student_init": init_scores, "price": price, "price_of": price_of, "steps": steps,
+                   "epochs": args.epochs}, f"{out}/methods.pt")
+    write_text("\n".join(md) + "\n", f"{out}/methods.md")
+    chart(rows, teacher_row, f"{out}/methods.png")
+    print(f"\nprice of top-K ({price_of} student): exact KL {price['exact']:.4f}; "
+          + ", ".join(f"K={k}: {price['renorm'][k]:.4f} renormalised, {price['rest'][k]:.4f} with rest" for k in TOPK))
+    print(f"lab finished in {time.time() - t_lab:.0f}s | wrote {out}/methods.md, methods.png, methods.pt")
+
+
+if __name__ == "__main__":
+    run_lesson(main)
