@@ -1,5 +1,5 @@
-"""Lesson 07: the divergence lab. One teacher, one data set, one student init, one seed and the same
-number of optimizer steps, trained six ways, then measured the same way:
+"""Lesson 07: the divergence lab. One teacher, one data set, one starting student, one seed and the
+same number of optimizer steps, trained six ways, then measured the same way:
   seq                sequence-level KD: cross-entropy on the teacher's samples (Kim & Rush, 2016)
   soft               plus the teacher's stored top-32 distributions (Hinton et al., 2015)
   fkl                forward KL(teacher || student) to the full distribution, the teacher online
@@ -7,7 +7,10 @@ number of optimizer steps, trained six ways, then measured the same way:
   jsd+on-policy 0.5  GKD's recipe (Agarwal et al., 2024): generalized JSD with beta 0.5, and half of the
                      micro-batches written by the student itself, then graded by the teacher
   rkl+on-policy 1    reverse KL on the student's own text only
-Forward KL makes the student cover everything the teacher might say (a low perplexity on the
+The start: the student after a short sequence-level KD run (--warm-epochs), as MiniLLM and GKD start
+from a supervised student. (From random weights, reverse KL barely moves: the student's mass is
+spread over 50,257 tokens, and the gradient of KL(s || t) at a token is weighted by the student's own
+probability there, so every token's pull is tiny.) Forward KL makes the student cover everything the teacher might say (a low perplexity on the
 teacher's text); reverse KL and on-policy training make it say only what the teacher would say (the
 teacher finds the student's own text plausible). The table shows both sides of that trade, per method:
   ppl on teacher text     the student's perplexity on the teacher's held-out test samples
@@ -15,7 +18,7 @@ teacher finds the student's own text plausible). The table shows both sides of t
   teacher ppl of own text the teacher's perplexity on text the student writes itself (temperature 1,
                           untruncated: the student's real distribution), continuing the same prompts
   distinct-2              the share of distinct token pairs in that text (low: the student repeats itself)
-  time                    training wall time (on-policy pays for sampling)
+  time                    training wall time, the start excluded (on-policy pays for sampling)
 and the price of a top-K cache: how far the KL that soft KD computes from K stored tokens is from the
 exact one, for K = 1, 8, 32, 128, with the missing mass renormalised away (as 04 does) or kept as one
 "rest" bucket.
@@ -28,7 +31,8 @@ the measurements, and how to read them. Every student is compared after the same
 that minimise cross-entropy).
 
 Reads:  artifacts/teacher.pt, generated.pt, student_init.pt
-Writes: artifacts/methods/<method>/ (each method's 04 run: student_last.pt, train_log.pt, ...),
+Writes: artifacts/methods/start/ (the starting student), methods/<method>/ (each method's 04 run:
+        student_last.pt, train_log.pt, ...),
         artifacts/methods.pt, methods.md, methods.png
 Run:    python 07_methods.py                (add --preset tiny for a CPU run of about two minutes)
         a second run skips the methods already trained with the same settings, and resumes one
@@ -43,6 +47,7 @@ import sys
 import time
 
 import matplotlib
+import matplotlib.ticker
 import torch
 from torch.nn import functional as F
 
@@ -50,7 +55,7 @@ from common.artifacts import LessonError, check_preset, load_artifact, load_mode
 from common.cli import in_notebook, lesson_parser, parse, positive_int
 from common.device import autocast, get_device, pick_dtype
 from common.distill import make_batch, soft_kd_kl, token_divergence
-from common.perplexity import logits_fp32, sequences_nll
+from common.perplexity import logits_fp32
 from common.sampling import continue_each
 from common.tokenizer import EOT, get_tokenizer
 
@@ -68,9 +73,9 @@ METHODS = {
     "jsd+on-policy 0.5": ["--kd", "jsd", "--jsd-beta", "0.5", "--on-policy", "0.5"],
     "rkl+on-policy 1": ["--kd", "rkl", "--on-policy", "1"],
 }
-# The budget: epochs over the teacher's training samples, the same for every method (04's own
-# defaults are 3 for gpt2 and 6 for tiny; the lab trains six students, so it takes fewer).
-PRESETS = {"gpt2": dict(epochs=2), "tiny": dict(epochs=3)}
+# The budget, in epochs over the teacher's training samples: sequence-level KD for the start (what 04
+# trains by default), then the same number of epochs for every method.
+PRESETS = {"gpt2": dict(warm_epochs=3, epochs=1), "tiny": dict(warm_epochs=6, epochs=2)}
 TOPK = (1, 8, 32, 128)      # cache sizes for the price-of-top-K table
 SAMPLE_SEED = 1234           # every model writes its own text with the same seeded generator
 LESSON_04 = os.path.join(os.path.dirname(os.path.abspath(globals().get("__file__", "04_train.py"))), "04_train.py")
@@ -108,20 +113,44 @@ def link(src, dst):
 
 @torch.no_grad()
 def held_out_scores(student, teacher, seqs, prompt_lens, batch_size, device, dtype):
-    """On the teacher's held-out samples, at every sampled position: the student's perplexity of the
-    teacher's token, and the mean exact forward and reverse KL between the full distributions."""
-    nll = fkl = rkl = 0.0
-    n = 0
+    """On the teacher's held-out samples, at every sampled position: the student's NLL of the teacher's
+    token and the exact forward and reverse KL between the full distributions. Returns per-sample sums
+    (3, samples) and the scored tokens per sample: the spread between samples says how sure a mean is."""
+    sums, counts = [], []
     for i in range(0, len(seqs), batch_size):
         x, y = make_batch(seqs[i:i + batch_size], device=device, prompt_lens=prompt_lens[i:i + batch_size])
         with autocast(device, dtype):
             s, t = logits_fp32(student, x), logits_fp32(teacher, x)  # (B, L, V) each
         scored = y != -100
-        nll += F.cross_entropy(s[scored], y[scored], reduction="sum").item()
-        fkl += token_divergence(s, t, "fkl")[scored].sum().item()
-        rkl += token_divergence(s, t, "rkl")[scored].sum().item()
-        n += int(scored.sum())
-    return {"ppl": math.exp(nll / n), "fkl": fkl / n, "rkl": rkl / n}
+        nll = F.cross_entropy(s.transpose(1, 2), y, ignore_index=-100, reduction="none")  # (B, L)
+        per_position = torch.stack([nll, token_divergence(s, t, "fkl"), token_divergence(s, t, "rkl")])
+        sums.append((per_position * scored).sum(-1).double().cpu())  # (3, B)
+        counts.append(scored.sum(-1).cpu())
+    return torch.cat(sums, 1), torch.cat(counts)
+
+
+@torch.no_grad()
+def sample_nll(model, seqs, prompt_lens, batch_size, device, dtype):
+    """The model's NLL of each sequence's sampled tokens (prompt not scored): per-sample sums and counts."""
+    sums, counts = [], []
+    for i in range(0, len(seqs), batch_size):
+        x, y = make_batch(seqs[i:i + batch_size], device=device, prompt_lens=prompt_lens[i:i + batch_size])
+        with autocast(device, dtype):
+            logits = logits_fp32(model, x)
+        nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
+        sums.append(nll.sum(-1).double().cpu())
+        counts.append((y != -100).sum(-1).cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def mean_and_spread(sums, counts):
+    """The token-weighted mean of per-sample sums, and two standard errors of it, with the samples as
+    the independent units (tokens of one sample are not independent): the ratio estimator's error."""
+    n = counts.double()
+    mean = sums.sum() / n.sum()
+    k = len(n)
+    se = ((sums - mean * n).pow(2).sum() * k / max(1, k - 1)).sqrt() / n.sum()
+    return mean.item(), 2 * se.item()
 
 
 def rest_bucket_kl(student_logprobs, ids, teacher_logprobs):
@@ -161,16 +190,31 @@ def price_of_top_k(student, teacher, seqs, prompt_lens, batch_size, device, dtyp
             "rest": {k: v / n for k, v in rest.items()}}
 
 
-def own_text(model, seqs, prompt_lens, device):
-    """The model continues each held-out prompt itself, as many tokens as the teacher's sample has
-    (fewer if it ends the text), at temperature 1, with the same seeded generator for every model."""
+def own_text(model, seqs, prompt_lens, device, per_prompt):
+    """The model continues each held-out prompt itself, per_prompt times, as many tokens as the
+    teacher's sample has (fewer if it ends the text), at temperature 1, untruncated (its real
+    distribution), with the same seeded generator for every model."""
     g = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
+    seqs = [s for s in seqs for _ in range(per_prompt)]
+    prompt_lens = [P for P in prompt_lens for _ in range(per_prompt)]
     out = []
-    for i in range(0, len(seqs), 32):
-        group, P = seqs[i:i + 32], prompt_lens[i:i + 32]
+    for i in range(0, len(seqs), 64):
+        group, P = seqs[i:i + 64], prompt_lens[i:i + 64]
         out += continue_each(model, [s[:p] for s, p in zip(group, P)], [len(s) - p for s, p in zip(group, P)], EOT,
                              temperature=1.0, generator=g)
-    return out
+    return out, prompt_lens
+
+
+def measure(student, teacher, test, test_P, args, device, dtype):
+    """Every number of a table row. The teacher's perplexity of the model's own text comes with its
+    spread (+-x%: two standard errors)."""
+    sums, counts = held_out_scores(student, teacher, test, test_P, args.batch_size, device, dtype)
+    nll, fkl, rkl = (sums.sum(1) / counts.sum()).tolist()  # means over every scored token
+    text, P = own_text(student, test, test_P, device, args.own_samples)
+    own, own_2se = mean_and_spread(*sample_nll(teacher, text, P, args.batch_size, device, dtype))
+    return {"ppl": math.exp(nll), "fkl": fkl, "rkl": rkl,
+            "teacher_ppl_own": math.exp(own), "own_spread": math.exp(own_2se) - 1, "distinct_2": distinct_2(text, P),
+            "own_tokens": sum(len(t) - p for t, p in zip(text, P))}
 
 
 def distinct_2(seqs, prompt_lens):
@@ -179,24 +223,28 @@ def distinct_2(seqs, prompt_lens):
     return len(set(pairs)) / max(1, len(pairs))
 
 
-def chart(rows, teacher_row, path):
-    """Left: what each method traded (coverage of the teacher's text against plausibility of its own);
-    right: what it cost."""
-    names = list(rows)
+def chart(rows, path):
+    """Left: what each method traded (coverage of the teacher's text against how plausible its own text
+    is to the teacher); right: what it cost."""
+    names = [n for n in rows if n in METHODS]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.4, 1]})
-    colors = plt.get_cmap("tab10").colors
-    for i, name in enumerate(names):
-        r = rows[name]
-        ax.scatter(r["ppl"], r["teacher_ppl_own"], s=60, color=colors[i], label=name, zorder=3)
+    colors = dict(zip(names, plt.get_cmap("tab10").colors))
+    for name, r in rows.items():
+        style = dict(marker="*", s=180, color="black") if name == "teacher" else \
+            dict(marker="s", s=50, color="#999999") if name == "start" else dict(s=60, color=colors[name])
+        ax.scatter(r["ppl"], r["teacher_ppl_own"], zorder=3, **style)
         ax.annotate(name, (r["ppl"], r["teacher_ppl_own"]), xytext=(5, 4), textcoords="offset points", fontsize=8)
-    ax.scatter(teacher_row["ppl"], teacher_row["teacher_ppl_own"], marker="*", s=160, color="black", zorder=3)
-    ax.annotate("teacher", (teacher_row["ppl"], teacher_row["teacher_ppl_own"]), xytext=(5, 4),
-                textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 3, 4, 5 rather than 3x10^0
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(plain)
     ax.set_xlabel("student's perplexity on the teacher's text\n(lower: covers what the teacher says)")
-    ax.set_ylabel("teacher's perplexity on the student's text\n(lower: says what the teacher would)")
-    ax.set_title("What each method trades")
-    ax.grid(alpha=0.3)
-    bx.barh(names[::-1], [rows[n]["time"] for n in names[::-1]], color=[colors[i] for i in range(len(names))][::-1])
+    ax.set_ylabel("teacher's perplexity on the student's own text\n(lower: writes what the teacher would)")
+    ax.set_title("What each method trades (lower left is better)")
+    ax.grid(alpha=0.3, which="both")
+    bx.barh(names[::-1], [rows[n]["time"] for n in names[::-1]], color=[colors[n] for n in names[::-1]])
     bx.set_xlabel("training time (s)")
     bx.set_title("What it costs (same number of steps)")
     bx.grid(axis="x", alpha=0.3)
@@ -209,11 +257,16 @@ def chart(rows, teacher_row, path):
 
 def main():
     p = lesson_parser(__doc__)
+    p.add_argument("--warm-epochs", type=positive_int, default=None,
+                   help="epochs of sequence-level KD from student_init.pt that make the common start: what 04 "
+                        "trains by default (gpt2: 3, tiny: 6)")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help="epochs of training for every method (gpt2: 2, tiny: 3)")
+                   help="epochs of training for every method, from the start (gpt2: 1, tiny: 2)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"the methods to run, comma-separated (default: all: {','.join(METHODS)})")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch when measuring")
+    p.add_argument("--own-samples", type=positive_int, default=4,
+                   help="texts each model writes per held-out prompt, graded by the teacher (default: 4)")
     p.add_argument("--fresh", action="store_true", help="train every method again, even those already trained")
     args = parse(p, PRESETS)
     out = args.out
@@ -232,17 +285,22 @@ def main():
     data = load_artifact(f"{out}/generated.pt", "generated", keys=("test", "test_prompt_lens"))
     test, test_P = data["test"], data["test_prompt_lens"]
     teacher, teacher_ckpt = load_model(f"{out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
-    init, _ = load_model(f"{out}/student_init.pt", "student_init", vocab_size=enc.n_vocab)
     teacher.to(device)
     stamp = {f: [os.path.getsize(f"{out}/{f}"), os.path.getmtime(f"{out}/{f}")] for f in inputs}
 
-    # --- training: one 04 run per method, each in its own folder ---
+    # --- training: the start, then one 04 run per method from it, each in its own folder ---
     t_lab = time.time()
-    for name in chosen:
+    start = f"{out}/methods/start/student_last.pt"
+    for name in ["start", *chosen]:
         sub = f"{out}/methods/{name.replace(' ', '_')}"
         os.makedirs(sub, exist_ok=True)
-        flags = ["--preset", args.preset, "--out", sub, "--epochs", str(args.epochs), *METHODS[name]]
-        recipe = {"flags": flags, "inputs": stamp}
+        if name == "start":
+            flags = ["--preset", args.preset, "--out", sub, "--epochs", str(args.warm_epochs), "--kd", "seq"]
+            recipe = {"flags": flags, "inputs": stamp}
+        else:
+            flags = ["--preset", args.preset, "--out", sub, "--epochs", str(args.epochs), "--init", start,
+                     *METHODS[name]]
+            recipe = {"flags": flags, "inputs": stamp, "start": [os.path.getsize(start), os.path.getmtime(start)]}
         done = f"{sub}/method.json"
         same = os.path.exists(done) and json.load(open(done)) == recipe and not args.fresh
         if same and os.path.exists(f"{sub}/train_log.pt") and os.path.getmtime(f"{sub}/train_log.pt") >= os.path.getmtime(done):
@@ -265,53 +323,49 @@ def main():
 
     # --- measuring: every student after the same number of steps, on the same held-out samples ---
     print(f"\nmeasuring on generated-test ({len(test)} samples, {sum(len(s) - P for s, P in zip(test, test_P)):,} "
-          f"sampled tokens) | {device} {dtype}")
-    rows, steps = {}, {}
-    for name in chosen:
-        sub = f"{out}/methods/{name.replace(' ', '_')}"
-        student, _ = load_model(f"{sub}/student_last.pt", "student", vocab_size=enc.n_vocab)
-        student.to(device)
-        log = load_artifact(f"{sub}/train_log.pt", "train_log")
-        steps[name] = log["step"][-1]
-        r = held_out_scores(student, teacher, test, test_P, args.batch_size, device, dtype)
-        text = own_text(student, test, test_P, device)
-        with autocast(device, dtype):
-            nll, n = sequences_nll(teacher, text, args.batch_size, test_P)
-        r.update(teacher_ppl_own=math.exp(nll / n), distinct_2=distinct_2(text, test_P), time=log["wall_time"])
-        rows[name] = r
-        if name == "soft" or (name == chosen[-1] and "soft" not in rows):
-            price_of = name
-            price = price_of_top_k(student, teacher, test, test_P, args.batch_size, device, dtype)
-        print(f"  {name:<18} ppl {r['ppl']:7.2f} | KL(t||s) {r['fkl']:.3f} | KL(s||t) {r['rkl']:.3f} | "
-              f"teacher ppl of own text {r['teacher_ppl_own']:7.2f} | distinct-2 {r['distinct_2']:.3f} | "
-              f"{r['time']:.0f}s")
+          f"sampled tokens; each model writes {args.own_samples} texts per prompt) | {device} {dtype}")
+    rows, steps, students = {}, {}, {}
+    for name in ["teacher", "start", *chosen]:
+        if name == "teacher":
+            model = teacher
+        else:
+            sub = f"{out}/methods/{name.replace(' ', '_')}"
+            model, _ = load_model(f"{sub}/student_last.pt", "student", vocab_size=enc.n_vocab)
+            model.to(device)
+            log = load_artifact(f"{sub}/train_log.pt", "train_log")
+        rows[name] = r = measure(model, teacher, test, test_P, args, device, dtype)
+        if name in METHODS:
+            steps[name], r["time"], students[name] = log["step"][-1], log["wall_time"], model
+        print(f"  {name:<18} ppl {r['ppl']:7.2f} | KL(t||s) {r['fkl']:.3f} | KL(s||t) "
+              f"{r['rkl']:.3f} | teacher ppl of own text {r['teacher_ppl_own']:7.2f} (+-{r['own_spread']:.0%}) | "
+              f"distinct-2 {r['distinct_2']:.3f}" + (f" | {r['time']:.0f}s" if "time" in r else ""))
     if len(set(steps.values())) > 1:
         raise LessonError(f"the methods trained for different numbers of steps ({steps}): run 07 with --fresh")
-    own = own_text(teacher, test, test_P, device)
-    with autocast(device, dtype):
-        nll, n = sequences_nll(teacher, own, args.batch_size, test_P)
-        t_nll, t_n = sequences_nll(teacher, test, args.batch_size, test_P)
-    teacher_row = {"ppl": math.exp(t_nll / t_n), "teacher_ppl_own": math.exp(nll / n),
-                   "distinct_2": distinct_2(own, test_P)}
-    init_scores = held_out_scores(init.to(device), teacher, test, test_P, args.batch_size, device, dtype)
+    price_of = "soft" if "soft" in students else chosen[0]
+    price = price_of_top_k(students[price_of], teacher, test, test_P, args.batch_size, device, dtype)
 
     # --- the report ---
     who = teacher_ckpt.get("source") or "see teacher.pt"
-    md = [f"# The divergence lab\n", f"Teacher: {who}. Every method starts from the same student_init.pt and trains "
-          f"{steps[chosen[0]]} optimizer steps ({args.epochs} epochs, seed 1337, 04's other defaults for the "
-          f"{args.preset} preset); measured on the teacher's {len(test)} held-out test samples (prompts not scored).\n",
+    label = {"teacher": "teacher (reference)", "start": f"start ({args.warm_epochs} epochs of seq)"}
+    md = ["# The divergence lab\n",
+          f"Teacher: {who}. Every method starts from the same student (student_init.pt after {args.warm_epochs} "
+          f"epochs of sequence-level KD) and trains {steps[chosen[0]]} optimizer steps ({args.epochs} epochs, seed "
+          f"1337, 04's other defaults for the {args.preset} preset). Measured on the teacher's {len(test)} held-out "
+          f"test samples (prompts not scored); own text: {args.own_samples} continuations of each test prompt at "
+          f"temperature 1, {rows[chosen[0]]['own_tokens']:,} tokens or fewer per model. The first three columns score "
+          f"every model on the same tokens; each model's own text is its own, so that column carries ±, two "
+          f"standard errors with the texts as the units (tokens of one text are not independent).\n",
           "| method | ppl on teacher text | KL(t‖s) | KL(s‖t) | teacher ppl of own text | distinct-2 | time |",
-          "|---|---:|---:|---:|---:|---:|---:|",
-          f"| teacher (reference) | {teacher_row['ppl']:.2f} | 0 | 0 | {teacher_row['teacher_ppl_own']:.2f} | "
-          f"{teacher_row['distinct_2']:.3f} | |",
-          f"| student init | {init_scores['ppl']:,.0f} | {init_scores['fkl']:.2f} | {init_scores['rkl']:.2f} | | | |"]
+          "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
-        md.append(f"| {name} | {r['ppl']:.2f} | {r['fkl']:.3f} | {r['rkl']:.3f} | {r['teacher_ppl_own']:.2f} | "
-                  f"{r['distinct_2']:.3f} | {r['time']:.0f} s |")
-    md += ["", "How to read it: the first three numbers ask whether the student covers what the teacher would say "
-           "(forward KL is what seq, soft and fkl minimise); the next two whether what the student says itself is "
-           "what the teacher would say, and how varied it is (reverse KL and on-policy training aim there). "
-           "A method that wins one side often pays on the other; times include the student's sampling for on-policy.",
+        md.append(f"| {label.get(name, name)} | {r['ppl']:.2f} | {r['fkl']:.3f} | "
+                  f"{r['rkl']:.3f} | {r['teacher_ppl_own']:.2f} ±{r['own_spread']:.0%} | {r['distinct_2']:.3f} | "
+                  + (f"{r['time']:.0f} s |" if "time" in r else "|"))
+    md += ["", "How to read it: the first three numbers ask whether the student covers what the teacher says "
+           "(forward KL, what seq, soft and fkl minimise, rewards covering every continuation); the next two ask "
+           "whether what the student writes itself is what the teacher would write, and how varied it is (reverse "
+           "KL and on-policy training aim there). A method that wins one side often pays on the other; on-policy "
+           "times include the student's sampling.",
            "", f"## The price of a top-K cache (the {price_of} student)\n",
            f"Exact forward KL(teacher ‖ student), full vocabulary: **{price['exact']:.4f}** nats per token. What a cache "
            f"of the teacher's K most likely tokens gives instead (int32 id + float16 log-prob = 6 bytes each; the rest "
@@ -321,13 +375,12 @@ def main():
            "|---:|---:|---:|---:|"]
     for k in TOPK:
         md.append(f"| {k} | {6 * k} | {price['renorm'][k]:.4f} | {price['rest'][k]:.4f} |")
-    md += ["", "The methods' runs are in methods/<method>/ (train_log.pt, student_last.pt); rerun one by hand with "
+    md += ["", "Each method's run is in methods/<method>/ (train_log.pt, student_last.pt); rerun one by hand with "
            "the command 07 printed for it."]
-    save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "teacher": teacher_row,
-                   "student_init": init_scores, "price": price, "price_of": price_of, "steps": steps,
-                   "epochs": args.epochs}, f"{out}/methods.pt")
+    save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "price": price, "price_of": price_of,
+                   "steps": steps, "epochs": args.epochs, "warm_epochs": args.warm_epochs}, f"{out}/methods.pt")
     write_text("\n".join(md) + "\n", f"{out}/methods.md")
-    chart(rows, teacher_row, f"{out}/methods.png")
+    chart(rows, f"{out}/methods.png")
     print(f"\nprice of top-K ({price_of} student): exact KL {price['exact']:.4f}; "
           + ", ".join(f"K={k}: {price['renorm'][k]:.4f} renormalised, {price['rest'][k]:.4f} with rest" for k in TOPK))
     print(f"lab finished in {time.time() - t_lab:.0f}s | wrote {out}/methods.md, methods.png, methods.pt")
