@@ -1,8 +1,11 @@
-"""Lesson 06: the comparison. Charts of perplexity and of training, the seed's improvement and
-achievement rates, a spec table with generation speed measured now, and the teacher's and the
-student's texts side by side for the same prompts, all gathered in report.md.
+"""Lesson 06: the comparison. Charts of perplexity and of training, how much the student improved and
+how close it came to the teacher, a spec table with generation speed measured now, and the teacher's
+and the student's texts side by side for the same prompts, all gathered in report.md. In a notebook
+the charts also appear under the cell.
+  improvement = (student before - student after) / student before, in perplexity: how far training went
+  achievement = teacher perplexity / student perplexity: 100% would be as good as the teacher
 
-Reads:  artifacts/teacher.pt, student_init.pt, student.pt, train_log.pt, eval.pt
+Reads:  artifacts/teacher.pt, student_init.pt, student.pt, train_log.pt, eval.pt, generated.pt
 Writes: artifacts/perplexity.png, artifacts/training.png, artifacts/report.md
 Run:    python 06_compare.py
 """
@@ -14,7 +17,8 @@ import torch
 
 from common.artifacts import load_artifact, load_model, run_lesson, write_text
 from common.cli import in_notebook, lesson_parser, parse, positive_int
-from common.device import get_device, sync
+from common.device import autocast, get_device, pick_dtype, sync
+from common.perplexity import sequences_nll
 from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
 
@@ -52,28 +56,42 @@ def perplexity_chart(ppl, floor, vocab_size, path):
     top = max([v for row in ppl.values() for v in row.values()] + [vocab_size])
     ax.set_ylim(bottom=1, top=top * 6)  # room for the labels above the tallest bar
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncol=3, frameon=False)
+    show_and_save(fig, path)
+
+
+def show_and_save(fig, path):
+    """Save the chart; in a notebook, also show it under the cell."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    if in_notebook():
+        plt.show()
     plt.close(fig)
 
 
-def training_chart(log, path):
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+def training_chart(log, teacher_ce, path):
+    """The student's cross-entropy as it trains, the teacher's on the same val samples (the level a
+    perfect imitation would reach), and the learning-rate schedule on a second axis."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     # cross-entropy on the teacher's sampled tokens, for train and val alike (under --kd soft the
     # training loss also holds the KL term; its cross-entropy part is what compares with val)
     ax.plot(log["step"], log.get("ce", log["loss"]), lw=1, color=COLORS["student"], alpha=0.8,
             label="train cross-entropy (per step)")
     vs, vl = zip(*log["val"])
-    ax.plot(vs, vl, "o-", color=COLORS["teacher"], label="val cross-entropy (per epoch)")
+    ax.plot(vs, vl, "o-", color=COLORS["student"], mec="black", label="val cross-entropy (per epoch)")
+    ax.axhline(teacher_ce, color=COLORS["teacher"], ls="--", lw=1.2, label=f"teacher on the same val samples ({teacher_ce:.2f})")
+    ax.set_ylim(0, max(vl[min(1, len(vl) - 1)] * 1.6, teacher_ce * 2))  # the untrained student's ~10.8 would flatten the rest
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats per sampled token)")
-    ax.set_title("Training the student (sequence-level KD)" if log["settings"]["kd"] == "seq"
-                 else "Training the student (soft-target KD)")
+    ax.set_title(f"Training the student (--kd {log['settings']['kd']})")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    lr_ax = ax.twinx()  # the learning rate, warmup then cosine decay
+    lr_ax.plot(log["step"], log["lr"], color="#999999", lw=1, ls=":", label="learning rate (right axis)")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_ylim(0, max(log["lr"]) * 1.1)
+    lines = ax.get_legend_handles_labels()
+    more = lr_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    show_and_save(fig, path)
 
 
 @torch.no_grad()
@@ -105,16 +123,19 @@ def main():
         files[name] = f"{out}/{name}.pt"
         models[name], _ = load_model(files[name], name, vocab_size=enc.n_vocab)
         models[name].to(device)
-    log = load_artifact(f"{out}/train_log.pt", "train_log", keys=("step", "loss", "val", "settings"))
+    log = load_artifact(f"{out}/train_log.pt", "train_log", keys=("step", "loss", "val", "lr", "settings"))
+    data = load_artifact(f"{out}/generated.pt", "generated", keys=("val", "val_prompt_lens"))
     ev = load_artifact(f"{out}/eval.pt", "eval", keys=("perplexity",))
     ppl = ev["perplexity"]
 
     # --- charts ---
     floor = ev.get("floor", {})
     perplexity_chart(ppl, floor, models["teacher"].config.vocab_size, f"{out}/perplexity.png")
-    training_chart(log, f"{out}/training.png")
+    with autocast(device, pick_dtype(device)):  # the teacher's level on the val samples 04 validated on
+        nll, n = sequences_nll(models["teacher"], data["val"], prompt_lens=data["val_prompt_lens"])
+    training_chart(log, nll / n, f"{out}/training.png")
 
-    # --- the seed's rates: improvement = (before - after) / before, achievement = teacher / student ---
+    # --- improvement = (before - after) / before, achievement = teacher / student, in perplexity ---
     rates = {s: {"improvement": (r["student_init"] - r["student"]) / r["student_init"],
                  "achievement": r["teacher"] / r["student"]} for s, r in ppl.items()}
 

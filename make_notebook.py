@@ -1,25 +1,30 @@
 """Assemble the six lessons into one Jupyter/Colab notebook, course.ipynb: for each lesson a markdown
-cell (its docstring) and a code cell (the lesson itself, unchanged), after a setup cell.
+cell (its docstring) and a code cell (the lesson itself, unchanged), after a setup cell. Lesson 07,
+the divergence lab, runs after the course (it trains six students): paste it into a cell, or run it
+from a shell.
 
 Reads:  01_teacher.py ... 06_compare.py
 Writes: course.ipynb (or the path given)
 Run:    python make_notebook.py [course.ipynb]
 """
 import ast
+import itertools
 import json
 import sys
 
+IDS = itertools.count(1)  # nbformat 4.5: every cell has an id
 LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
 SETUP = """# Run this notebook from the course folder (upload or clone it first), e.g. %cd /content/kd
 !pip install -q tiktoken
-# The lessons read these instead of command-line flags. KD_PRESET=gpt2 is the real course (a GPU runtime
-# is recommended); tiny trains a small teacher on a toy language and runs the course in about a minute anywhere.
-%env KD_PRESET=gpt2
-%env KD_OUT=artifacts"""
+import os
+PRESET = "gpt2"  # <- edit: "gpt2" is the real course (use a GPU runtime); "tiny" trains a small teacher on a toy language, about a minute anywhere
+os.environ.setdefault("KD_PRESET", PRESET)    # a notebook started with KD_PRESET set keeps it; %env KD_PRESET=tiny changes it later
+os.environ.setdefault("KD_OUT", "artifacts")  # the folder the lessons pass their .pt files through
+print("preset:", os.environ["KD_PRESET"], "| artifacts in:", os.environ["KD_OUT"])"""
 
 
 def cell(kind, text):
-    c = {"cell_type": kind, "metadata": {}, "source": text.splitlines(keepends=True)}
+    c = {"cell_type": kind, "id": f"cell-{next(IDS)}", "metadata": {}, "source": text.splitlines(keepends=True)}
     if kind == "code":
         c.update(execution_count=None, outputs=[])
     return c

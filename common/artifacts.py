@@ -37,15 +37,18 @@ class LessonError(Exception):
 def run_lesson(main):
     """Run a lesson's main(); turn LessonError and Ctrl-C into a one-line message and an exit code."""
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, one process speaks for all
+    code = 0
     try:
         main()
     except LessonError as e:
         if not quiet:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     except KeyboardInterrupt:
         print("interrupted (files already written are intact)", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    if code:  # raised here, not inside the except: in a notebook the cell then ends with "SystemExit: 1"
+        sys.exit(code)  # alone (a "run all" stops there), not with the whole chain of tracebacks
 
 
 @contextlib.contextmanager

@@ -21,8 +21,12 @@ def default_out():
 
 
 def in_notebook():
+    """True inside a Jupyter/Colab kernel: its launcher is argv[0], or an IPython shell with a kernel is
+    running (importing ipykernel, as a test harness may, is not enough)."""
     launcher = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return launcher.endswith("_launcher.py") or "ipykernel" in sys.modules
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return launcher.endswith("_launcher.py") or getattr(shell, "kernel", None) is not None
 
 
 def preset_advice(preset):

@@ -53,14 +53,40 @@ def ours_from_hf(ref):
     return m.eval()
 
 
+def run_notebook(nb, env, timeout=900, allow_errors=False):
+    """Execute a notebook's cells in order in a fresh headless Jupyter kernel (nbclient + ipykernel),
+    started in the repository folder as on Colab; the outputs are written into nb. A failing cell
+    raises nbclient's CellExecutionError unless allow_errors."""
+    import nbclient
+    e = {k: v for k, v in os.environ.items() if k not in ("KD_PRESET", "KD_OUT")}
+    e.update(PYTHONUNBUFFERED="1", **env)
+    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
+                                     resources={"metadata": {"path": ROOT}})
+    client.execute(env=e)
+    return nb
+
+
+def cell_text(cell):
+    """What a code cell printed (stdout and stderr)."""
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
 @pytest.fixture(scope="session")
 def course(tmp_path_factory):
-    """The whole tiny course, run once with run_all.sh; tests copy what they need from it."""
+    """The whole tiny course, run once, the way a learner runs it in Colab: course.ipynb (made by
+    make_notebook.py) executed top to bottom in a headless kernel started with KD_PRESET=tiny. Returns
+    the artifacts folder, everything the cells printed, and the executed notebook."""
+    import nbclient
+    import nbformat
     out = tmp_path_factory.mktemp("course")
-    r = subprocess.run(["bash", "run_all.sh", "--preset", "tiny", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out, r.stdout
+    path = tmp_path_factory.mktemp("notebook") / "course.ipynb"
+    subprocess.run([sys.executable, "make_notebook.py", str(path)], cwd=ROOT, check=True, capture_output=True)
+    nb = nbformat.read(path, as_version=4)
+    try:
+        run_notebook(nb, {"KD_PRESET": "tiny", "KD_OUT": str(out), "KD_CACHE": str(out / "cache")})
+    except nbclient.exceptions.CellExecutionError as e:
+        pytest.fail(f"a cell of course.ipynb failed: {str(e)[-3000:]}")
+    return out, "".join(cell_text(c) for c in nb.cells if c.cell_type == "code"), nb
 
 
 @pytest.fixture

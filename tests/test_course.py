@@ -1,25 +1,32 @@
-"""The whole course: run_all.sh on the tiny preset, and every lesson run as a notebook cell."""
+"""The whole course: course.ipynb executed in a headless kernel on the tiny preset, the artifacts it
+leaves, a preset changed between cells, and run_all.sh's loop."""
 import os
-import re
+import stat
+import subprocess
 
 import pytest
 import torch
 
 from common.artifacts import load_artifact
 from common.tokenizer import EOT, get_tokenizer
-from conftest import ROOT, run_py
+from conftest import ROOT, cell_text, run_notebook, run_py
 
 LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
 CHAIN = [("teacher.pt", "teacher"), ("generated.pt", "generated"), ("student_init.pt", "student_init"),
          ("student.pt", "student"), ("train_log.pt", "train_log"), ("eval.pt", "eval")]
 
 
-def test_run_all_tiny_builds_the_whole_chain(course):
-    out, stdout = course
+def test_the_notebook_runs_every_cell_shows_its_charts_and_builds_the_whole_chain(course):
+    out, stdout, nb = course
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert len(code) == 1 + len(LESSONS)
+    assert all(c.execution_count for c in code) and not any(o.output_type == "error" for c in code for o in c.outputs)
+    assert "preset: tiny" in cell_text(code[0])  # the kernel's KD_PRESET kept by the setup cell
+    images = [o for o in code[-1].outputs if o.output_type == "display_data" and "image/png" in o.data]
+    assert len(images) == 2  # 06's two charts, shown under its cell
     for file, kind in CHAIN:
         assert load_artifact(str(out / file), kind)["kind"] == kind
     assert (out / "report.md").exists()
-    assert re.search(r"course finished in \d+s", stdout)
     ev = load_artifact(str(out / "eval.pt"), "eval")
     ppl = ev["perplexity"]["generated-test"]
     assert ppl["student"] < ppl["student_init"] / 5  # the student learned from the teacher's text
@@ -35,11 +42,50 @@ def test_run_all_tiny_builds_the_whole_chain(course):
             assert str(ids.dtype) == "torch.int32" and str(lps.dtype) == "torch.float16"
 
 
+def test_a_preset_changed_between_cells_takes_effect_at_once(course_copy):
+    """In one kernel: with %env KD_PRESET=gpt2, lesson 03 on the tiny teacher is refused in one line
+    that says what to run in a notebook, and nothing changes; after %env KD_PRESET=tiny, the same cell
+    builds the tiny student."""
+    import nbformat
+    before = (course_copy / "student_init.pt").read_bytes()
+    source = open(os.path.join(ROOT, "03_student.py"), encoding="utf-8").read()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (
+        "%env KD_PRESET=gpt2", source, "%env KD_PRESET=tiny", source)])
+    run_notebook(nb, {"KD_OUT": str(course_copy)}, allow_errors=True)
+    refused, built = nb.cells[1], nb.cells[3]
+    errors = [line for line in cell_text(refused).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "run %env KD_PRESET=tiny in a cell" in errors[0], cell_text(refused)
+    error, = [o for o in refused.outputs if o.output_type == "error"]  # "run all" stops here
+    assert error.ename == "SystemExit" and len(error.traceback) <= 2  # and no chain of tracebacks
+    assert (course_copy / "student_init.pt").read_bytes() == before
+    assert not any(o.output_type == "error" for o in built.outputs), cell_text(built)
+    assert "wrote" in cell_text(built) and (course_copy / "student_init.pt").read_bytes() == before  # same seed
+
+
+def test_run_all_runs_the_lessons_in_order_passing_preset_and_out_and_stops_at_a_failure(tmp_path):
+    """run_all.sh's own logic, with a stand-in for python that records its calls (the lessons
+    themselves run in the notebook test above and in the tests of each lesson)."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" != "$FAIL_AT" ]\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PYTHON=str(fake), FAIL_AT="none")
+    r = subprocess.run(["bash", "run_all.sh", "--preset", "tiny", "--out", "somewhere"], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "course finished in" in r.stdout, r.stderr
+    assert calls.read_text().splitlines() == [f"{lesson} --preset tiny --out somewhere" for lesson in LESSONS]
+    calls.unlink()
+    r = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=dict(env, FAIL_AT="03_student.py"),
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "03_student.py failed" in r.stderr and "course finished" not in r.stdout
+    assert calls.read_text().splitlines() == LESSONS[:3]
+
+
 def test_the_teachers_top_k_rows_line_up_with_its_tokens(course):
     """Row t of a sample's top-K table is the teacher's distribution after token t. Then, on the test
     positions, the teacher's top-1 is always its own stored top-1, and its KL to its own top-K is only
     the truncation: -log(the mass of the K tokens), averaged over the sampled positions."""
-    out, _ = course
+    out, _, _ = course
     ev = load_artifact(str(out / "eval.pt"), "eval")
     gen = load_artifact(str(out / "generated.pt"), "generated")
     assert ev["agreement"]["teacher"] == 1.0
@@ -50,7 +96,7 @@ def test_the_teachers_top_k_rows_line_up_with_its_tokens(course):
 
 
 def test_no_opening_is_in_two_splits_and_only_sampled_tokens_are_trained(course):
-    out, _ = course
+    out, _, _ = course
     gen = load_artifact(str(out / "generated.pt"), "generated")
     enc = get_tokenizer()
     openings = {}
@@ -67,7 +113,7 @@ def test_no_opening_is_in_two_splits_and_only_sampled_tokens_are_trained(course)
 
 
 def test_the_tied_embedding_is_saved_once(course):
-    out, _ = course
+    out, _, _ = course
     for name in ("teacher", "student"):
         params = sum(v.numel() for k, v in load_artifact(str(out / f"{name}.pt"), name)["model"].items()
                      if k != "lm_head.weight")  # lm_head.weight is the token embedding itself
@@ -75,7 +121,7 @@ def test_the_tied_embedding_is_saved_once(course):
 
 
 def test_report_numbers_are_the_ones_in_eval_pt_and_the_charts_are_images(course):
-    out, _ = course
+    out, _, _ = course
     ev = load_artifact(str(out / "eval.pt"), "eval")
     report = (out / "report.md").read_text()
     for set_name, r in ev["perplexity"].items():
@@ -89,42 +135,6 @@ def test_report_numbers_are_the_ones_in_eval_pt_and_the_charts_are_images(course
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         h, w, _ = matplotlib.image.imread(out / png).shape
         assert h > 300 and w > 400
-
-
-NOTEBOOK = """
-import os, sys
-sys.argv = ["/usr/lib/python3/dist-packages/ipykernel_launcher.py", "-f",
-            "/root/.local/share/jupyter/runtime/kernel-4f2a9c1e.json"]
-
-def cell(lesson):  # what pasting a lesson into a cell and running it does: same process, kernel's argv
-    source = open(lesson).read()
-    try:
-        exec(compile(source, "<cell>", "exec"), {{"__name__": "__main__"}})
-    except SystemExit as e:
-        raise AssertionError(f"{{lesson}} exited with {{e.code}}")
-    print(f"=== cell {{lesson}} done", flush=True)
-
-os.environ["KD_PRESET"] = "tiny"          # %env KD_PRESET=tiny
-for lesson in {lessons!r}:
-    cell(lesson)
-del os.environ["KD_PRESET"]               # back to the default preset, gpt2, in the same kernel
-os.environ["KD_WIKITEXT_URL"] = "http://127.0.0.1:9/none.zip"
-for lesson in {lessons!r}[4:]:
-    cell(lesson)
-"""
-
-
-def test_the_lessons_run_as_notebook_cells_in_one_kernel(tmp_path):
-    """As pasted into Colab, one cell after another in one process: the kernel's argv, no __file__,
-    the preset chosen with %env, and a change of KD_PRESET between cells taking effect at once."""
-    r = run_py(["-c", NOTEBOOK.format(lessons=LESSONS)], env={"KD_OUT": str(tmp_path), "KD_CACHE": str(tmp_path / "cache")})
-    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    assert r.stdout.count("=== cell") == len(LESSONS) + 2 and (tmp_path / "report.md").exists()
-    first, again = r.stdout.split("=== cell 06_compare.py done", 1)
-    assert "training the tiny teacher" in first
-    # 05 and 06 again with the plain defaults (the gpt2 preset), offline, on the artifacts already there:
-    # the gpt2 preset tries WikiText-2 and, offline, says so and goes on
-    assert "skipped wikitext2: could not download it" in again
 
 
 def test_make_notebook_holds_every_lesson_unchanged(tmp_path):

@@ -140,7 +140,7 @@ def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
 def test_lesson01_tiny_teacher_knows_the_toy_language(course):
     """The tiny preset's teacher was trained on the toy language: GPT-2's vocabulary and architecture,
     a perplexity on held-out documents close to the language's floor, and greedy text in its words."""
-    out, stdout = course
+    out, stdout, _ = course
     teacher, ckpt = load_model(str(out / "teacher.pt"), "teacher", vocab_size=50257)
     assert ckpt["language"] == "toy" and teacher.config.n_layer == 2
     sanity = ckpt["sanity"]

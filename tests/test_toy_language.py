@@ -65,7 +65,7 @@ def test_the_tiny_course_measures_something(course):
     """The targets of the offline course, loosened for robustness: the teacher within 1.5x of the
     language's floor, the student within 2x of the teacher on the teacher's held-out samples, and the
     teacher's samples written in the toy language's words."""
-    out, _ = course
+    out, _, _ = course
     ev = load_artifact(str(out / "eval.pt"), "eval")
     toy, test = ev["perplexity"]["toy-language"], ev["perplexity"]["generated-test"]
     assert ev["floor"]["toy-language"] < toy["teacher"] < 1.5 * ev["floor"]["toy-language"]

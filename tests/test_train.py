@@ -234,7 +234,7 @@ def weights(path):
 
 
 def test_lessons_03_04_train_the_tiny_student(course):
-    out, _ = course
+    out, _, _ = course
     log = load_artifact(str(out / "train_log.pt"), "train_log")
     first, last = log["val"][0][1], log["val"][-1][1]
     assert first > 10.5 and last < first - 1.5, log["val"]  # from ~ln(50257) to clearly lower
