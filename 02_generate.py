@@ -1,6 +1,7 @@
 """Lesson 02: the teacher writes the training data. Sequence-level distillation trains the student on
 text the teacher wrote, so these samples ARE the knowledge being passed on. Sampling (temperature,
-top-k, top-p, KV cache) is written from scratch in common/sampling.py; this lesson drives it, throws
+top-k, top-p, KV cache) is written from scratch in common/sampling.py, and one step of it is written
+out here (sampling_step_by_hand) and shown on the teacher's real logits; this lesson drives it, throws
 away degenerate samples, and stores the teacher's top-K next-token log-probabilities for lesson 04's
 soft-target distillation. Each sample remembers how many of its leading tokens were the prompt (given,
 not sampled): later lessons train and score only the tokens the teacher chose. The samples are split
@@ -22,7 +23,7 @@ from common.artifacts import LessonError, check_preset, load_model, run_lesson, 
 from common.cli import fraction, lesson_parser, nonneg_float, nonneg_int, parse, positive_int, prob_float
 from common.device import DTYPES, get_device, pick_dtype, sync
 from common.perplexity import logits_fp32
-from common.sampling import generate
+from common.sampling import generate, sample_next
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
@@ -52,6 +53,21 @@ TOPICS = [
     "The chess tournament ended with", "In the forest at night, you can hear", "The president said in a speech",
     "The small startup raised money to",
 ]
+
+
+def sampling_step_by_hand(logits, temperature, top_k, top_p, generator=None):
+    """One sampling step at one position, written out: logits (vocab,) -> (the token drawn, the
+    candidates left, their probabilities). common.sampling.sample_next does this for a whole batch at
+    every step of generate(); tests/test_generate.py checks that the two draw the same token."""
+    if temperature == 0:
+        return int(logits.argmax()), logits.argmax()[None], torch.ones(1)  # greedy: always the most likely
+    top, ids = torch.topk(logits.float() / temperature, top_k)  # temperature: < 1 sharpens, > 1 flattens;
+    probs = torch.softmax(top, dim=-1)                          # top-k: the k most likely, renormalised
+    mass_before = probs.cumsum(-1) - probs                      # top-p: a token stays while the tokens ranked
+    probs = probs.masked_fill(mass_before >= top_p, 0.0)        # above it hold less than top_p (the nucleus)
+    choice = torch.multinomial(probs, 1, generator=generator)   # draw one, in proportion (zeros never)
+    kept = probs > 0
+    return int(ids[choice]), ids[kept], probs[kept] / probs[kept].sum()
 
 
 def repeated_ngram_fraction(tokens, n=4):
@@ -109,6 +125,19 @@ def main():
                           f"{teacher.config.block_size - longest} or less")
     print(f"prompts: {args.prompts} ({len(set(plan) - {''})} topic openings) | {args.num_samples} samples x "
           f"{args.max_new_tokens} new tokens | T={args.temperature} top-k={args.top_k} top-p={args.top_p}")
+
+    # --- one sampling step, by hand, on the teacher's real next-token logits after one opening ---
+    opening = next((p for p in prompts if len(p) > 1), prompts[0])
+    with torch.no_grad():
+        logits = teacher(torch.tensor([opening], device=device))[0][0, -1].float().cpu()  # (vocab,)
+    token, ids, probs = sampling_step_by_hand(logits, args.temperature, args.top_k, args.top_p,
+                                              torch.Generator().manual_seed(args.seed))
+    same = int(sample_next(logits[None], args.temperature, args.top_k, args.top_p,
+                           torch.Generator().manual_seed(args.seed))[0])
+    print(f"one step by hand after {enc.decode(opening[1:])!r}: {len(ids)} of the top {args.top_k} tokens are in the "
+          f"top-p {args.top_p} nucleus; the likeliest " + ", ".join(
+              f"{enc.decode([int(i)])!r} {float(q):.2f}" for i, q in zip(ids[:5], probs[:5]))
+          + f"; drew {enc.decode([token])!r} (sample_next, same seed: {enc.decode([same])!r})")
 
     # --- generate: prompts sorted by length, so a batch holds prompts of (nearly) the same length ---
     # generate() takes them padded on the right with their lengths; it feeds each row its own prompt

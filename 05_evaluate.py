@@ -1,5 +1,6 @@
-"""Lesson 05: how close did the student get? Perplexity (written from scratch in common/perplexity.py)
-of the teacher, the untrained student and the trained student on
+"""Lesson 05: how close did the student get? Perplexity, exp(mean negative log-likelihood per token),
+written out for one sample here (perplexity_by_hand) and in batches with sliding windows in
+common/perplexity.py, of the teacher, the untrained student and the trained student on
   generated-test the teacher's held-out test samples (openings never seen in training, and not the
                  val set 04 picked the student on): how well the student imitates the teacher.
                  Only the tokens the teacher sampled are scored, not the prompts it was given.
@@ -61,6 +62,18 @@ def wikitext2_test():
         except LessonError as e:
             print(f"  {e}")
     return None
+
+
+@torch.no_grad()
+def perplexity_by_hand(model, tokens, prompt_len):
+    """Perplexity, written out, for one sample that fits in the model's window: exp of the mean negative
+    log-likelihood of the tokens the model had to predict (not the prompt's). A perplexity of k: on
+    average the model was as unsure as if it chose among k equally likely tokens. common/perplexity.py
+    does the same in batches, and with sliding windows for texts longer than the window."""
+    logits = logits_fp32(model, tokens[None, :-1])[0]             # (T-1, vocab): the guess after each token
+    log_probs = torch.log_softmax(logits, dim=-1)
+    nll = -log_probs[torch.arange(len(tokens) - 1), tokens[1:]]  # -log p(the token that came next)
+    return math.exp(nll[prompt_len - 1:].mean().item())           # from the first sampled token on
 
 
 @torch.no_grad()
@@ -150,7 +163,11 @@ def main():
           + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
           + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
 
-    # --- perplexity of each model on each set ---
+    # --- perplexity, by hand, of the teacher on one test sample; then everything with common/perplexity.py ---
+    one = test[0].to(device)
+    nll, n = sequences_nll(models["teacher"], [one], prompt_lens=test_P[:1])
+    print(f"by hand, the teacher on test sample 0 ({n} sampled tokens): perplexity "
+          f"{perplexity_by_hand(models['teacher'], one, test_P[0]):.3f}; common/perplexity.py: {math.exp(nll / n):.3f}")
     ppl = {}
     for set_name in ["generated-test", *(["toy-language"] if toy_docs else []), *streams]:
         ppl[set_name] = {}

@@ -155,3 +155,19 @@ def test_logits_are_float32_under_autocast():
         ppl_bf16 = perplexity(m, x)
     assert logits.dtype == torch.float32
     assert ppl_bf16 == pytest.approx(perplexity(m, x), rel=2e-2)  # the body ran in bf16; the head did not
+
+
+def test_the_perplexity_written_out_in_lesson_05_equals_common_perplexity(course):
+    """05's perplexity_by_hand (one sample, plain code) equals sequences_perplexity for every test
+    sample and every model, the prompt left out in both."""
+    from common.artifacts import load_artifact, load_model
+    from common.perplexity import sequences_perplexity
+    from conftest import load_lesson
+    lesson = load_lesson("05_evaluate.py")
+    out = course[0]
+    gen = load_artifact(str(out / "generated.pt"), "generated")
+    for name in ("teacher", "student"):
+        model, _ = load_model(str(out / f"{name}.pt"), name)
+        for seq, P in list(zip(gen["test"], gen["test_prompt_lens"]))[:8]:
+            want = sequences_perplexity(model, [seq], prompt_lens=[P])
+            assert lesson.perplexity_by_hand(model, seq, P) == pytest.approx(want, rel=1e-5)
