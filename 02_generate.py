@@ -84,7 +84,7 @@ def main():
     p.add_argument("--temperature", type=nonneg_float, default=0.9, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=prob_float, default=0.95, help="nucleus: the smallest set with this much mass")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences generated at once")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences generated at once (gpt2: 128, tiny: 64)")
     p.add_argument("--seed", type=int, default=1337, help="seed for the sampling generator and the split")
     p.add_argument("--val-fraction", type=fraction, default=0.1,
                    help="share of the openings (and of the unconditional samples) held out for validation")

@@ -1,6 +1,6 @@
 """Lesson 05: how close did the student get? Perplexity, exp(mean negative log-likelihood per token),
 written out for one sample here (perplexity_by_hand) and in batches with sliding windows in
-common/perplexity.py, of the teacher, the untrained student and the trained student on
+common/perplexity.py, of the teacher, the untrained student and the trained student on these sets:
   generated-test the teacher's held-out test samples (openings never seen in training, and not the
                  val set 04 picked the student on): how well the student imitates the teacher.
                  Only the tokens the teacher sampled are scored, not the prompts it was given.

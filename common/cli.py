@@ -34,11 +34,38 @@ def preset_advice(preset):
     return f"run %env KD_PRESET={preset} in a cell" if in_notebook() else f"add --preset {preset}"
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help says every flag's default: appended where the help text does not already say it (flags
+    whose default comes from the preset say "gpt2: .., tiny: .." instead; switches need none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def first_sentences(doc, at_least=60):
+    """The docstring's first whole sentences, at least `at_least` characters of them (so "Lesson 04:
+    distillation." brings the sentence that says what it does), whatever the line breaks."""
+    lines = (doc or "").strip().splitlines()  # a notebook cell may have no __doc__
+    for i, line in enumerate(lines):  # a line ending in ":" introduces a list: the text stops there
+        if line.rstrip().endswith(":"):
+            lines = lines[:i] + [line.rstrip()[:-1] + "."]
+            break
+    text = " ".join(" ".join(lines).split())
+    end = text.find(". ")
+    while 0 <= end < at_least:
+        end = text.find(". ", end + 1)
+    return text if end < 0 else text[:end + 1]
+
+
 def lesson_parser(description):
     """An ArgumentParser with the two flags every lesson shares: --out and --preset."""
-    first_line = (description or "").strip().splitlines()[:1]  # a notebook cell may have no __doc__
     # allow_abbrev=False: argparse would otherwise take --epoch for --epochs, silently
-    p = argparse.ArgumentParser(description=first_line[0] if first_line else None, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=first_sentences(description) or None, allow_abbrev=False,
+                                formatter_class=_HelpWithDefaults)
     p.add_argument("--out", default=default_out(), help="folder for the artifacts (default: %(default)s)")
     p.add_argument("--preset", default=default_preset(), choices=["gpt2", "tiny"],
                    help="gpt2: the real course; tiny: a small teacher that knows a toy language, about a minute on a CPU "

@@ -147,3 +147,32 @@ def test_make_notebook_holds_every_lesson_unchanged(tmp_path):
     assert code[1:] == [open(f"{ROOT}/{lesson}", encoding="utf-8").read() for lesson in LESSONS]
     markdown = [c for c in nb["cells"] if c["cell_type"] == "markdown"]
     assert len(markdown) == 1 + len(LESSONS) and markdown[1]["source"][0].startswith("## Lesson 01")
+
+
+@pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py"])
+def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(lesson, monkeypatch):
+    """--help: the docstring's first whole sentences (never cut at a line end), and every flag's
+    default, said by argparse or, for preset-dependent ones, in the help text itself."""
+    import argparse
+    import runpy
+    import common.cli
+
+    class Caught(Exception):
+        pass
+
+    def catch(parser, presets=None):
+        raise Caught(parser, presets)
+    monkeypatch.setattr(common.cli, "parse", catch)
+    with pytest.raises(Caught) as e:
+        runpy.run_path(os.path.join(ROOT, lesson), run_name="__main__")
+    parser, presets = e.value.args
+    assert parser.description.startswith(f"Lesson {lesson[:2]}: ") and parser.description[-1] in ".?"
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        text = formatter._expand_help(action) if action.help else ""
+        if action.default is None and presets and action.dest in presets["tiny"]:
+            assert "gpt2:" in text and "tiny:" in text, (action.dest, text)  # the preset's values
+        elif action.default is not None and action.default is not False:
+            assert "default" in text, (action.dest, text)
