@@ -1,5 +1,9 @@
 """Lesson 01: the teacher. Load OpenAI's pretrained GPT-2 (124M) into our own ~150-line GPT module
-(common/model.py), look at its size, check that it writes sensible English, and save it.
+(common/model.py), look at its size, check that it writes sensible English, and save it. On the way,
+open the checkpoint file by hand (a safetensors file is an 8-byte length, a JSON header, then raw
+tensors) and see why four of GPT-2's matrices must be transposed for nn.Linear.
+In knowledge distillation (KD) this model is the teacher: the large model whose outputs a smaller
+student will learn to imitate (lessons 02 and 04).
 With --preset tiny the teacher is instead a small GPT (same architecture and tokenizer, 2 layers)
 trained here for a few seconds on a toy English language we wrote (common/toy_language.py), so the
 whole course runs offline on a laptop and still has a teacher that knows a language.
@@ -8,7 +12,9 @@ Reads:  nothing (downloads GPT-2 once into ~/.cache/kd-course), or --weights PAT
 Writes: artifacts/teacher.pt  ({"kind": "teacher", "config": {...}, "model": state_dict, ...})
 Run:    python 01_teacher.py              (add --preset tiny for the toy-language teacher, offline, on a CPU)
 """
+import json
 import math
+import os
 import time
 
 import torch
@@ -16,7 +22,7 @@ import torch
 from common import toy_language
 from common.artifacts import model_checkpoint, run_lesson, save_artifact
 from common.cli import existing_path, lesson_parser, parse
-from common.gpt2_weights import SIZES, download_gpt2, load_gpt2
+from common.gpt2_weights import SIZES, download_gpt2, load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
 from common.perplexity import perplexity, sequences_perplexity
 from common.sampling import generate
@@ -35,6 +41,17 @@ PASSAGE = ("The river runs through the middle of the old town. In the summer, ch
            "that carry grain to the city can sail again.")
 
 
+def peek_at_checkpoint(path):
+    """A safetensors file's header, read by hand: the first 8 bytes (little-endian) are the header's
+    length n; the next n bytes are JSON giving each tensor's dtype, shape and byte range in the data
+    after it. (common/gpt2_weights.py reads the tensors themselves, memory-mapped.)"""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return n, header
+
+
 def main():
     p = lesson_parser(__doc__)
     p.add_argument("--model", default="gpt2", choices=SIZES, help="which GPT-2 to download (default: gpt2, 124M)")
@@ -45,21 +62,33 @@ def main():
 
     # --- build the teacher ---
     t0 = time.time()
-    if args.weights:
-        config, state = load_gpt2(args.weights)
-        source = f"weights from {args.weights}"
-    elif args.preset == "tiny":
+    file = None  # the checkpoint file, for a look inside
+    if args.weights or args.preset != "tiny":
+        path = args.weights or download_gpt2(args.model)
+        config, state = load_gpt2(path)
+        source = f"weights from {args.weights}" if args.weights else f"openai-community/{args.model} ({path})"
+        file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    else:
         config, state = TINY_TEACHER, None
         source = (f"tiny teacher: {config.n_layer} layers x {config.n_embd} wide, trained {TINY_STEPS} steps "
                   f"on the toy language (common/toy_language.py)")
-    else:
-        folder = download_gpt2(args.model)
-        config, state = load_gpt2(folder)
-        source = f"openai-community/{args.model} ({folder})"
     torch.manual_seed(SEED)
     model = GPT(config)
     if state is not None:
         model.load_state_dict(state)
+        name = None
+        if os.path.exists(file) and file.endswith(".safetensors"):  # the file, by hand
+            n, header = peek_at_checkpoint(file)
+            name = next((k for k in header if k.endswith("h.0.attn.c_attn.weight")), None)
+        if name:
+            info = header[name]
+            print(f"{file}: an {n:,}-byte JSON header listing {len(header)} tensors; one of them: {name}, "
+                  f"{info['dtype']} {info['shape']} at bytes {info['data_offsets']} of the data after it")
+            # GPT-2 was written with TensorFlow "Conv1D" layers, which store a weight as (in, out) and compute
+            # x @ W; nn.Linear stores (out, in) and computes x @ W.T. So the stored matrix arrives transposed:
+            stored, ours = read_safetensors(file)[name], model.transformer.h[0].attn.c_attn.weight
+            print(f"  stored (in, out) {tuple(stored.shape)} -> our nn.Linear's (out, in) {tuple(ours.shape)}; "
+                  f"ours equals the stored one transposed: {torch.equal(ours, stored.t().to(ours.dtype))}")
     else:  # the tiny preset: learn the toy language (the stand-in for GPT-2's pretraining; not the lesson)
         print(f"training the tiny teacher on the toy language ({TINY_STEPS} steps):")
         n_used = toy_language.train_on_toy_language(model, TINY_STEPS, enc.encode, EOT, seed=1)

@@ -9,6 +9,8 @@ clipping and accumulation, and optionally several GPUs. The kinds of distillatio
   --on-policy LAMBDA   with fkl, rkl or jsd: for that share of the micro-batches the student writes its
              own continuation of each prompt, and the teacher grades those tokens instead of its own
              (on-policy distillation, as in GKD): the student learns on the text it actually produces
+Each loss is written out plainly in loss_by_hand (printed for the first batch beside the loss the loop
+trains on), and one training step (forward, scaled backward, unscale, clip, step) in train_step.
 Only sampled tokens are trained on: a sample's prompt is context, never a target. The <|endoftext|>
 that ends a sample is a target (the student must learn to stop); nothing after it is.
 
@@ -86,6 +88,30 @@ def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0, teacher_logits=N
         return ce, ce
     kl = soft_kd_kl(logits, *topk, T)[y != -100].sum()
     return alpha * T * T * kl + (1 - alpha) * ce, ce
+
+
+def loss_by_hand(logits, y, kd, topk=None, alpha=0.5, T=2.0, teacher_logits=None, beta=0.5):
+    """The mean loss per scored token, each kind's formula written out plainly (loss_sums computes the
+    same through common/distill.py, in float32 and in log space; a test checks they agree)."""
+    scored = y != -100
+    log_q = F.log_softmax(logits.float(), dim=-1)                                 # the student's log-probs
+    ce = -log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0][scored].mean()      # -log q(the teacher's token)
+    if kd == "seq":
+        return ce
+    if kd == "soft":  # Hinton: both sides softened by T, the teacher known over its top K only
+        ids, lps = topk
+        p = F.softmax(lps.float() / T, dim=-1)                                    # teacher, renormalised over K
+        log_q_T = F.log_softmax(logits.float() / T, dim=-1).gather(-1, ids.long())  # student, read at those K
+        kl = (p * (p.log() - log_q_T)).sum(-1)
+        return alpha * T * T * kl[scored].mean() + (1 - alpha) * ce
+    p, log_p = F.softmax(teacher_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1)
+    q = log_q.exp()
+    if kd == "fkl":                                                               # sum p (log p - log q)
+        return (p * (log_p - log_q)).sum(-1)[scored].mean()
+    if kd == "rkl":                                                               # sum q (log q - log p)
+        return (q * (log_q - log_p)).sum(-1)[scored].mean()
+    m = beta * p + (1 - beta) * q  # jsd: the mixture; log(m) of a sum (token_divergence keeps it in log space)
+    return (beta * (p * (log_p - m.log())).sum(-1) + (1 - beta) * (q * (log_q - m.log())).sum(-1))[scored].mean()
 
 
 def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad_clip, kd="seq", alpha=0.5, T=2.0,
@@ -371,6 +397,21 @@ def main():
         if step == 0:
             history["val"].append((0, evaluate()))
             log(f"val before training: loss {history['val'][-1][1]:.4f} | ppl {math.exp(history['val'][-1][1]):.1f}")
+            if master:  # the loss of one batch, written out, beside the loss the loop trains on
+                idx = chunks_of_epoch(0)[0][0][0]
+                x, y, *topk = make_batch([train[k] for k in idx], *(
+                    ([data["train_topk_ids"][k] for k in idx], [data["train_topk_logprobs"][k] for k in idx])
+                    if args.kd == "soft" else ()), device=device, prompt_lens=[train_P[k] for k in idx])
+                raw.eval()
+                with torch.no_grad(), autocast(device, dtype):
+                    logits = raw(x)[0]
+                    t_logits = teacher(x)[0] if teacher is not None else None
+                raw.train()
+                plain = loss_by_hand(logits, y, args.kd, topk, args.kd_alpha, args.kd_temperature, t_logits, args.jsd_beta)
+                trained = loss_sums(logits, y, args.kd, topk, args.kd_alpha, args.kd_temperature, t_logits,
+                                    args.jsd_beta)[0] / (y != -100).sum()
+                log(f"the first batch's loss written out (loss_by_hand): {float(plain):.4f}; "
+                    f"as the loop computes it (loss_sums): {float(trained):.4f}")
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
             chunks = chunks_of_epoch(epoch)

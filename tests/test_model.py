@@ -9,7 +9,7 @@ from common import toy_language
 from common.artifacts import LessonError, load_model
 from common.gpt2_weights import load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
-from conftest import hf_model, run_py
+from conftest import hf_model, load_lesson, run_py
 
 
 def hub_state(ref):
@@ -135,6 +135,13 @@ def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
     teacher, ckpt = load_model(str(tmp_path / "art" / "teacher.pt"), "teacher", vocab_size=50257)
     assert ckpt["language"] == "english" and "greedy continuation" in r.stdout
     assert_parity(ref, teacher)
+    # the look inside the file: the header read by hand lists what the reader loads, and the transpose holds
+    assert "h.0.attn.c_attn.weight, F32 [96, 288]" in r.stdout, r.stdout
+    assert "(96, 288) -> our nn.Linear's (out, in) (288, 96); ours equals the stored one transposed: True" in r.stdout
+    lesson = load_lesson("01_teacher.py")
+    n, header = lesson.peek_at_checkpoint(os.path.join(folder, "model.safetensors"))
+    tensors = read_safetensors(os.path.join(folder, "model.safetensors"))
+    assert {k: v["shape"] for k, v in header.items()} == {k: list(t.shape) for k, t in tensors.items()}
 
 
 def test_lesson01_tiny_teacher_knows_the_toy_language(course):

@@ -450,3 +450,20 @@ def test_student_samples_keep_the_endoftext_and_nothing_after():
     assert m.training
     _, y = make_batch(out, prompt_lens=[2, 1])
     assert y.tolist() == [[-100, 50256], [50256, -100]]
+
+
+@pytest.mark.parametrize("kd", ["seq", "soft", "fkl", "rkl", "jsd"])
+def test_the_loss_written_out_in_lesson_04_equals_the_loss_it_trains_on(kd):
+    """04's loss_by_hand (each formula in plain code) against loss_sums (common/distill.py, log space),
+    as the mean over the scored tokens, on a batch with prompt and padding positions."""
+    torch.manual_seed(0)
+    B, L, V, K = 3, 7, 50, 8
+    logits, teacher = torch.randn(B, L, V) * 2, torch.randn(B, L, V) * 3
+    y = torch.randint(0, V, (B, L))
+    y[0, :2] = -100  # a prompt
+    y[2, 5:] = -100  # padding
+    lps, ids = torch.log_softmax(teacher, -1).topk(K, -1)
+    topk = (ids.int(), lps.half())
+    plain = L04.loss_by_hand(logits, y, kd, topk, 0.3, 2.5, teacher, 0.7)
+    total, _ = L04.loss_sums(logits, y, kd, topk, 0.3, 2.5, teacher, 0.7)
+    assert plain.item() == pytest.approx((total / (y != -100).sum()).item(), rel=1e-5)
