@@ -4,8 +4,9 @@ top-k, top-p, KV cache) is written from scratch in common/sampling.py, and one s
 out here (sampling_step_by_hand) and shown on the teacher's real logits; this lesson drives it, throws
 away degenerate samples, and stores the teacher's top-K next-token log-probabilities for lesson 04's
 soft-target distillation (there the student learns to match the teacher's probabilities for
-every likely next token, not only the one it sampled). Each sample remembers how many of its leading tokens were the prompt (given,
-not sampled): later lessons train and score only the tokens the teacher chose. The samples are split
+every likely next token, not only the one it sampled). Each sample remembers how many of its leading
+tokens were the prompt (given, not sampled): later lessons train and score only the tokens the
+teacher chose. The samples are split
 by opening into train, val (04 picks the best student on it) and test (05 reports on it), so no
 held-out sample shares its opening with a training sample.
 
