@@ -467,3 +467,16 @@ def test_the_loss_written_out_in_lesson_04_equals_the_loss_it_trains_on(kd):
     plain = L04.loss_by_hand(logits, y, kd, topk, 0.3, 2.5, teacher, 0.7)
     total, _ = L04.loss_sums(logits, y, kd, topk, 0.3, 2.5, teacher, 0.7)
     assert plain.item() == pytest.approx((total / (y != -100).sum()).item(), rel=1e-5)
+
+
+def test_torchrun_on_policy_sums_the_step_tokens_over_processes(course_copy):
+    """On-policy under torchrun: each process writes its own samples, whose lengths only it knows; the
+    step's token count (the loss's denominator) is summed over both, so the log counts every token the
+    untrained student wrote (about the teacher's lengths: it rarely ends a text), not one process's half."""
+    keep_train_samples(course_copy, 16, n_val=4)  # 2 processes x 2 micro-batches of 4
+    r = train(course_copy, "--kd", "rkl", "--on-policy", "1", "--epochs", "1", "--log-interval", "1", torchrun=True)
+    assert "student sampling" in r.stdout
+    log = load_artifact(str(course_copy / "train_log.pt"), "train_log")
+    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    teacher_tokens = sum(len(s) - P for s, P in zip(gen["train"], gen["train_prompt_lens"]))
+    assert log["world"] == 2 and 0.75 * teacher_tokens < log["tokens"] <= teacher_tokens
