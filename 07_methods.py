@@ -308,7 +308,8 @@ def main():
             continue
         for file in inputs:
             link(f"{out}/{file}", f"{sub}/{file}")
-        resume = same and os.path.exists(f"{sub}/train_state.pt")
+        state = f"{sub}/train_state.pt"  # resumed only if saved by an interrupted run of this very recipe
+        resume = same and os.path.exists(state) and os.path.getmtime(state) >= os.path.getmtime(done)
         with open(done, "w") as f:
             json.dump(recipe, f)
         print(f"=== {name}: python 04_train.py {' '.join(flags)}{' --resume' if resume else ''}")
