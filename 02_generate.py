@@ -6,9 +6,8 @@ away degenerate samples, and stores the teacher's top-K next-token log-probabili
 soft-target distillation (there the student learns to match the teacher's probabilities for
 every likely next token, not only the one it sampled). Each sample remembers how many of its leading
 tokens were the prompt (given, not sampled): later lessons train and score only the tokens the
-teacher chose. The samples are split
-by opening into train, val (04 picks the best student on it) and test (05 reports on it), so no
-held-out sample shares its opening with a training sample.
+teacher chose. The samples are split by opening into train, val (04 picks the best student on it)
+and test (05 reports on it), so no held-out sample shares its opening with a training sample.
 
 Reads:  artifacts/teacher.pt
 Writes: artifacts/generated.pt  ({"kind": "generated", "train"/"val"/"test": [token tensors],

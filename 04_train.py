@@ -77,15 +77,15 @@ def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0, teacher_logits=N
           student's at every scored position, at temperature 1; the cross-entropy is only reported.
     Sums, not means: the caller divides by the number of scored tokens in the whole optimizer step.
     """
-    if kd in ONLINE:  # the cross-entropy only reported: computed without a graph, which would keep its tensors
-        with torch.no_grad():
-            ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
+    # for the online kinds the cross-entropy is only reported: computed without a graph (which would keep its tensors)
+    with torch.no_grad() if kd in ONLINE else nullcontext():
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
+    if kd == "seq":
+        return ce, ce
+    if kd in ONLINE:
         # float32 (B, L, V) tensors at the peak of forward + backward, beyond the two logits tensors: 5.3 for
         # fkl, 6.3 for rkl, 10.5 for jsd (measured: bench/divergence_memory.py; the README has the T4 arithmetic)
         return token_divergence(logits, teacher_logits, kd, beta=beta)[y != -100].sum(), ce
-    ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
-    if kd == "seq":
-        return ce, ce
     kl = soft_kd_kl(logits, *topk, T)[y != -100].sum()
     return alpha * T * T * kl + (1 - alpha) * ce, ce
 

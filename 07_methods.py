@@ -41,6 +41,7 @@ Run:    python 07_methods.py                (add --preset tiny for a CPU run of 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,7 +108,6 @@ def link(src, dst):
     try:
         os.symlink(os.path.abspath(src), dst)
     except OSError:
-        import shutil
         shutil.copyfile(src, dst)
 
 
@@ -302,7 +302,10 @@ def main():
                      *METHODS[name]]
             recipe = {"flags": flags, "inputs": stamp, "start": [os.path.getsize(start), os.path.getmtime(start)]}
         done = f"{sub}/method.json"
-        same = os.path.exists(done) and json.load(open(done)) == recipe and not args.fresh
+        same = False
+        if os.path.exists(done) and not args.fresh:
+            with open(done) as f:
+                same = json.load(f) == recipe
         if same and os.path.exists(f"{sub}/train_log.pt") and os.path.getmtime(f"{sub}/train_log.pt") >= os.path.getmtime(done):
             print(f"=== {name}: trained earlier with the same settings, kept ({sub})")
             continue
@@ -310,14 +313,15 @@ def main():
             link(f"{out}/{file}", f"{sub}/{file}")
         state = f"{sub}/train_state.pt"  # resumed only if saved by an interrupted run of this very recipe
         resume = same and os.path.exists(state) and os.path.getmtime(state) >= os.path.getmtime(done)
-        with open(done, "w") as f:
-            json.dump(recipe, f)
+        if not resume:  # (a resumed run keeps the file's time, which dates the state it resumes)
+            with open(done, "w") as f:
+                json.dump(recipe, f)
         print(f"=== {name}: python 04_train.py {' '.join(flags)}{' --resume' if resume else ''}")
         try:
             code, lines = run_04(flags + (["--resume"] if resume else []))
         except KeyboardInterrupt:
             raise LessonError(f"interrupted while training {name}: run 07 again to go on (finished methods are "
-                              f"kept; this one resumes from its saved state)") from None
+                              f"kept; this one resumes from its saved state, if it saved one)") from None
         if code:
             said = next((ln.strip() for ln in reversed(lines) if ln.startswith("error:")), f"exit code {code}")
             raise LessonError(f"04_train.py failed for {name} ({said}); the methods trained before it are kept")

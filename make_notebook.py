@@ -1,6 +1,6 @@
 """Assemble the six lessons into one Jupyter/Colab notebook, course.ipynb: for each lesson a markdown
 cell (its docstring) and a code cell (the lesson itself, unchanged), after a setup cell. Lesson 07,
-the divergence lab, runs after the course (it trains six students): paste it into a cell, or run it
+the divergence lab, runs after the course (it trains seven students): paste it into a cell, or run it
 from a shell.
 
 Reads:  01_teacher.py ... 06_compare.py
@@ -8,11 +8,9 @@ Writes: course.ipynb (or the path given)
 Run:    python make_notebook.py [course.ipynb]
 """
 import ast
-import itertools
 import json
 import sys
 
-IDS = itertools.count(1)  # nbformat 4.5: every cell has an id
 LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
 SETUP = """# Run this notebook from the course folder (upload or clone it first), e.g. %cd /content/kd
 !pip install -q tiktoken
@@ -24,7 +22,7 @@ print("preset:", os.environ["KD_PRESET"], "| artifacts in:", os.environ["KD_OUT"
 
 
 def cell(kind, text):
-    c = {"cell_type": kind, "id": f"cell-{next(IDS)}", "metadata": {}, "source": text.splitlines(keepends=True)}
+    c = {"cell_type": kind, "metadata": {}, "source": text.splitlines(keepends=True)}
     if kind == "code":
         c.update(execution_count=None, outputs=[])
     return c
@@ -41,6 +39,8 @@ def main():
         title, _, rest = doc.partition("\n")
         cells.append(cell("markdown", f"## {title}\n{rest}\n\n(source: `{lesson}`)"))
         cells.append(cell("code", source))
+    for i, c in enumerate(cells, 1):  # nbformat 4.5: every cell has an id
+        c["id"] = f"cell-{i}"
     nb = {"cells": cells, "nbformat": 4, "nbformat_minor": 5,
           "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                        "language_info": {"name": "python"}, "accelerator": "GPU"}}

@@ -158,8 +158,8 @@ def test_logits_are_float32_under_autocast():
 
 
 def test_the_perplexity_written_out_in_lesson_05_equals_common_perplexity(course):
-    """05's perplexity_by_hand (one sample, plain code) equals sequences_perplexity for every test
-    sample and every model, the prompt left out in both."""
+    """05's perplexity_by_hand (one sample, plain code) equals sequences_perplexity on the first 8 test
+    samples, for the teacher and the trained student, the prompt left out in both."""
     from common.artifacts import load_artifact, load_model
     from common.perplexity import sequences_perplexity
     from conftest import load_lesson
