@@ -133,7 +133,8 @@ def main():
     perplexity_chart(ppl, floor, models["teacher"].config.vocab_size, f"{out}/perplexity.png")
     with autocast(device, pick_dtype(device)):  # the teacher's level on the val samples 04 validated on
         nll, n = sequences_nll(models["teacher"], data["val"], prompt_lens=data["val_prompt_lens"])
-    training_chart(log, nll / n, f"{out}/training.png")
+    teacher_ce = nll / n
+    training_chart(log, teacher_ce, f"{out}/training.png")
 
     # --- improvement = (before - after) / before, achievement = teacher / student, in perplexity ---
     rates = {s: {"improvement": (r["student_init"] - r["student"]) / r["student_init"],
@@ -195,7 +196,9 @@ def main():
               "|---|---:|---:|"]
         L += [f"| {LABELS[n]} | {ev['agreement'][n]:.1%} | {ev['kl'][n]:.4f} |" for n in ev["agreement"]]
         L += [""]
-    L += ["## Training", "", "![training](training.png)", ""]
+    L += ["## Training", "", "![training](training.png)", "",
+          f"The teacher's cross-entropy on the same val samples (sampled tokens only): {teacher_ce:.4f} nats per "
+          f"token, the level a perfect imitation would reach; the student's best: {log['best_val']:.4f}.", ""]
     L += ["## The two models", "", "| | teacher | student |", "|---|---:|---:|"]
     L += [f"| {a.strip()} | {b} | {c} |" for a, b, c in spec]
     L += [f"| compression | | {compression:.1f}x fewer parameters |", ""]

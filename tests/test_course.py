@@ -1,6 +1,7 @@
 """The whole course: course.ipynb executed in a headless kernel on the tiny preset, the artifacts it
 leaves, a preset changed between cells, and run_all.sh's loop."""
 import os
+import re
 import stat
 import subprocess
 
@@ -176,3 +177,20 @@ def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(les
             assert "gpt2:" in text and "tiny:" in text, (action.dest, text)  # the preset's values
         elif action.default is not None and action.default is not False:
             assert "default" in text, (action.dest, text)
+
+
+def test_the_report_gives_the_teachers_level_on_the_val_samples(course):
+    """The teacher's cross-entropy on the val samples, as drawn on the training chart and written in
+    report.md, computed here token by token (prompt targets left out)."""
+    from common.artifacts import load_model
+    out, _, _ = course
+    teacher, _ = load_model(str(out / "teacher.pt"), "teacher")
+    gen = load_artifact(str(out / "generated.pt"), "generated")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for seq, P in zip(gen["val"], gen["val_prompt_lens"]):
+            log_probs = torch.log_softmax(teacher(seq[None, :-1])[0][0].double(), -1)
+            nll = -log_probs[torch.arange(len(seq) - 1), seq[1:]]
+            total, count = total + nll[P - 1:].sum().item(), count + len(seq) - P
+    said = re.search(r"same val samples \(sampled tokens only\): ([0-9.]+) nats", (out / "report.md").read_text())
+    assert said and float(said.group(1)) == pytest.approx(total / count, abs=1e-4)
