@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from types import SimpleNamespace
 
 import torch
 
@@ -31,11 +32,11 @@ MODEL_KINDS = ("teacher", "student_init", "student")
 
 
 class LessonError(Exception):
-    """A problem the learner can fix (a missing file, a bad flag): printed as one line, no traceback."""
+    """A problem the learner can fix (a missing file, a bad flag): one line, no traceback."""
 
 
 def run_lesson(main):
-    """Run a lesson's main(); turn LessonError and Ctrl-C into a one-line message and an exit code."""
+    """Run a lesson's main(); LessonError and Ctrl-C become a one-line message and an exit code."""
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, one process speaks for all
     code = 0
     try:
@@ -47,16 +48,18 @@ def run_lesson(main):
     except KeyboardInterrupt:
         print("interrupted (files already written are intact)", file=sys.stderr)
         code = 130
-    if code:  # raised here, not inside the except: in a notebook the cell then ends with "SystemExit: 1"
-        sys.exit(code)  # alone (a "run all" stops there), not with the whole chain of tracebacks
+    # raised here, not inside the except: in a notebook the cell then ends with "SystemExit: 1"
+    # alone (a "run all" stops there), not with the whole chain of tracebacks
+    if code:
+        sys.exit(code)
 
 
 @contextlib.contextmanager
 def interrupt_deferred():
     """Hold Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
 
-    For work that must not stop halfway, such as writing and renaming a file. Only the main thread can
-    install signal handlers; elsewhere the block runs as it is.
+    For work that must not stop halfway, such as writing and renaming a file. Only the main thread
+    can install signal handlers; elsewhere the block runs as it is.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -71,11 +74,34 @@ def interrupt_deferred():
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def ctrl_c_finishes_the_step(announce):
+    """Inside the block, a first Ctrl-C only sets `.requested` on the yielded object (a training
+    loop reads it at the end of its step, then saves and stops) and calls announce(); a second one
+    raises KeyboardInterrupt at once. Only the main thread can install signal handlers; elsewhere
+    Ctrl-C keeps its usual meaning."""
+    stop = SimpleNamespace(requested=False)
+
+    def on_ctrl_c(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        announce()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if main_thread else None
+    try:
+        yield stop
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
 def save_artifact(obj, path):
     """torch.save to a temporary file in the same folder, then rename it over `path`.
 
-    A rename within one file system is atomic: a crash or kill mid-write leaves the previous file as it
-    was, never a half-written one. Ctrl-C is held until the save is done (then raised as usual).
+    A rename within one file system is atomic: a crash or kill mid-write leaves the previous file as
+    it was, never a half-written one. Ctrl-C is held until the save is done (then raised as usual).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -102,7 +128,8 @@ def write_text(text, path):
 
 
 def load_artifact(path, kind, keys=()):
-    """Load the artifact at `path`, check it is of `kind` (a name or a tuple of names) and has `keys`."""
+    """Load the artifact at `path`, check it is of `kind` (a name or a tuple of names) and has
+    `keys`."""
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     maker = KINDS[kinds[0]][1]
     if not os.path.exists(path):
@@ -111,15 +138,16 @@ def load_artifact(path, kind, keys=()):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "Unsupported global" in str(e):  # a pickled class or function: loading it could run code
-            raise LessonError(f"{path} holds Python objects that a safe load refuses (it may run code): "
-                              f"run {maker} again to make a clean one") from None
+            raise LessonError(f"{path} holds Python objects that a safe load refuses (it may run "
+                              f"code): run {maker} again to make a clean one") from None
         raise LessonError(f"{path} is truncated or not a checkpoint: run {maker} again") from None
     if not isinstance(obj, dict) or obj.get("kind") not in KINDS:
         raise LessonError(f"{path} is not a file of this course: run {maker} again")
     if obj["kind"] not in kinds:
         a = lambda what: ("an " if what[0] in "aeiou" else "a ") + what
         wanted = " or ".join(a(KINDS[k][0]) for k in kinds)
-        raise LessonError(f"{path} is {a(KINDS[obj['kind']][0])}, not {wanted}: run {maker} to make one")
+        raise LessonError(f"{path} is {a(KINDS[obj['kind']][0])}, not {wanted}: run {maker} to "
+                          f"make one")
     missing = [k for k in keys if k not in obj]
     if missing:
         raise LessonError(f"{path} lacks {', '.join(missing)}: run {KINDS[obj['kind']][1]} again")
@@ -127,8 +155,9 @@ def load_artifact(path, kind, keys=()):
 
 
 def state_snapshot(model):
-    """A CPU copy of the model's state_dict that keeps tied weights tied: lm_head.weight IS the token
-    embedding, so its copy is the same tensor, and torch.save writes that storage once, not twice."""
+    """A CPU copy of the model's state_dict that keeps tied weights tied: lm_head.weight IS the
+    token embedding, so its copy is the same tensor, and torch.save writes that storage once, not
+    twice."""
     copies, out = {}, {}  # (memory address, shape, strides) of an original tensor -> its copy
     for k, v in model.state_dict().items():
         key = (v.data_ptr(), v.shape, v.stride(), v.device)
@@ -139,13 +168,14 @@ def state_snapshot(model):
 
 
 def check_preset(obj, path, preset):
-    """Refuse an input made with another preset: a gpt2-preset lesson on a tiny teacher would build a
-    student ten times larger than its teacher, and the reverse a toy student for GPT-2. Files from
+    """Refuse an input made with another preset: a gpt2-preset lesson on a tiny teacher would build
+    a student ten times larger than its teacher, and the reverse a toy student for GPT-2. Files from
     before presets were recorded carry none and pass."""
     made = obj.get("preset")
     if made is not None and made != preset:
-        raise LessonError(f"{path} was made with the {made} preset, this lesson runs the {preset} preset: "
-                          f"{preset_advice(made)} to go on with this folder, or start a new folder from 01_teacher.py")
+        raise LessonError(f"{path} was made with the {made} preset, this lesson runs the {preset} "
+                          f"preset: {preset_advice(made)} to go on with this folder, or start a "
+                          f"new folder from 01_teacher.py")
 
 
 def model_checkpoint(model, kind, **extra):
@@ -156,7 +186,7 @@ def model_checkpoint(model, kind, **extra):
 
 
 def load_model(path, kind, vocab_size=None):
-    """Load a model checkpoint into a GPT (on the CPU, eval mode); errors say which lesson to rerun."""
+    """A model checkpoint loaded into a GPT (CPU, eval mode); errors say which lesson to rerun."""
     ckpt = load_artifact(path, kind, keys=("config", "model"))
     maker = KINDS[ckpt["kind"]][1]
     try:
@@ -165,8 +195,8 @@ def load_model(path, kind, vocab_size=None):
     except (TypeError, ValueError, AssertionError) as e:
         raise LessonError(f"{path} has an invalid config ({e}): run {maker} again") from None
     if vocab_size is not None and config.vocab_size != vocab_size:
-        raise LessonError(f"{path} was built for a vocabulary of {config.vocab_size} tokens, but the GPT-2 "
-                          f"tokenizer has {vocab_size}: run {maker} again")
+        raise LessonError(f"{path} was built for a vocabulary of {config.vocab_size} tokens, but "
+                          f"the GPT-2 tokenizer has {vocab_size}: run {maker} again")
     state = ckpt["model"]
     ours = model.state_dict()
     missing = [k for k in ours if k not in state]
@@ -176,8 +206,8 @@ def load_model(path, kind, vocab_size=None):
         raise LessonError(f"{path} does not match its own config ({detail}): run {maker} again")
     for k, v in state.items():
         if v.shape != ours[k].shape:
-            raise LessonError(f"{path}: {k} has shape {tuple(v.shape)}, its config says {tuple(ours[k].shape)}: "
-                              f"run {maker} again")
+            raise LessonError(f"{path}: {k} has shape {tuple(v.shape)}, its config says "
+                              f"{tuple(ours[k].shape)}: run {maker} again")
     model.load_state_dict(state)
     model.eval()
     return model, ckpt

@@ -13,14 +13,17 @@ size), to account for the shift that drops one label. For windows after the firs
 the dropped label was already masked, so that count is one short: each later window is weighted by
 trg_len - 1 instead of trg_len tokens. Here we add up the per-token NLLs themselves and count them.
 
-Two details that keep the number honest: the logits are float32 even under bf16/fp16 autocast (a bf16
-logit carries ~3 significant digits; log-softmax over 50,257 of them would add rounding noise to the
-score), and tokens that were given rather than predicted (a prompt) can be left out of the score.
+Two details that keep the number honest: the logits are float32 even under bf16/fp16 autocast (a
+bf16 logit carries ~3 significant digits; log-softmax over 50,257 of them would add rounding noise
+to the score), and tokens that were given rather than predicted (a prompt) can be left out of the
+score.
 """
 import math
 
 import torch
 from torch.nn import functional as F
+
+from common.device import autocast
 
 
 def windows(n_tokens, block_size, stride=None):
@@ -40,8 +43,8 @@ def windows(n_tokens, block_size, stride=None):
 
 
 def logits_fp32(model, x):
-    """model(x)'s logits (B, T, vocab) in float32 whatever the autocast dtype: the transformer body may
-    run in bf16/fp16, the output layer (and so every logit) is computed in float32."""
+    """model(x)'s logits (B, T, vocab) in float32 whatever the autocast dtype: the transformer body
+    may run in bf16/fp16, the output layer (and so every logit) is computed in float32."""
     h = model.hidden(x)  # (B, T, C)
     with torch.autocast(device_type=h.device.type, enabled=False):
         return F.linear(h.float(), model.lm_head.weight.float())  # (B, T, vocab)
@@ -51,9 +54,9 @@ def pad_batch(seqs, prompt_lens=None, device="cpu"):
     """Pad token sequences into inputs x (B, L) and targets y (B, L); y[i, t] = seqs[i][t + 1].
 
     Padding targets are -100 (cross_entropy skips them). So are the targets inside a prompt: with
-    prompt_lens[i] = P, tokens 0 .. P-1 were given, not predicted, so only targets t >= P - 1 (tokens
-    P, P+1, ...) are scored. The <|endoftext|> that ends a sample is a real target: the model must
-    learn when to stop.
+    prompt_lens[i] = P, tokens 0 .. P-1 were given, not predicted, so only targets t >= P - 1
+    (tokens P, P+1, ...) are scored. The <|endoftext|> that ends a sample is a real target: the
+    model must learn when to stop.
     """
     B, L = len(seqs), max(len(s) for s in seqs) - 1
     x = torch.zeros(B, L, dtype=torch.long)
@@ -78,17 +81,18 @@ def stream_nll(model, tokens, stride=None, batch_size=8, score_from=1):
     spans = windows(len(tokens), W, stride)
     for i in range(0, len(spans), batch_size):
         group = spans[i:i + batch_size]
-        L = max(min(s + W, len(tokens) - 1) - s for s, _ in group)  # the longest input in this batch
+        L = max(min(s + W, len(tokens) - 1) - s for s, _ in group)  # the batch's longest input
         x = torch.zeros(len(group), L, dtype=torch.long, device=device)
         y = torch.full((len(group), L), -100, dtype=torch.long, device=device)  # -100: not scored
         for j, (s, first_new) in enumerate(group):
             e = min(s + W, len(tokens) - 1)           # inputs s .. e-1, targets s+1 .. e
             x[j, :e - s] = tokens[s:e]
-            keep = first_new - (s + 1)                 # targets before first_new were scored earlier
+            keep = first_new - (s + 1)                 # targets before first_new: scored before
             y[j, keep:e - s] = tokens[first_new:e + 1]
             y[j, :max(0, score_from - (s + 1))] = -100  # targets before score_from are context only
         logits = logits_fp32(model, x)
-        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100,
+                              reduction="sum")
         total += nll.item()
         count += int((y != -100).sum())
     return total, count
@@ -102,10 +106,10 @@ def perplexity(model, tokens, stride=None, batch_size=8):
 
 @torch.no_grad()
 def sequences_nll(model, seqs, batch_size=8, prompt_lens=None):
-    """(sum of NLLs, scored tokens) over separate sequences (e.g. generated samples), each scored from
-    its own start; padding is excluded, and so are the first prompt_lens[i] tokens of sequence i if
-    given (they were the prompt, not the model's prediction). Sequences longer than the window are
-    scored with stream_nll."""
+    """(sum of NLLs, scored tokens) over separate sequences (e.g. generated samples), each scored
+    from its own start; padding is excluded, and so are the first prompt_lens[i] tokens of sequence
+    i if given (they were the prompt, not the model's prediction). Sequences longer than the window
+    are scored with stream_nll."""
     W = model.config.block_size
     device = next(model.parameters()).device
     P = list(prompt_lens) if prompt_lens is not None else [1] * len(seqs)
@@ -125,7 +129,18 @@ def sequences_nll(model, seqs, batch_size=8, prompt_lens=None):
     return total, count
 
 
+def mean_nll(model, seqs, prompt_lens, batch_size, device, dtype):
+    """The mean NLL per sampled token of these sequences (prompts not scored), in eval mode and
+    under the autocast of `dtype`; the model is left in training mode (the caller is training)."""
+    model.eval()
+    with autocast(device, dtype):
+        nll, n = sequences_nll(model, seqs, batch_size, prompt_lens=prompt_lens)
+    model.train()
+    return nll / n
+
+
 def sequences_perplexity(model, seqs, batch_size=8, prompt_lens=None):
-    """Token-weighted perplexity over a list of 1-D LongTensors (prompt tokens not scored, if given)."""
+    """Token-weighted perplexity over a list of 1-D LongTensors (prompt tokens not scored, if
+    given)."""
     total, count = sequences_nll(model, seqs, batch_size, prompt_lens)
     return math.exp(total / count)

@@ -1,0 +1,52 @@
+"""What lesson 04 trains on, checked before any training: the teacher's samples (generated.pt), the
+starting student and, for the online kinds of KD, the teacher itself. Whatever does not fit the
+flags is refused in one line that says what to do."""
+import torch
+
+from common.artifacts import LessonError, check_preset, load_artifact, load_model
+from common.model import GPT, GPTConfig
+from common.tokenizer import get_tokenizer
+
+ONLINE = ("fkl", "rkl", "jsd")  # the kinds that need the teacher's full distributions, online
+
+
+def load_inputs(args, device, dtype):
+    """(generated.pt's dict, the starting student, its checkpoint, the teacher or None). The student
+    is rebuilt with --dropout if asked; the teacher, for fkl, rkl and jsd, is in eval mode, without
+    gradients, in half precision on a GPU."""
+    data = load_artifact(f"{args.out}/generated.pt", "generated",
+                         keys=("train", "val", "train_prompt_lens", "val_prompt_lens"))
+    init_path = args.init or f"{args.out}/student_init.pt"
+    student, ckpt = load_model(init_path, ("student_init", "student"),
+                               vocab_size=get_tokenizer().n_vocab)
+    if args.dropout:  # rebuild with dropout switched on; the weights are the same
+        student = GPT(GPTConfig.from_dict({**ckpt["config"], "dropout": args.dropout}))
+        student.load_state_dict(ckpt["model"])
+    check_preset(data, f"{args.out}/generated.pt", args.preset)
+    check_preset(ckpt, init_path, args.preset)
+    longest = max(len(s) for s in data["train"] + data["val"]) - 1
+    if longest > student.config.block_size:
+        raise LessonError(f"generated.pt holds samples of {longest} tokens, longer than the "
+                          f"student's context ({student.config.block_size}): run 02_generate.py "
+                          f"with a smaller --max-new-tokens")
+    if args.kd == "soft" and not data.get("train_topk_ids"):
+        raise LessonError("--kd soft needs the teacher's top-K log-probs: run 02_generate.py with "
+                          "--topk-logits 32")
+    if args.kd == "jsd" and not 0 < args.jsd_beta < 1:
+        raise LessonError(f"--jsd-beta must be strictly between 0 and 1 (got {args.jsd_beta}); 0 "
+                          f"and 1 are --kd fkl and --kd rkl in the limit")
+    if args.on_policy and args.kd not in ONLINE:
+        raise LessonError(f"--on-policy needs the teacher online to grade the student's text: use "
+                          f"it with --kd fkl, rkl or jsd, not --kd {args.kd} (which train on the "
+                          f"teacher's stored samples)")
+    if args.kd not in ONLINE:
+        return data, student, ckpt, None
+    teacher, _ = load_model(f"{args.out}/teacher.pt", "teacher",
+                            vocab_size=student.config.vocab_size)
+    if teacher.config.block_size < longest:
+        raise LessonError(f"the teacher's context ({teacher.config.block_size}) is shorter than "
+                          f"the samples")
+    teacher.requires_grad_(False)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    teacher.to(device=device, dtype=half if half and device.startswith("cuda") else torch.float32)
+    return data, student, ckpt, teacher

@@ -1,0 +1,175 @@
+"""The plumbing lesson 04 calls: common/train_state.py (saving, resuming, refusals, .prev) and
+common/distributed.py (process start, sums and random-number states across processes), and the
+Ctrl-C context manager in common/artifacts.py."""
+import os
+import signal
+import socket
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common import distributed, train_state
+from common.artifacts import LessonError, ctrl_c_finishes_the_step
+from common.distributed import Processes
+from common.model import GPT, GPTConfig
+
+
+def parts(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return model, optimizer, scaler
+
+
+def one_step(model, optimizer):
+    loss = model(torch.arange(8)[None] % 16, torch.arange(1, 9)[None] % 16)[1]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+SETTINGS = {"kd": "seq", "lr": 0.01, "grad_clip": 1.0, "dtype": "fp32"}
+
+
+def saved_state(tmp_path, procs=None, step=3, total_steps=10, settings=SETTINGS, rng=None):
+    """A train_state.pt after one real optimizer step, as 04 saves it."""
+    model, optimizer, scaler = parts()
+    one_step(model, optimizer)
+    procs = procs or Processes(ddp=False, rank=0, world=1, device="cpu")
+    state = train_state.TrainState(step=step, best_val=2.5, history=train_state.new_history())
+    state.history["loss"] = [3.0, 2.0, 1.0]
+    path = str(tmp_path / "train_state.pt")
+    train_state.save(path, procs, state, model, optimizer, scaler, total_steps=total_steps,
+                     config={"n_layer": 1}, settings=settings)
+    if rng is not None:  # the states of other ranks, as 2 processes would have saved them
+        st = torch.load(path, weights_only=True)
+        st["rng"] = rng
+        torch.save(st, path)
+    return path, model, optimizer
+
+
+def test_save_then_load_gives_back_the_weights_optimizer_and_history(tmp_path):
+    path, model, optimizer = saved_state(tmp_path)
+    fresh, fresh_opt, scaler = parts(seed=1)
+    procs = Processes(ddp=False, rank=0, world=1, device="cpu")
+    state = train_state.load(path, procs, fresh, fresh_opt, scaler, SETTINGS, {"n_layer": 1}, "x")
+    assert state.step == 3 and state.best_val == 2.5 and state.history["loss"] == [3.0, 2.0, 1.0]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    one_step(model, optimizer)
+    one_step(fresh, fresh_opt)  # Adam's moments came back too: the next step is the same
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_a_changed_flag_is_refused_naming_it_and_its_saved_value(tmp_path):
+    path, _, _ = saved_state(tmp_path)
+    procs = Processes(ddp=False, rank=0, world=1, device="cpu")
+    with pytest.raises(LessonError) as e:
+        train_state.load(path, procs, *parts(), {**SETTINGS, "lr": 0.001}, {"n_layer": 1}, "x")
+    assert "other settings (lr: it had --lr 0.01)" in str(e.value)
+    two = Processes(ddp=False, rank=0, world=2, device="cpu")
+    with pytest.raises(LessonError, match=r"other settings \(process count\)"):
+        train_state.load(path, two, *parts(), SETTINGS, {"n_layer": 1}, "x")
+    with pytest.raises(LessonError, match="for a different student than init.pt"):
+        train_state.load(path, procs, *parts(), SETTINGS, {"n_layer": 2}, "init.pt")
+
+
+def test_settings_of_leave_out_the_flags_that_may_change_on_resume():
+    args = SimpleNamespace(out="a", preset="tiny", resume=True, log_interval=1, stop_after=3,
+                           lr=0.01, kd="seq")
+    assert train_state.settings_of(args, "fp32") == {"lr": 0.01, "kd": "seq", "dtype": "fp32"}
+
+
+def test_an_unfinished_state_is_kept_as_prev_and_a_finished_one_is_not(tmp_path):
+    path, _, _ = saved_state(tmp_path, step=3, total_steps=10)
+    unfinished = open(path, "rb").read()
+    assert train_state.keep_unfinished(path)
+    assert not os.path.exists(path)
+    assert (tmp_path / "train_state.prev.pt").read_bytes() == unfinished
+    path, _, _ = saved_state(tmp_path, step=10, total_steps=10)
+    assert not train_state.keep_unfinished(path) and os.path.exists(path)
+    assert (tmp_path / "train_state.prev.pt").read_bytes() == unfinished  # left alone
+    os.remove(path)
+    assert not train_state.keep_unfinished(path)
+
+
+def test_each_rank_gets_its_own_random_stream_back(tmp_path):
+    """Two ranks' states saved in rank order: rank 1 resumes rank 1's stream, not rank 0's."""
+    streams = []
+    for seed in (10, 11):
+        torch.manual_seed(seed)
+        streams.append({"cpu": torch.get_rng_state(), "cuda": None})
+    expected = [torch.Generator().manual_seed(s) for s in (10, 11)]
+    path, _, _ = saved_state(tmp_path, rng=streams)
+    for rank in (1, 0):
+        procs = Processes(ddp=False, rank=rank, world=1, device="cpu")  # world 1: as saved
+        train_state.load(path, procs, *parts(), SETTINGS, {"n_layer": 1}, "x")
+        assert torch.equal(torch.rand(5), torch.rand(5, generator=expected[rank]))
+
+
+def test_failures_are_explained_in_one_line():
+    state = train_state.TrainState(step=7)
+    with pytest.raises(LessonError, match="loss became nan at step 8: stopped without saving"):
+        with train_state.failures_explained(state, "s.pt", 8, 1):
+            raise FloatingPointError("loss became nan at step 8")
+    with pytest.raises(LessonError, match="at step 7 \\(batch 8\\): try --batch-size 4 "
+                                          "--grad-accum 2 \\(same effective batch\\)"):
+        with train_state.failures_explained(state, "s.pt", 8, 1):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(LessonError, match="stopped at once at step 7; s.pt holds"):
+        with train_state.failures_explained(state, "s.pt", 8, 1):
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_once_asks_the_step_to_finish_twice_stops_at_once():
+    said = []
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_finishes_the_step(lambda: said.append(1)) as stop:
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested and said == [1]  # the loop goes on to the end of its step
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("a second Ctrl-C must stop at once")
+    assert signal.getsignal(signal.SIGINT) is before  # the usual Ctrl-C is back
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_ranks(rank, port, results):
+    """One of two CPU processes, started the way torchrun starts them (RANK etc. set)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = distributed.start()
+    torch.manual_seed(100 + rank)
+    states = distributed.gather_rng_states(procs)
+    sums = distributed.all_sum(procs, [rank + 1, 0.5 * rank])
+    results.put((procs.rank, procs.world, procs.ddp, sums, [torch.rand(2, generator=torch.Generator()
+                 .set_state(s["cpu"])).tolist() for s in states]))
+    distributed.end(procs)
+
+
+def test_two_processes_sum_and_gather_their_random_states_in_rank_order():
+    ctx = torch.multiprocessing.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    workers = [ctx.Process(target=two_ranks, args=(r, port, results)) for r in (0, 1)]
+    for w in workers:
+        w.start()
+    got = sorted(results.get(timeout=180) for _ in workers)
+    for w in workers:
+        w.join(timeout=60)
+    first = [torch.rand(2, generator=torch.Generator().manual_seed(100 + r)).tolist() for r in (0, 1)]
+    for rank, (r, world, ddp, sums, streams) in enumerate(got):
+        assert (r, world, ddp) == (rank, 2, True)
+        assert sums == [3.0, 0.5]          # 1 + 2, 0 + 0.5
+        assert streams == first            # rank 0's state first, then rank 1's
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
