@@ -1,13 +1,14 @@
-"""Lesson 02: the teacher writes the training data. Sequence-level distillation trains the student on
-text the teacher wrote, so these samples ARE the knowledge being passed on. Sampling (temperature,
-top-k, top-p, KV cache) is written from scratch in common/sampling.py, and one step of it is written
-out here (sampling_step_by_hand) and shown on the teacher's real logits; this lesson drives it, throws
-away degenerate samples, and stores the teacher's top-K next-token log-probabilities for lesson 04's
-soft-target distillation (there the student learns to match the teacher's probabilities for
-every likely next token, not only the one it sampled). Each sample remembers how many of its leading
-tokens were the prompt (given, not sampled): later lessons train and score only the tokens the
-teacher chose. The samples are split by opening into train, val (04 picks the best student on it)
-and test (05 reports on it), so no held-out sample shares its opening with a training sample.
+"""Lesson 02: the teacher writes the training data. Sequence-level distillation trains the student
+on text the teacher wrote, so these samples ARE the knowledge being passed on. Sampling
+(temperature, top-k, top-p, KV cache) is written from scratch in common/sampling.py, and one step of
+it is written out here (sampling_step_by_hand) and shown on the teacher's real logits; this lesson
+drives it, throws away degenerate samples, and stores the teacher's top-K next-token
+log-probabilities for lesson 04's soft-target distillation (there the student learns to match the
+teacher's probabilities for every likely next token, not only the one it sampled). Each sample
+remembers how many of its leading tokens were the prompt (given, not sampled): later lessons train
+and score only the tokens the teacher chose. The samples are split by opening into train, val (04
+picks the best student on it) and test (05 reports on it), so no held-out sample shares its
+opening with a training sample.
 
 Reads:  artifacts/teacher.pt
 Writes: artifacts/generated.pt  ({"kind": "generated", "train"/"val"/"test": [token tensors],
@@ -21,7 +22,15 @@ import torch
 
 from common import toy_language
 from common.artifacts import LessonError, check_preset, load_model, run_lesson, save_artifact
-from common.cli import fraction, lesson_parser, nonneg_float, nonneg_int, parse, positive_int, prob_float
+from common.cli import (
+    fraction,
+    lesson_parser,
+    nonneg_float,
+    nonneg_int,
+    parse,
+    positive_int,
+    prob_float,
+)
 from common.device import DTYPES, get_device, pick_dtype, sync
 from common.perplexity import logits_fp32
 from common.sampling import generate, sample_next
@@ -32,72 +41,83 @@ PRESETS = {
     "gpt2": dict(num_samples=500, max_new_tokens=256, batch_size=128),
     "tiny": dict(num_samples=256, max_new_tokens=96, batch_size=64),
 }
-# Openings written for this course, to spread the samples over many subjects. With --prompts mixed,
-# half of the samples start from <|endoftext|> alone (GPT-2 writes whatever it likes) and half from one
-# of these. Every sample starts with <|endoftext|>, GPT-2's document separator. The tiny preset's
-# teacher knows only the toy language, so it gets openings of that language (toy_language.OPENINGS).
+# Openings written for this course, to spread the samples over many subjects. With --prompts
+# mixed, half of the samples start from <|endoftext|> alone (GPT-2 writes whatever it likes) and
+# half from one of these. Every sample starts with <|endoftext|>, GPT-2's document separator. The
+# tiny preset's teacher knows only the toy language: it gets toy_language.OPENINGS.
 TOPICS = [
-    "The history of the Roman Empire", "In the kitchen, the secret to good bread is", "The new smartphone",
-    "Scientists studying coral reefs have found", "When I was a child, my grandmother", "The football match",
-    "How to plant tomatoes:", "The city council voted on Tuesday to", "Quantum computers work by",
-    "Dear diary, today", "The stock market fell sharply after", "A short guide to learning the guitar:",
+    "The history of the Roman Empire", "In the kitchen, the secret to good bread is",
+    "The new smartphone", "Scientists studying coral reefs have found",
+    "When I was a child, my grandmother", "The football match", "How to plant tomatoes:",
+    "The city council voted on Tuesday to", "Quantum computers work by", "Dear diary, today",
+    "The stock market fell sharply after", "A short guide to learning the guitar:",
     "The old lighthouse keeper", "In 1969, astronauts", "The best way to learn a new language is",
     "Climate change is affecting farmers in", "The detective looked at the broken window and",
     "Python is a programming language that", "The recipe calls for two cups of flour,",
     "Our company is looking for a software engineer who", "The mountain village was quiet until",
     "Researchers at the university announced", "The film opens with a scene in which",
-    "Here are five tips for better sleep:", "The election results showed that", "Once upon a time, a fox",
-    "The museum's new exhibition explores", "Electric cars are becoming more popular because",
-    "The band released their first album in", "Q: What causes the seasons? A:",
-    "The hospital opened a new wing for", "After the storm, the fishermen", "The law was passed in",
-    "My favourite book is", "The train from London to Paris", "Volcanoes form when",
-    "The chess tournament ended with", "In the forest at night, you can hear", "The president said in a speech",
+    "Here are five tips for better sleep:", "The election results showed that",
+    "Once upon a time, a fox", "The museum's new exhibition explores",
+    "Electric cars are becoming more popular because", "The band released their first album in",
+    "Q: What causes the seasons? A:", "The hospital opened a new wing for",
+    "After the storm, the fishermen", "The law was passed in", "My favourite book is",
+    "The train from London to Paris", "Volcanoes form when", "The chess tournament ended with",
+    "In the forest at night, you can hear", "The president said in a speech",
     "The small startup raised money to",
 ]
 
 
 def sampling_step_by_hand(logits, temperature, top_k, top_p, generator=None):
     """One sampling step at one position, written out: logits (vocab,) -> (the token drawn, the
-    candidates left, their probabilities). common.sampling.sample_next does this for a whole batch at
-    every step of generate(); tests/test_generate.py checks that the two draw the same token."""
-    if temperature == 0:
-        return int(logits.argmax()), logits.argmax()[None], torch.ones(1)  # greedy: always the most likely
-    top, ids = torch.topk(logits.float() / temperature, top_k)  # temperature: < 1 sharpens, > 1 flattens;
-    probs = torch.softmax(top, dim=-1)                          # top-k: the k most likely, renormalised
-    mass_before = probs.cumsum(-1) - probs                      # top-p: a token stays while the tokens ranked
-    probs = probs.masked_fill(mass_before >= top_p, 0.0)        # above it hold less than top_p (the nucleus)
-    choice = torch.multinomial(probs, 1, generator=generator)   # draw one, in proportion (zeros never)
+    candidates left, their probabilities). common.sampling.sample_next does this for a whole batch
+    at every step of generate(); tests/test_generate.py checks that the two draw the same token."""
+    if temperature == 0:  # greedy: always the most likely
+        return int(logits.argmax()), logits.argmax()[None], torch.ones(1)
+    # temperature: < 1 sharpens, > 1 flattens; top-k: the k most likely, renormalised
+    top, ids = torch.topk(logits.float() / temperature, top_k)
+    probs = torch.softmax(top, dim=-1)
+    # top-p: a token stays while the tokens ranked above it hold less than top_p (the nucleus)
+    mass_before = probs.cumsum(-1) - probs
+    probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)   # draw one, in proportion
     kept = probs > 0
     return int(ids[choice]), ids[kept], probs[kept] / probs[kept].sum()
 
 
 def repeated_ngram_fraction(tokens, n=4):
-    """Share of the n-grams in tokens that repeat an earlier one: 0 for varied text, near 1 for loops."""
+    """Share of the n-grams that repeat an earlier one: 0 for varied text, near 1 for loops."""
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def main():
+def get_args():
     p = lesson_parser(__doc__)
-    p.add_argument("--num-samples", type=positive_int, default=None, help="texts to generate (gpt2: 500, tiny: 256)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="tokens per sample after the prompt (gpt2: 256, tiny: 96)")
-    p.add_argument("--temperature", type=nonneg_float, default=0.9, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=prob_float, default=0.95, help="nucleus: the smallest set with this much mass")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences generated at once (gpt2: 128, tiny: 64)")
-    p.add_argument("--seed", type=int, default=1337, help="seed for the sampling generator and the split")
-    p.add_argument("--val-fraction", type=fraction, default=0.1,
-                   help="share of the openings (and of the unconditional samples) held out for validation")
-    p.add_argument("--test-fraction", type=fraction, default=0.1,
-                   help="share of the openings (and of the unconditional samples) held out for the test set")
-    p.add_argument("--topk-logits", type=nonneg_int, default=32,
-                   help="store the teacher's K most likely next tokens per position for soft KD (0: none)")
-    p.add_argument("--prompts", choices=["mixed", "unconditional", "topics"], default="mixed",
-                   help="start from <|endoftext|>, from our topic openings, or half and half")
-    p.add_argument("--max-repeat", type=fraction, default=0.5,
-                   help="drop samples whose share of repeated 4-grams is above this")
-    args = parse(p, PRESETS)
+    flag = p.add_argument
+    flag("--num-samples", type=positive_int, help="texts to generate (gpt2: 500, tiny: 256)")
+    flag("--max-new-tokens", type=positive_int,
+         help="tokens per sample after the prompt (gpt2: 256, tiny: 96)")
+    flag("--temperature", type=nonneg_float, default=0.9, help="sampling temperature; 0 = greedy")
+    flag("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
+    flag("--top-p", type=prob_float, default=0.95,
+         help="nucleus: the smallest set with this much mass")
+    flag("--batch-size", type=positive_int,
+         help="sequences generated at once (gpt2: 128, tiny: 64)")
+    flag("--seed", type=int, default=1337, help="seed for the sampling generator and the split")
+    flag("--val-fraction", type=fraction, default=0.1,
+         help="share of the openings (and of the unconditional samples) held out for validation")
+    flag("--test-fraction", type=fraction, default=0.1,
+         help="share of the openings (and of the unconditional samples) held out for the test set")
+    flag("--topk-logits", type=nonneg_int, default=32,
+         help="store the teacher's K most likely next tokens per position for soft KD (0: none)")
+    flag("--prompts", choices=["mixed", "unconditional", "topics"], default="mixed",
+         help="start from <|endoftext|>, from our topic openings, or half and half")
+    flag("--max-repeat", type=fraction, default=0.5,
+         help="drop samples whose share of repeated 4-grams is above this")
+    return parse(p, PRESETS)
+
+
+def main():
+    args = get_args()
     enc = get_tokenizer()
     device = get_device()
 
@@ -106,135 +126,44 @@ def main():
     check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
     dtype = pick_dtype(device)
     teacher.to(device=device, dtype=DTYPES[dtype])
-    print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | {device} {dtype}")
+    print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | "
+          f"{device} {dtype}")
 
     # --- prompts ---
-    topics = toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS
-    if args.prompts == "mixed":  # even samples unconditional, odd ones spread over the topics
-        plan = ["" if i % 2 == 0 else topics[(i // 2) % len(topics)] for i in range(args.num_samples)]
-    elif args.prompts == "topics":
-        plan = [topics[i % len(topics)] for i in range(args.num_samples)]
-    else:
-        plan = [""] * args.num_samples
+    plan = plan_openings(args, toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS)
     prompts = [[EOT] + enc.encode(text) for text in plan]
     if args.val_fraction + args.test_fraction >= 1:
-        raise LessonError("--val-fraction plus --test-fraction must leave some samples for training (sum < 1)")
-    longest = max(len(t) for t in prompts)
-    if longest + args.max_new_tokens > teacher.config.block_size:
-        raise LessonError(f"--max-new-tokens {args.max_new_tokens} plus a {longest}-token prompt exceeds the teacher's "
-                          f"context of {teacher.config.block_size}: use --max-new-tokens "
-                          f"{teacher.config.block_size - longest} or less")
-    print(f"prompts: {args.prompts} ({len(set(plan) - {''})} topic openings) | {args.num_samples} samples x "
-          f"{args.max_new_tokens} new tokens | T={args.temperature} top-k={args.top_k} top-p={args.top_p}")
+        raise LessonError("--val-fraction plus --test-fraction must leave some samples for "
+                          "training (sum < 1)")
+    longest, context = max(len(t) for t in prompts), teacher.config.block_size
+    if longest + args.max_new_tokens > context:
+        raise LessonError(f"--max-new-tokens {args.max_new_tokens} plus a {longest}-token prompt "
+                          f"exceeds the teacher's context of {context}: use --max-new-tokens "
+                          f"{context - longest} or less")
+    print(f"prompts: {args.prompts} ({len(set(plan) - {''})} topic openings) | {args.num_samples} "
+          f"samples x {args.max_new_tokens} new tokens | T={args.temperature} top-k={args.top_k} "
+          f"top-p={args.top_p}")
 
     # --- one sampling step, by hand, on the teacher's real next-token logits after one opening ---
-    opening = next((p for p in prompts if len(p) > 1), prompts[0])
-    with torch.no_grad():
-        logits = teacher(torch.tensor([opening], device=device))[0][0, -1].float().cpu()  # (vocab,)
-    token, ids, probs = sampling_step_by_hand(logits, args.temperature, args.top_k, args.top_p,
-                                              torch.Generator().manual_seed(args.seed))
-    same = int(sample_next(logits[None], args.temperature, args.top_k, args.top_p,
-                           torch.Generator().manual_seed(args.seed))[0])
-    print(f"one step by hand after {enc.decode(opening[1:])!r}: {len(ids)} of the top {args.top_k} tokens are in the "
-          f"top-p {args.top_p} nucleus; the likeliest " + ", ".join(
-              f"{enc.decode([int(i)])!r} {float(q):.2f}" for i, q in zip(ids[:5], probs[:5]))
-          + f"; drew {enc.decode([token])!r} (sample_next, same seed: {enc.decode([same])!r})")
+    show_one_step(teacher, prompts, args, enc, device)
 
-    # --- generate: prompts sorted by length, so a batch holds prompts of (nearly) the same length ---
-    # generate() takes them padded on the right with their lengths; it feeds each row its own prompt
-    # tokens until they run out (see common/sampling.py), so one batch can mix lengths.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # sample numbers, shortest prompt first
-    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    samples, new_tokens = [], 0
-    sync(device)
-    t0 = time.time()
-    for i, batch in enumerate(batches):
-        lens = [len(prompts[n]) for n in batch]
-        idx = torch.full((len(batch), max(lens)), EOT, dtype=torch.long)
-        for j, n in enumerate(batch):
-            idx[j, :lens[j]] = torch.tensor(prompts[n])
-        out = generate(teacher, idx.to(device), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token=EOT, generator=gen, prompt_lens=lens).cpu()
-        for row, P, n in zip(out, lens, batch):
-            row = row[:P + args.max_new_tokens]
-            ends = (row[P:] == EOT).nonzero()
-            stop = P + int(ends[0]) + 1 if len(ends) else len(row)  # keep the <|endoftext|> that ended it
-            samples.append((row[:stop].clone(), P, n))
-            new_tokens += stop - P
-        if (i + 1) % max(1, len(batches) // 5) == 0 or i + 1 == len(batches):
-            sync(device)
-            print(f"  batch {i + 1:3d}/{len(batches)} | {len(samples):4d} samples | {new_tokens / (time.time() - t0):,.0f} tok/s")
-    sync(device)
-    gen_time = time.time() - t0
-    print(f"generated {len(samples)} samples, {new_tokens:,} new tokens in {gen_time:.1f}s "
-          f"({new_tokens / gen_time:,.0f} tokens/s)")
-
-    # --- quality: drop empty, degenerate and duplicate samples ---
-    samples.sort(key=lambda sample: sample[2])  # back in plan order
-    kept, dropped, seen = [], {"empty or under 8 new tokens": 0, "repetitive": 0, "duplicate": 0}, set()
-    for tokens, P, n in samples:
-        new = tokens[P:].tolist()
-        if new and new[-1] == EOT:
-            new = new[:-1]
-        key = tuple(tokens.tolist())
-        if len(new) < 8:
-            dropped["empty or under 8 new tokens"] += 1
-        elif repeated_ngram_fraction(new) > args.max_repeat:
-            dropped["repetitive"] += 1
-        elif key in seen:
-            dropped["duplicate"] += 1
-        else:
-            seen.add(key)
-            kept.append((tokens, P, n))
-    print(f"kept {len(kept)} of {len(samples)} | dropped: " + ", ".join(f"{v} {k}" for k, v in dropped.items()))
+    # --- generate, then drop empty, degenerate and duplicate samples ---
+    samples, tokens_per_second = generate_samples(teacher, prompts, args, device)
+    kept, dropped = keep_good(samples, args.max_repeat)
+    print(f"kept {len(kept)} of {len(samples)} | dropped: "
+          + ", ".join(f"{v} {k}" for k, v in dropped.items()))
     if len(kept) < 2:
         raise LessonError("fewer than 2 usable samples: raise --num-samples or --temperature")
 
     # --- the teacher's top-K next-token log-probabilities at every position, for soft KD ---
-    # Row t of a sample's table is the teacher's distribution over the token that follows token t.
-    # Stored as int32 ids and float16 log-probs: K=32 costs 192 bytes per token instead of 200 KB.
-    topk_ids, topk_logprobs = [], []
-    if args.topk_logits:
-        with torch.no_grad():
-            for i in range(0, len(kept), 16):  # 16 at a time: each holds a (16, L, 50257) float32 tensor
-                group = [t for t, _, _ in kept[i:i + 16]]
-                L = max(len(t) for t in group) - 1
-                x = torch.full((len(group), L), EOT, dtype=torch.long)
-                for j, t in enumerate(group):
-                    x[j, :len(t) - 1] = t[:-1]  # padding after the end is never looked at (causal)
-                logits = logits_fp32(teacher, x.to(device))  # (B, L, vocab), float32 even for a half teacher
-                top, ids = torch.topk(logits, args.topk_logits, dim=-1)            # (B, L, K)
-                logp = top - torch.logsumexp(logits, dim=-1, keepdim=True)         # log-softmax at those K
-                for j, t in enumerate(group):
-                    topk_ids.append(ids[j, :len(t) - 1].to(torch.int32).cpu())
-                    topk_logprobs.append(logp[j, :len(t) - 1].to(torch.float16).cpu())
+    topk_ids, topk_logprobs = teacher_topk(teacher, [t for t, _, _ in kept], args.topk_logits,
+                                           device) if args.topk_logits else ([], [])
 
     # --- train / val / test, split by opening ---
-    # Samples that start from the same topic opening are alike, so a held-out sample must not share
-    # its opening with a training sample: each opening goes, whole, to one split. The unconditional
-    # samples (from <|endoftext|> alone) share no text and are spread over the three splits.
-    def assign(items, rng):
-        """item -> 'val', 'test' or 'train', in the given shares, after a seeded shuffle."""
-        items = list(items)
-        rng.shuffle(items)
-        # at least one item for a held-out split asked for, once there are 3 items to share out
-        n_val, n_test = (0 if f == 0 or len(items) < 3 else max(1, round(f * len(items)))
-                         for f in (args.val_fraction, args.test_fraction))
-        return {item: "val" if j < n_val else "test" if j < n_val + n_test else "train" for j, item in enumerate(items)}
-
-    rng = random.Random(args.seed)
-    split_of_opening = assign(sorted(set(t for t in plan if t)), rng)
-    split_of_unconditional = assign([n for n, t in enumerate(plan) if not t], rng)  # by sample number
-    splits = {"train": [], "val": [], "test": []}  # split -> indices into kept
-    for j, (_, _, n) in enumerate(kept):
-        splits[split_of_opening[plan[n]] if plan[n] else split_of_unconditional[n]].append(j)
-    for name in ("train", "val", "test"):
-        if not splits[name] and (name == "train" or getattr(args, f"{name}_fraction") > 0):
-            raise LessonError(f"the {name} split is empty ({len(kept)} samples kept): raise --num-samples"
-                              + (f" or --{name}-fraction" if name != "train" else ""))
-    data = {"kind": "generated", "preset": args.preset, "teacher_config": ckpt["config"], "settings": dict(vars(args)),
-            "dropped": dropped, "tokens_per_second": new_tokens / gen_time}
+    splits = split_by_opening(kept, plan, args)
+    data = {"kind": "generated", "preset": args.preset, "teacher_config": ckpt["config"],
+            "settings": dict(vars(args)), "dropped": dropped,
+            "tokens_per_second": tokens_per_second}
     for name, rows in splits.items():
         data[name] = [kept[j][0] for j in rows]
         data[f"{name}_prompt_lens"] = [kept[j][1] for j in rows]
@@ -246,13 +175,149 @@ def main():
     n_new = sum(len(t) - P for t, P, _ in kept)
     print(" | ".join(f"{name} {len(rows)} samples ({len(data[f'{name}_openings'])} openings)"
                      for name, rows in splits.items())
-          + f" | {n_tok:,} tokens, {n_new:,} of them sampled (mean {n_tok / len(kept):.0f} per sample)")
+          + f" | {n_tok:,} tokens, {n_new:,} of them sampled (mean {n_tok / len(kept):.0f} per "
+            f"sample)")
     for text in data["train_texts"][:3]:
         print("  ---\n  " + text.replace("<|endoftext|>", "").strip()[:300].replace("\n", "\n  "))
 
     path = f"{args.out}/generated.pt"
     save_artifact(data, path)
     print(f"wrote {path}")
+
+
+# --- the steps of main, in the order they run ---
+def plan_openings(args, topics):
+    """The opening text of each sample ("" for unconditional: <|endoftext|> alone)."""
+    if args.prompts == "mixed":  # even samples unconditional, odd ones spread over the topics
+        return ["" if i % 2 == 0 else topics[(i // 2) % len(topics)]
+                for i in range(args.num_samples)]
+    if args.prompts == "topics":
+        return [topics[i % len(topics)] for i in range(args.num_samples)]
+    return [""] * args.num_samples
+
+
+def show_one_step(teacher, prompts, args, enc, device):
+    """sampling_step_by_hand on the teacher's logits after the first opening, beside sample_next's
+    draw with the same seed."""
+    opening = next((p for p in prompts if len(p) > 1), prompts[0])
+    with torch.no_grad():
+        logits = teacher(torch.tensor([opening], device=device))[0][0, -1].float().cpu()  # (V,)
+    token, ids, probs = sampling_step_by_hand(logits, args.temperature, args.top_k, args.top_p,
+                                              torch.Generator().manual_seed(args.seed))
+    same = int(sample_next(logits[None], args.temperature, args.top_k, args.top_p,
+                           torch.Generator().manual_seed(args.seed))[0])
+    likeliest = ", ".join(f"{enc.decode([int(i)])!r} {float(q):.2f}"
+                          for i, q in zip(ids[:5], probs[:5]))
+    print(f"one step by hand after {enc.decode(opening[1:])!r}: {len(ids)} of the top {args.top_k} "
+          f"tokens are in the top-p {args.top_p} nucleus; the likeliest {likeliest}; drew "
+          f"{enc.decode([token])!r} (sample_next, same seed: {enc.decode([same])!r})")
+
+
+def generate_samples(teacher, prompts, args, device):
+    """Every prompt continued by the teacher: [(tokens, prompt length, sample number)], and the
+    tokens per second. Prompts go sorted by length, so a batch holds prompts of (nearly) the same
+    length; generate() feeds each row its own prompt tokens until they run out (common/sampling.py),
+    so one batch can mix lengths."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # shortest prompt first
+    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    samples, new_tokens = [], 0
+    sync(device)
+    t0 = time.time()
+    for i, batch in enumerate(batches):
+        lens = [len(prompts[n]) for n in batch]
+        idx = torch.full((len(batch), max(lens)), EOT, dtype=torch.long)
+        for j, n in enumerate(batch):
+            idx[j, :lens[j]] = torch.tensor(prompts[n])
+        out = generate(teacher, idx.to(device), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, eos_token=EOT, generator=gen,
+                       prompt_lens=lens).cpu()
+        for row, P, n in zip(out, lens, batch):
+            row = row[:P + args.max_new_tokens]
+            ends = (row[P:] == EOT).nonzero()
+            stop = P + int(ends[0]) + 1 if len(ends) else len(row)  # keep the ending <|endoftext|>
+            samples.append((row[:stop].clone(), P, n))
+            new_tokens += stop - P
+        if (i + 1) % max(1, len(batches) // 5) == 0 or i + 1 == len(batches):
+            sync(device)
+            print(f"  batch {i + 1:3d}/{len(batches)} | {len(samples):4d} samples | "
+                  f"{new_tokens / (time.time() - t0):,.0f} tok/s")
+    sync(device)
+    gen_time = time.time() - t0
+    print(f"generated {len(samples)} samples, {new_tokens:,} new tokens in {gen_time:.1f}s "
+          f"({new_tokens / gen_time:,.0f} tokens/s)")
+    samples.sort(key=lambda sample: sample[2])  # back in plan order
+    return samples, new_tokens / gen_time
+
+
+def keep_good(samples, max_repeat):
+    """The samples worth learning from, and how many of each kind were dropped."""
+    kept, seen = [], set()
+    dropped = {"empty or under 8 new tokens": 0, "repetitive": 0, "duplicate": 0}
+    for tokens, P, n in samples:
+        new = tokens[P:].tolist()
+        if new and new[-1] == EOT:
+            new = new[:-1]
+        key = tuple(tokens.tolist())
+        if len(new) < 8:
+            dropped["empty or under 8 new tokens"] += 1
+        elif repeated_ngram_fraction(new) > max_repeat:
+            dropped["repetitive"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            kept.append((tokens, P, n))
+    return kept, dropped
+
+
+@torch.no_grad()
+def teacher_topk(teacher, seqs, K, device):
+    """For each sequence, the teacher's K most likely next tokens and their log-probs at every
+    position: row t is its distribution over the token that follows token t. Stored as int32 ids
+    and float16 log-probs: K=32 costs 192 bytes per token instead of 200 KB."""
+    topk_ids, topk_logprobs = [], []
+    for i in range(0, len(seqs), 16):  # 16 at a time: each holds a (16, L, 50257) float32 tensor
+        group = seqs[i:i + 16]
+        x = torch.full((len(group), max(len(t) for t in group) - 1), EOT, dtype=torch.long)
+        for j, t in enumerate(group):
+            x[j, :len(t) - 1] = t[:-1]  # padding after the end is never looked at (causal)
+        logits = logits_fp32(teacher, x.to(device))  # (B, L, V), float32 even for a half teacher
+        top, ids = torch.topk(logits, K, dim=-1)                            # (B, L, K)
+        logp = top - torch.logsumexp(logits, dim=-1, keepdim=True)          # log-softmax at those K
+        for j, t in enumerate(group):
+            topk_ids.append(ids[j, :len(t) - 1].to(torch.int32).cpu())
+            topk_logprobs.append(logp[j, :len(t) - 1].to(torch.float16).cpu())
+    return topk_ids, topk_logprobs
+
+
+def split_by_opening(kept, plan, args):
+    """{"train"|"val"|"test": indices into kept}. Samples that start from the same topic opening
+    are alike, so a held-out sample must not share its opening with a training sample: each
+    opening goes, whole, to one split. The unconditional samples (from <|endoftext|> alone) share
+    no text and are spread over the three splits."""
+    def assign(items, rng):
+        """item -> 'val', 'test' or 'train', in the given shares, after a seeded shuffle."""
+        items = list(items)
+        rng.shuffle(items)
+        # at least one item for a held-out split asked for, once there are 3 items to share out
+        n_val, n_test = (0 if f == 0 or len(items) < 3 else max(1, round(f * len(items)))
+                         for f in (args.val_fraction, args.test_fraction))
+        return {item: "val" if j < n_val else "test" if j < n_val + n_test else "train"
+                for j, item in enumerate(items)}
+
+    rng = random.Random(args.seed)
+    split_of_opening = assign(sorted(set(t for t in plan if t)), rng)
+    split_of_unconditional = assign([n for n, t in enumerate(plan) if not t], rng)  # by number
+    splits = {"train": [], "val": [], "test": []}
+    for j, (_, _, n) in enumerate(kept):
+        splits[split_of_opening[plan[n]] if plan[n] else split_of_unconditional[n]].append(j)
+    for name in ("train", "val", "test"):
+        if not splits[name] and (name == "train" or getattr(args, f"{name}_fraction") > 0):
+            more = f" or --{name}-fraction" if name != "train" else ""
+            raise LessonError(f"the {name} split is empty ({len(kept)} samples kept): raise "
+                              f"--num-samples{more}")
+    return splits
 
 
 if __name__ == "__main__":

@@ -1,24 +1,25 @@
-"""Lesson 05: how close did the student get? Perplexity, exp(mean negative log-likelihood per token),
-written out for one sample here (perplexity_by_hand) and in batches with sliding windows in
+"""Lesson 05: how close did the student get? Perplexity, exp(mean negative log-likelihood per
+token), written out for one sample here (perplexity_by_hand) and in batches with sliding windows in
 common/perplexity.py, of the teacher, the untrained student and the trained student on these sets:
-  generated-test the teacher's held-out test samples (openings never seen in training, and not the
-                 val set 04 picked the student on): how well the student imitates the teacher.
-                 Only the tokens the teacher sampled are scored, not the prompts it was given.
+  generated-test the teacher's held-out test samples (openings never seen in training, and not
+                 the val set 04 picked the student on): how well the student imitates the
+                 teacher. Only the tokens the teacher sampled are scored, not its prompts.
   wikitext2      human-written Wikipedia text (WikiText-2 test split): whether it learned English
-  toy-language   for the tiny preset's teacher, the offline stand-in for WikiText-2: held-out documents
-                 written by the toy language itself, with the language's entropy, the floor no model
-                 can beat, beside the three models
+  toy-language   for the tiny preset's teacher, the offline stand-in for WikiText-2: held-out
+                 documents written by the toy language itself, with the language's entropy, the
+                 floor no model can beat, beside the three models
   --eval-text    any text file of yours
 plus, on generated-test, how often the student's top token is the teacher's (top-1 agreement) and
 the mean KL(teacher || student) over the teacher's stored top-K tokens.
 
-The teacher's own perplexity on generated-test is low partly by construction: it wrote those samples
-with the sampling settings of lesson 02 (by default temperature 0.9, top-k 50, top-p 0.95), which pick
-the tokens it finds likely. Human-written
-text (WikiText-2) is the fair comparison between the teacher and anything else.
+The teacher's own perplexity on generated-test is low partly by construction: it wrote those
+samples with the sampling settings of lesson 02 (by default temperature 0.9, top-k 50, top-p 0.95),
+which pick the tokens it finds likely. Human-written text (WikiText-2) is the fair comparison
+between the teacher and anything else.
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, generated.pt (downloads WikiText-2 once)
-Writes: artifacts/eval.pt  ({"kind": "eval", "perplexity": {set: {"teacher": .., "student_init": .., "student": ..}}, ...})
+Writes: artifacts/eval.pt  ({"kind": "eval", "perplexity": {set: {"teacher": .., "student_init": ..,
+        "student": ..}}, ...})
 Run:    python 05_evaluate.py             (add --preset tiny to skip WikiText-2 by default)
 """
 import argparse
@@ -39,20 +40,22 @@ from common.perplexity import logits_fp32, sequences_nll, stream_nll
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
-# The tiny preset's teacher knows only the toy language: WikiText-2 would say nothing about it, so it is
-# skipped, and held-out toy-language documents take its place.
+# The tiny preset's teacher knows only the toy language: WikiText-2 would say nothing about it, so
+# it is skipped, and held-out toy-language documents take its place.
 PRESETS = {"gpt2": dict(wikitext=True), "tiny": dict(wikitext=False)}
-TOY_DOCUMENTS, TOY_SEED = 60, 3  # the teacher trained on seed 1's stream; 01 checked itself on seed 2
+# the teacher trained on seed 1's stream; 01 checked itself on seed 2
+TOY_DOCUMENTS, TOY_SEED = 60, 3
 WIKITEXT_URLS = [os.environ["KD_WIKITEXT_URL"]] if os.environ.get("KD_WIKITEXT_URL") else [
     "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
     "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip",
 ]
-WIKITEXT_SIZE, WIKITEXT_SHA256 = 4_721_645, "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
+WIKITEXT_SIZE = 4_721_645
+WIKITEXT_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
 MODELS = {"teacher": "teacher.pt", "student_init": "student_init.pt", "student": "student.pt"}
 
 
 def wikitext2_test():
-    """The raw WikiText-2 test split as one string (downloaded and cached once), or None if offline."""
+    """The raw WikiText-2 test split as one string (downloaded and cached once); None offline."""
     dest = os.path.join(cache_dir(), "wikitext-2-raw-v1.zip")
     for url in WIKITEXT_URLS:
         try:
@@ -66,14 +69,14 @@ def wikitext2_test():
 
 @torch.no_grad()
 def perplexity_by_hand(model, tokens, prompt_len):
-    """Perplexity, written out, for one sample that fits in the model's window: exp of the mean negative
-    log-likelihood of the tokens the model had to predict (not the prompt's). A perplexity of k: on
-    average the model was as unsure as if it chose among k equally likely tokens. common/perplexity.py
-    does the same in batches, and with sliding windows for texts longer than the window."""
-    logits = logits_fp32(model, tokens[None, :-1])[0]             # (T-1, vocab): the guess after each token
+    """Perplexity, written out, for one sample that fits in the model's window: exp of the mean
+    negative log-likelihood of the tokens the model had to predict (not the prompt's). A perplexity
+    of k: on average the model was as unsure as if it chose among k equally likely tokens.
+    common/perplexity.py does the same in batches, and with sliding windows for long texts."""
+    logits = logits_fp32(model, tokens[None, :-1])[0]            # (T-1, vocab): each next guess
     log_probs = torch.log_softmax(logits, dim=-1)
     nll = -log_probs[torch.arange(len(tokens) - 1), tokens[1:]]  # -log p(the token that came next)
-    return math.exp(nll[prompt_len - 1:].mean().item())           # from the first sampled token on
+    return math.exp(nll[prompt_len - 1:].mean().item())          # from the first sampled token on
 
 
 @torch.no_grad()
@@ -89,25 +92,30 @@ def agreement_and_kl(model, seqs, prompt_lens, topk_ids, topk_logprobs, batch_si
             logits = logits_fp32(model, x)
         mask = y != -100
         n = int(mask.sum())
-        agree += int(((logits.argmax(-1) == ids[..., 0]) & mask).sum())  # ids[..., 0]: the teacher's top token
+        agree += int(((logits.argmax(-1) == ids[..., 0]) & mask).sum())  # [..., 0]: its top token
         kl_sum += soft_kd_loss(logits, ids, lps, mask, T=1.0).item() * n
         count += n
     return agree / count, kl_sum / count
 
 
-def main():
+def get_args():
     p = lesson_parser(__doc__)
-    p.add_argument("--stride", type=positive_int, default=None,
-                   help="sliding-window stride for long texts (default: the window, i.e. no overlap)")
-    p.add_argument("--wikitext", action=argparse.BooleanOptionalAction, default=None,
-                   help="evaluate on WikiText-2 (gpt2: yes, tiny: no)")
-    p.add_argument("--eval-text", type=existing_file, action="append", default=[],
-                   help="a text file to evaluate on (may be given several times)")
-    p.add_argument("--max-tokens", type=nonneg_int, default=0,
-                   help="score at most this many tokens of each long text (0: all); on a CPU, WikiText-2's "
-                        "280k tokens take a while")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="windows or sequences per forward pass")
-    args = parse(p, PRESETS)
+    flag = p.add_argument
+    flag("--stride", type=positive_int,
+         help="sliding-window stride for long texts (default: the window, i.e. no overlap)")
+    flag("--wikitext", action=argparse.BooleanOptionalAction,
+         help="evaluate on WikiText-2 (gpt2: yes, tiny: no)")
+    flag("--eval-text", type=existing_file, action="append", default=[],
+         help="a text file to evaluate on (may be given several times)")
+    flag("--max-tokens", type=nonneg_int, default=0,
+         help="score at most this many tokens of each long text (0: all); on a CPU, WikiText-2's "
+              "280k tokens take a while")
+    flag("--batch-size", type=positive_int, default=8, help="windows or sequences per forward pass")
+    return parse(p, PRESETS)
+
+
+def main():
+    args = get_args()
     enc = get_tokenizer()
     device = get_device()
     dtype = pick_dtype(device)
@@ -120,8 +128,8 @@ def main():
             ckpt_teacher = ckpt
         models[name].to(device)
         if name == "student" and ckpt["config"] != models["student_init"].config.__dict__:
-            raise LessonError(f"{args.out}/student.pt does not match {args.out}/student_init.pt (different config): "
-                              f"run 04_train.py again after 03_student.py")
+            raise LessonError(f"{args.out}/student.pt does not match {args.out}/student_init.pt "
+                              f"(different config): run 04_train.py again after 03_student.py")
     window = min(m.config.block_size for m in models.values())
     if args.stride and args.stride > window:
         raise LessonError(f"--stride {args.stride} is larger than the window ({window} tokens)")
@@ -130,7 +138,63 @@ def main():
     data = load_artifact(f"{args.out}/generated.pt", "generated", keys=("test", "test_prompt_lens"))
     test, test_P = data["test"], data["test_prompt_lens"]
     s = data.get("settings", {})
-    sampling = f"T={s.get('temperature', '?')}, top-k {s.get('top_k', '?')}, top-p {s.get('top_p', '?')}"
+    sampling = (f"T={s.get('temperature', '?')}, top-k {s.get('top_k', '?')}, "
+                f"top-p {s.get('top_p', '?')}")
+    streams, skipped = long_texts(args, enc)
+    toy_docs, floor = None, {}
+    if ckpt_teacher.get("language") == "toy":
+        toy_docs = toy_language.documents(TOY_DOCUMENTS, TOY_SEED)
+        floor["toy-language"] = math.exp(toy_language.entropy_per_token(toy_docs, enc.encode))
+        # each document read after <|endoftext|>, as the teacher was trained
+        toy_docs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in toy_docs]
+    print(f"sets: generated-test ({len(test)} samples, "
+          f"{sum(len(s) - P for s, P in zip(test, test_P)):,} sampled tokens)"
+          + (f", toy-language ({len(toy_docs)} documents)" if toy_docs else "")
+          + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
+          + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
+
+    # --- perplexity, by hand, of the teacher on one test sample; then with common/perplexity.py ---
+    one = test[0].to(device)
+    nll, n = sequences_nll(models["teacher"], [one], prompt_lens=test_P[:1])
+    print(f"by hand, the teacher on test sample 0 ({n} sampled tokens): perplexity "
+          f"{perplexity_by_hand(models['teacher'], one, test_P[0]):.3f}; common/perplexity.py: "
+          f"{math.exp(nll / n):.3f}")
+    sets = {"generated-test": (test, test_P)}
+    if toy_docs:
+        sets["toy-language"] = (toy_docs, [1] * len(toy_docs))
+    ppl = perplexities(models, {**sets, **streams}, args, device, dtype)
+
+    # --- imitation: top-1 agreement and KL on the teacher's own held-out samples ---
+    agreement, kl = {}, {}
+    if data.get("test_topk_ids"):
+        for name in ("student_init", "student", "teacher"):
+            agreement[name], kl[name] = agreement_and_kl(
+                models[name], test, test_P, data["test_topk_ids"], data["test_topk_logprobs"],
+                args.batch_size, device, dtype)
+    else:
+        print("  generated.pt has no top-K data (--topk-logits 0): agreement and KL skipped")
+
+    # --- the table ---
+    print_table(ppl, floor, agreement, kl)
+    print(f"(the teacher's generated-test perplexity is low partly by construction: it sampled "
+          f"those tokens with {sampling}; compare models on text nobody sampled from them: "
+          f"wikitext2, or toy-language)")
+    for set_name, why in skipped.items():
+        print(f"skipped {set_name}: {why}")
+
+    path = f"{args.out}/eval.pt"
+    save_artifact({"kind": "eval", "preset": args.preset, "perplexity": ppl, "floor": floor,
+                   "agreement": agreement, "kl": kl, "skipped": skipped,
+                   "teacher_source": ckpt_teacher.get("source"), "sampling": sampling,
+                   "stride": args.stride or window, "window": window, "device": device,
+                   "dtype": dtype}, path)
+    print(f"wrote {path}")
+
+
+# --- the steps of main ---
+def long_texts(args, enc):
+    """The long texts to score with sliding windows ({name: 1-D tokens}: WikiText-2, --eval-text
+    files) and the sets skipped, with why."""
     texts, skipped = {}, {}
     if args.wikitext:
         print("WikiText-2 (test split):")
@@ -145,11 +209,6 @@ def main():
     for path in args.eval_text:
         with open(path, encoding="utf-8", errors="replace") as f:
             texts[os.path.basename(path)] = f.read()
-    toy_docs, floor = None, {}
-    if ckpt_teacher.get("language") == "toy":
-        toy_docs = toy_language.documents(TOY_DOCUMENTS, TOY_SEED)
-        floor["toy-language"] = math.exp(toy_language.entropy_per_token(toy_docs, enc.encode))
-        toy_docs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in toy_docs]  # each read after <|endoftext|>
     streams = {}
     for name, text in texts.items():
         tokens = torch.tensor(enc.encode(text, allowed_special="all"))
@@ -158,62 +217,46 @@ def main():
         if len(tokens) < 2:
             raise LessonError(f"{name} holds fewer than 2 tokens: nothing to score")
         streams[name] = tokens
-    print(f"sets: generated-test ({len(test)} samples, {sum(len(s) - P for s, P in zip(test, test_P)):,} sampled tokens)"
-          + (f", toy-language ({len(toy_docs)} documents)" if toy_docs else "")
-          + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
-          + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
+    return streams, skipped
 
-    # --- perplexity, by hand, of the teacher on one test sample; then everything with common/perplexity.py ---
-    one = test[0].to(device)
-    nll, n = sequences_nll(models["teacher"], [one], prompt_lens=test_P[:1])
-    print(f"by hand, the teacher on test sample 0 ({n} sampled tokens): perplexity "
-          f"{perplexity_by_hand(models['teacher'], one, test_P[0]):.3f}; common/perplexity.py: {math.exp(nll / n):.3f}")
+
+def perplexities(models, sets, args, device, dtype):
+    """{set: {model: perplexity}}. A set is (sequences, prompt lengths), each sequence scored on its
+    own with its prompt left out, or one long token stream, scored with sliding windows."""
     ppl = {}
-    for set_name in ["generated-test", *(["toy-language"] if toy_docs else []), *streams]:
+    for set_name, items in sets.items():
         ppl[set_name] = {}
         for name, model in models.items():
             t0 = time.time()
             with autocast(device, dtype):
-                if set_name == "generated-test":
-                    nll, n = sequences_nll(model, test, batch_size=args.batch_size, prompt_lens=test_P)
-                elif set_name == "toy-language":
-                    nll, n = sequences_nll(model, toy_docs, batch_size=args.batch_size, prompt_lens=[1] * len(toy_docs))
+                if isinstance(items, tuple):
+                    nll, n = sequences_nll(model, items[0], batch_size=args.batch_size,
+                                           prompt_lens=items[1])
                 else:
-                    nll, n = stream_nll(model, streams[set_name], stride=args.stride, batch_size=args.batch_size)
+                    nll, n = stream_nll(model, items, stride=args.stride,
+                                        batch_size=args.batch_size)
             ppl[set_name][name] = math.exp(nll / n)
-            print(f"  {set_name:<16} {name:<13} ppl {ppl[set_name][name]:>12,.2f}  ({n:,} tokens, {time.time() - t0:.1f}s)")
+            print(f"  {set_name:<16} {name:<13} ppl {ppl[set_name][name]:>12,.2f}  ({n:,} tokens, "
+                  f"{time.time() - t0:.1f}s)")
+    return ppl
 
-    # --- imitation: top-1 agreement and KL on the teacher's own held-out samples ---
-    agreement, kl = {}, {}
-    if data.get("test_topk_ids"):
-        for name in ("student_init", "student", "teacher"):
-            agreement[name], kl[name] = agreement_and_kl(models[name], test, test_P, data["test_topk_ids"],
-                                                         data["test_topk_logprobs"], args.batch_size, device, dtype)
-    else:
-        print("  generated.pt has no top-K data (--topk-logits 0): agreement and KL skipped")
 
-    # --- the table ---
+def print_table(ppl, floor, agreement, kl):
+    """The perplexities (with the floor where known), then agreement and KL."""
     print(f"\n{'perplexity':<18}{'teacher':>12}{'student init':>14}{'student':>12}{'floor':>10}")
     for set_name, row in ppl.items():
-        print(f"{set_name:<18}{row['teacher']:>12,.2f}{row['student_init']:>14,.2f}{row['student']:>12,.2f}"
+        print(f"{set_name:<18}{row['teacher']:>12,.2f}{row['student_init']:>14,.2f}"
+              f"{row['student']:>12,.2f}"
               + (f"{floor[set_name]:>10.2f}" if set_name in floor else ""))
     if floor:
-        print("(floor: the toy language's own entropy per token, exp'd; no model can score below it)")
+        print("(floor: the toy language's own entropy per token, exp'd; no model can score below "
+              "it)")
     if agreement:
         print("\non generated-test  top-1 agreement with teacher   KL(teacher || model) over top-K")
         for name in agreement:
-            note = "  (the teacher itself: 100% and the KL of its top-K truncation)" if name == "teacher" else ""
+            note = ("  (the teacher itself: 100% and the KL of its top-K truncation)"
+                    if name == "teacher" else "")
             print(f"  {name:<16}{agreement[name]:>14.1%}{kl[name]:>28.4f}{note}")
-    print(f"(the teacher's generated-test perplexity is low partly by construction: it sampled those tokens "
-          f"with {sampling}; compare models on text nobody sampled from them: wikitext2, or toy-language)")
-    for set_name, why in skipped.items():
-        print(f"skipped {set_name}: {why}")
-
-    path = f"{args.out}/eval.pt"
-    save_artifact({"kind": "eval", "preset": args.preset, "perplexity": ppl, "floor": floor, "agreement": agreement, "kl": kl,
-                   "skipped": skipped, "teacher_source": ckpt_teacher.get("source"), "sampling": sampling,
-                   "stride": args.stride or window, "window": window, "device": device, "dtype": dtype}, path)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Lesson 06: the comparison. Charts of perplexity and of training, how much the student improved and
-how close it came to the teacher, a spec table with generation speed measured now, and the teacher's
-and the student's texts side by side for the same prompts, all gathered in report.md. In a notebook
-the charts also appear under the cell.
-  improvement = (student before - student after) / student before, in perplexity: how far training went
+"""Lesson 06: the comparison. Charts of perplexity and of training, how much the student improved
+and how close it came to the teacher, a spec table with generation speed measured now, and the
+teacher's and the student's texts side by side for the same prompts, all gathered in report.md. In
+a notebook the charts also appear under the cell.
+  improvement = (student before - student after) / student before, in perplexity: how far it went
   achievement = teacher perplexity / student perplexity: 100% would be as good as the teacher
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, train_log.pt, eval.pt, generated.pt
@@ -27,7 +27,8 @@ if not in_notebook():
 import matplotlib.pyplot as plt  # noqa: E402
 
 # --- settings ---
-PROMPTS = ["The history of science shows that", "In the small village by the sea,", "The best way to learn is"]
+PROMPTS = ["The history of science shows that", "In the small village by the sea,",
+           "The best way to learn is"]
 LABELS = {"teacher": "teacher", "student_init": "student (init)", "student": "student (trained)"}
 COLORS = {"teacher": "#4c72b0", "student_init": "#bbbbbb", "student": "#dd8452"}
 
@@ -41,13 +42,15 @@ def perplexity_chart(ppl, floor, vocab_size, path):
         vals = [ppl[s][name] for s in sets]
         bars = ax.bar(xs, vals, width, label=LABELS[name], color=COLORS[name])
         for b, v in zip(bars, vals):
-            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}", (b.get_x() + b.get_width() / 2, v),
-                        ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}",
+                        (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 2), textcoords="offset points")
     ax.axhline(vocab_size, color="#999999", ls=":", lw=1, label=f"uniform guess ({vocab_size:,})")
     label = "floor: the toy language's own entropy"
     for j, s in enumerate(sets):
         if s in floor:  # the language's entropy: no model can go below this line
-            ax.hlines(floor[s], j - 0.42, j + 0.42, colors="black", linestyles="--", lw=1.2, label=label)
+            ax.hlines(floor[s], j - 0.42, j + 0.42, colors="black", linestyles="--", lw=1.2,
+                      label=label)
             label = None  # one legend entry
     ax.set_yscale("log")
     ax.set_xticks(range(len(sets)), sets)
@@ -77,15 +80,19 @@ def training_chart(log, teacher_ce, path):
     ax.plot(log["step"], log.get("ce", log["loss"]), lw=1, color=COLORS["student"], alpha=0.8,
             label="train cross-entropy (per step)")
     vs, vl = zip(*log["val"])
-    ax.plot(vs, vl, "o-", color=COLORS["student"], mec="black", label="val cross-entropy (per epoch)")
-    ax.axhline(teacher_ce, color=COLORS["teacher"], ls="--", lw=1.2, label=f"teacher on the same val samples ({teacher_ce:.2f})")
-    ax.set_ylim(0, max(vl[min(1, len(vl) - 1)] * 1.6, teacher_ce * 2))  # the untrained student's ~10.8 would flatten the rest
+    ax.plot(vs, vl, "o-", color=COLORS["student"], mec="black",
+            label="val cross-entropy (per epoch)")
+    ax.axhline(teacher_ce, color=COLORS["teacher"], ls="--", lw=1.2,
+               label=f"teacher on the same val samples ({teacher_ce:.2f})")
+    # the y range leaves out the untrained student's ~10.8, which would flatten the rest
+    ax.set_ylim(0, max(vl[min(1, len(vl) - 1)] * 1.6, teacher_ce * 2))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats per sampled token)")
     ax.set_title(f"Training the student (--kd {log['settings']['kd']})")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()  # the learning rate, warmup then cosine decay
-    lr_ax.plot(log["step"], log["lr"], color="#999999", lw=1, ls=":", label="learning rate (right axis)")
+    lr_ax.plot(log["step"], log["lr"], color="#999999", lw=1, ls=":",
+               label="learning rate (right axis)")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_ylim(0, max(log["lr"]) * 1.1)
     lines = ax.get_legend_handles_labels()
@@ -104,7 +111,8 @@ def tokens_per_second(model, device, n_new=48, batch=1, runs=5):
     for _ in range(runs):
         sync(device)
         t0 = time.time()
-        generate(model, idx, n_new, top_k=50, generator=torch.Generator(device=device).manual_seed(0))
+        g = torch.Generator(device=device).manual_seed(0)
+        generate(model, idx, n_new, top_k=50, generator=g)
         sync(device)
         rates.append(batch * n_new / (time.time() - t0))
     return sorted(rates)[len(rates) // 2]
@@ -112,7 +120,8 @@ def tokens_per_second(model, device, n_new=48, batch=1, runs=5):
 
 def main():
     p = lesson_parser(__doc__)
-    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="length of the side-by-side samples")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48,
+                   help="length of the side-by-side samples")
     p.add_argument("--seed", type=int, default=1337, help="seed for the side-by-side samples")
     args = parse(p)
     out = args.out
@@ -123,7 +132,8 @@ def main():
         files[name] = f"{out}/{name}.pt"
         models[name], _ = load_model(files[name], name, vocab_size=enc.n_vocab)
         models[name].to(device)
-    log = load_artifact(f"{out}/train_log.pt", "train_log", keys=("step", "loss", "val", "lr", "settings"))
+    log = load_artifact(f"{out}/train_log.pt", "train_log",
+                        keys=("step", "loss", "val", "lr", "settings"))
     data = load_artifact(f"{out}/generated.pt", "generated", keys=("val", "val_prompt_lens"))
     ev = load_artifact(f"{out}/eval.pt", "eval", keys=("perplexity",))
     ppl = ev["perplexity"]
@@ -131,24 +141,25 @@ def main():
     # --- charts ---
     floor = ev.get("floor", {})
     perplexity_chart(ppl, floor, models["teacher"].config.vocab_size, f"{out}/perplexity.png")
-    with autocast(device, pick_dtype(device)):  # the teacher's level on the val samples 04 validated on
+    with autocast(device, pick_dtype(device)):  # the teacher's level on the val samples of 04
         nll, n = sequences_nll(models["teacher"], data["val"], prompt_lens=data["val_prompt_lens"])
     teacher_ce = nll / n
     training_chart(log, teacher_ce, f"{out}/training.png")
 
-    # --- improvement = (before - after) / before, achievement = teacher / student, in perplexity ---
+    # --- improvement = (before - after) / before, achievement = teacher / student (perplexity) ---
     rates = {s: {"improvement": (r["student_init"] - r["student"]) / r["student_init"],
                  "achievement": r["teacher"] / r["student"]} for s, r in ppl.items()}
 
     # --- spec table, with generation speed measured now ---
     t, s = models["teacher"], models["student"]
     speed = {name: tokens_per_second(models[name], device) for name in ("teacher", "student")}
+    mb = {name: f"{os.path.getsize(files[name]) / 1e6:.1f} MB" for name in ("teacher", "student")}
     spec = [("parameters", f"{t.num_params() / 1e6:.1f}M", f"{s.num_params() / 1e6:.1f}M"),
-            ("  without embeddings", f"{t.num_params(False) / 1e6:.2f}M", f"{s.num_params(False) / 1e6:.2f}M"),
-            ("layers / width / heads", f"{t.config.n_layer} / {t.config.n_embd} / {t.config.n_head}",
-             f"{s.config.n_layer} / {s.config.n_embd} / {s.config.n_head}"),
-            ("checkpoint on disk (fp32)", f"{os.path.getsize(files['teacher']) / 1e6:.1f} MB",
-             f"{os.path.getsize(files['student']) / 1e6:.1f} MB"),
+            ("  without embeddings", f"{t.num_params(False) / 1e6:.2f}M",
+             f"{s.num_params(False) / 1e6:.2f}M"),
+            ("layers / width / heads", *(f"{m.config.n_layer} / {m.config.n_embd} / "
+                                         f"{m.config.n_head}" for m in (t, s))),
+            ("checkpoint on disk (fp32)", mb["teacher"], mb["student"]),
             (f"generation, batch 1 ({device}, median of 5)", f"{speed['teacher']:,.0f} tok/s",
              f"{speed['student']:,.0f} tok/s")]
     compression = t.num_params() / s.num_params()
@@ -160,60 +171,78 @@ def main():
         row = {}
         for name in ("teacher", "student"):
             g = torch.Generator(device=device).manual_seed(args.seed)
-            ids = generate(models[name], idx, args.max_new_tokens, temperature=0.9, top_k=50, top_p=0.95,
-                           eos_token=EOT, generator=g)[0, idx.size(1):].tolist()
+            ids = generate(models[name], idx, args.max_new_tokens, temperature=0.9, top_k=50,
+                           top_p=0.95, eos_token=EOT, generator=g)[0, idx.size(1):].tolist()
             row[name] = enc.decode([i for i in ids if i != EOT]).strip()
         pairs.append((prompt, row))
 
     # --- report.md ---
-    L = ["# Distillation report", "", f"Teacher: {ev.get('teacher_source') or 'see teacher.pt'}.", ""]
-    train_note = f"{log['settings']['kd']} KD, {log['settings']['epochs']} epochs, {log['tokens']:,} sampled tokens seen, " \
-                 f"{log['wall_time']:.0f}s of training (all parts of a resumed run) on {log.get('world', 1)} " \
-                 f"process(es), {log['dtype']}"
-    L += [f"Student trained with {train_note}. Perplexity window {ev.get('window')}, stride {ev.get('stride')}.", ""]
-    L += ["## Perplexity", "", "| set | teacher | student (init) | student (trained) | improvement | achievement |",
+    report = report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pairs)
+    write_text("\n".join(report), f"{out}/report.md")
+
+    # --- summary ---
+    for set_name, r in ppl.items():
+        print(f"{set_name:<16} ppl teacher {r['teacher']:,.2f} | student {r['student_init']:,.2f} "
+              f"-> {r['student']:,.2f} | improvement {rates[set_name]['improvement']:.1%} | "
+              f"achievement {rates[set_name]['achievement']:.1%}")
+    print(f"compression {compression:.1f}x | generation {speed['teacher']:,.0f} vs "
+          f"{speed['student']:,.0f} tok/s (teacher vs student, {device})")
+    print(f"wrote {out}/perplexity.png, {out}/training.png, {out}/report.md")
+
+
+def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pairs):
+    """report.md, line by line: perplexities and rates, training, the two models, side by side."""
+    ppl, st = ev["perplexity"], log["settings"]
+    L = ["# Distillation report", "",
+         f"Teacher: {ev.get('teacher_source') or 'see teacher.pt'}.", ""]
+    L += [f"Student trained with {st['kd']} KD, {st['epochs']} epochs, {log['tokens']:,} sampled "
+          f"tokens seen, {log['wall_time']:.0f}s of training (all parts of a resumed run) on "
+          f"{log.get('world', 1)} process(es), {log['dtype']}. Perplexity window "
+          f"{ev.get('window')}, stride {ev.get('stride')}.", ""]
+    L += ["## Perplexity", "",
+          "| set | teacher | student (init) | student (trained) | improvement | achievement |",
           "|---|---:|---:|---:|---:|---:|"]
     for set_name, r in ppl.items():
-        L.append(f"| {set_name} | {r['teacher']:,.2f} | {r['student_init']:,.2f} | {r['student']:,.2f} | "
-                 f"{rates[set_name]['improvement']:.1%} | {rates[set_name]['achievement']:.1%} |")
-    L += ["", "improvement = (student init − student) / student init; achievement = teacher ppl / student ppl "
-          "(100% = as good as the teacher).", ""]
+        L.append(f"| {set_name} | {r['teacher']:,.2f} | {r['student_init']:,.2f} | "
+                 f"{r['student']:,.2f} | {rates[set_name]['improvement']:.1%} | "
+                 f"{rates[set_name]['achievement']:.1%} |")
+    L += ["", "improvement = (student init − student) / student init; achievement = teacher ppl / "
+          "student ppl (100% = as good as the teacher).", ""]
     for set_name, f in floor.items():
-        L += [f"{set_name}: documents written by the toy language itself (the offline stand-in for WikiText-2). "
-              f"Its floor, exp(the language's entropy per token), is {f:.2f}: no model can score lower. The teacher "
-              f"is at {ppl[set_name]['teacher'] / f:.2f}x the floor, the student at {ppl[set_name]['student'] / f:.2f}x.", ""]
+        L += [f"{set_name}: documents written by the toy language itself (the offline stand-in for "
+              f"WikiText-2). Its floor, exp(the language's entropy per token), is {f:.2f}: no "
+              f"model can score lower. The teacher is at {ppl[set_name]['teacher'] / f:.2f}x the "
+              f"floor, the student at {ppl[set_name]['student'] / f:.2f}x.", ""]
     if "generated-test" in ppl:
-        L += ["generated-test is the teacher's held-out samples (openings never used in training), scored on the "
-              "tokens the teacher sampled, not on its prompts. The teacher's own perplexity there is low partly by "
-              f"construction: it chose those tokens with {ev.get('sampling', 'its sampling settings')}, which favour the "
-              "tokens it finds likely. Human-written text (wikitext2) is the fair comparison of the teacher with "
+        L += ["generated-test is the teacher's held-out samples (openings never used in training), "
+              "scored on the tokens the teacher sampled, not on its prompts. The teacher's own "
+              "perplexity there is low partly by construction: it chose those tokens with "
+              f"{ev.get('sampling', 'its sampling settings')}, which favour the tokens it finds "
+              "likely. Human-written text (wikitext2) is the fair comparison of the teacher with "
               "anything else" + (" (here toy-language)." if floor else "."), ""]
     for set_name, why in ev.get("skipped", {}).items():
         L.append(f"Not evaluated: {set_name} ({why}).")
     L += ["", "![perplexity](perplexity.png)", ""]
     if ev.get("agreement"):
-        L += ["On the teacher's held-out test samples (sampled tokens only):", "", "| model | top-1 agreement with teacher | KL(teacher ‖ model), top-K |",
+        L += ["On the teacher's held-out test samples (sampled tokens only):", "",
+              "| model | top-1 agreement with teacher | KL(teacher ‖ model), top-K |",
               "|---|---:|---:|"]
-        L += [f"| {LABELS[n]} | {ev['agreement'][n]:.1%} | {ev['kl'][n]:.4f} |" for n in ev["agreement"]]
+        L += [f"| {LABELS[n]} | {ev['agreement'][n]:.1%} | {ev['kl'][n]:.4f} |"
+              for n in ev["agreement"]]
         L += [""]
     L += ["## Training", "", "![training](training.png)", "",
-          f"The teacher's cross-entropy on the same val samples (sampled tokens only): {teacher_ce:.4f} nats per "
-          f"token, the level a perfect imitation would reach; the student's best: {log['best_val']:.4f}.", ""]
+          f"The teacher's cross-entropy on the same val samples (sampled tokens only): "
+          f"{teacher_ce:.4f} nats per token, the level a perfect imitation would reach; the "
+          f"student's best: {log['best_val']:.4f}.", ""]
     L += ["## The two models", "", "| | teacher | student |", "|---|---:|---:|"]
     L += [f"| {a.strip()} | {b} | {c} |" for a, b, c in spec]
     L += [f"| compression | | {compression:.1f}x fewer parameters |", ""]
-    L += ["## Side by side", "", f"Same prompt, same seed ({args.seed}), temperature 0.9, top-k 50, top-p 0.95.", ""]
+    L += ["## Side by side", "",
+          f"Same prompt, same seed ({args.seed}), temperature 0.9, top-k 50, top-p 0.95.", ""]
     for prompt, row in pairs:
-        L += [f"**{prompt}**", "", f"- teacher: {prompt} {row['teacher']}", f"- student: {prompt} {row['student']}", ""]
-    write_text("\n".join(L), f"{out}/report.md")
-
-    # --- summary ---
-    for set_name, r in ppl.items():
-        print(f"{set_name:<16} ppl teacher {r['teacher']:,.2f} | student {r['student_init']:,.2f} -> {r['student']:,.2f}"
-              f" | improvement {rates[set_name]['improvement']:.1%} | achievement {rates[set_name]['achievement']:.1%}")
-    print(f"compression {compression:.1f}x | generation {speed['teacher']:,.0f} vs {speed['student']:,.0f} tok/s "
-          f"(teacher vs student, {device})")
-    print(f"wrote {out}/perplexity.png, {out}/training.png, {out}/report.md")
+        L += [f"**{prompt}**", "", f"- teacher: {prompt} {row['teacher']}",
+              f"- student: {prompt} {row['student']}", ""]
+    return L
 
 
 if __name__ == "__main__":
