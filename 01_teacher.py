@@ -10,7 +10,7 @@ whole course runs offline on a laptop and still has a teacher that knows a langu
 
 Reads:  nothing (downloads GPT-2 once into ~/.cache/kd-course), or --weights PATH
 Writes: artifacts/teacher.pt  ({"kind": "teacher", "config": {...}, "model": state_dict, ...})
-Run:    python 01_teacher.py              (add --preset tiny for the toy-language teacher, offline, on a CPU)
+Run:    python 01_teacher.py              (add --preset tiny for the toy-language teacher, offline)
 """
 import json
 import math
@@ -30,15 +30,15 @@ from common.tokenizer import EOT, get_tokenizer
 
 # --- settings ---
 # --preset gpt2 downloads the real GPT-2. --preset tiny builds a small GPT with GPT-2's architecture
-# and vocabulary and trains it on the toy language: 800 steps of 8 x 128 tokens, about 15 s on 2 CPU cores.
+# and vocabulary and trains it on the toy language: 800 steps of 8 x 128 tokens.
 TINY_TEACHER = GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=64)
 TINY_STEPS = 800
 SEED = 1337
 TOY_HELD_OUT_SEED = 2  # documents the teacher never trained on (it trains on seed 1's stream)
 PROMPT = "The history of science shows that"
-PASSAGE = ("The river runs through the middle of the old town. In the summer, children swim near the bridge "
-           "while their parents sit in the shade and talk. When autumn comes, the water rises and the boats "
-           "that carry grain to the city can sail again.")
+PASSAGE = ("The river runs through the middle of the old town. In the summer, children swim near "
+           "the bridge while their parents sit in the shade and talk. When autumn comes, the water "
+           "rises and the boats that carry grain to the city can sail again.")
 
 
 def peek_at_checkpoint(path):
@@ -54,9 +54,11 @@ def peek_at_checkpoint(path):
 
 def main():
     p = lesson_parser(__doc__)
-    p.add_argument("--model", default="gpt2", choices=SIZES, help="which GPT-2 to download (default: gpt2, 124M)")
+    p.add_argument("--model", default="gpt2", choices=SIZES,
+                   help="which GPT-2 to download (default: gpt2, 124M)")
     p.add_argument("--weights", default=None, type=existing_path,
-                   help="a GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) or weights file")
+                   help="a GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) or "
+                        "weights file")
     args = parse(p)
     enc = get_tokenizer()
 
@@ -66,12 +68,13 @@ def main():
     if args.weights or args.preset != "tiny":
         path = args.weights or download_gpt2(args.model)
         config, state = load_gpt2(path)
-        source = f"weights from {args.weights}" if args.weights else f"openai-community/{args.model} ({path})"
+        source = (f"weights from {args.weights}" if args.weights else
+                  f"openai-community/{args.model} ({path})")
         file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     else:
         config, state = TINY_TEACHER, None
-        source = (f"tiny teacher: {config.n_layer} layers x {config.n_embd} wide, trained {TINY_STEPS} steps "
-                  f"on the toy language (common/toy_language.py)")
+        source = (f"tiny teacher: {config.n_layer} layers x {config.n_embd} wide, trained "
+                  f"{TINY_STEPS} steps on the toy language (common/toy_language.py)")
     torch.manual_seed(SEED)
     model = GPT(config)
     if state is not None:
@@ -82,14 +85,17 @@ def main():
             name = next((k for k in header if k.endswith("h.0.attn.c_attn.weight")), None)
         if name:
             info = header[name]
-            print(f"{file}: an {n:,}-byte JSON header listing {len(header)} tensors; one of them: {name}, "
-                  f"{info['dtype']} {info['shape']} at bytes {info['data_offsets']} of the data after it")
-            # GPT-2 was written with TensorFlow "Conv1D" layers, which store a weight as (in, out) and compute
-            # x @ W; nn.Linear stores (out, in) and computes x @ W.T. So the stored matrix arrives transposed:
+            print(f"{file}: an {n:,}-byte JSON header listing {len(header)} tensors; one of them: "
+                  f"{name}, {info['dtype']} {info['shape']} at bytes {info['data_offsets']} of the "
+                  f"data after it")
+            # GPT-2 was written with TensorFlow "Conv1D" layers, which store a weight as (in, out)
+            # and compute x @ W; nn.Linear stores (out, in) and computes x @ W.T. So the stored
+            # matrix arrives transposed:
             stored, ours = read_safetensors(file)[name], model.transformer.h[0].attn.c_attn.weight
-            print(f"  stored (in, out) {tuple(stored.shape)} -> our nn.Linear's (out, in) {tuple(ours.shape)}; "
-                  f"ours equals the stored one transposed: {torch.equal(ours, stored.t().to(ours.dtype))}")
-    else:  # the tiny preset: learn the toy language (the stand-in for GPT-2's pretraining; not the lesson)
+            same = torch.equal(ours, stored.t().to(ours.dtype))
+            print(f"  stored (in, out) {tuple(stored.shape)} -> our nn.Linear's (out, in) "
+                  f"{tuple(ours.shape)}; ours equals the stored one transposed: {same}")
+    else:  # the tiny preset: learn the toy language (the stand-in for GPT-2's pretraining)
         print(f"training the tiny teacher on the toy language ({TINY_STEPS} steps):")
         n_used = toy_language.train_on_toy_language(model, TINY_STEPS, enc.encode, EOT, seed=1)
         print(f"  the language uses {n_used} of the {config.vocab_size:,} GPT-2 tokens")
@@ -97,11 +103,12 @@ def main():
     print(f"teacher: {source}, ready in {time.time() - t0:.1f}s")
 
     # --- its spec ---
-    print(f"  parameters {model.num_params() / 1e6:.1f}M ({model.num_params(embeddings=False) / 1e6:.1f}M without "
-          f"embeddings) | layers {config.n_layer} | width {config.n_embd} | heads {config.n_head} "
-          f"| context {config.block_size} | vocab {config.vocab_size}")
+    print(f"  parameters {model.num_params() / 1e6:.1f}M "
+          f"({model.num_params(embeddings=False) / 1e6:.1f}M without embeddings) | layers "
+          f"{config.n_layer} | width {config.n_embd} | heads {config.n_head} | context "
+          f"{config.block_size} | vocab {config.vocab_size}")
 
-    # --- sanity checks: does it continue a prompt, and how surprised is it by text of its language? ---
+    # --- sanity checks: does it continue a prompt; how surprised is it by text of its language? ---
     # Perplexity = exp(mean negative log-likelihood per token): the number of equally likely tokens
     # the model is, on average, choosing between. A uniform guess over the vocabulary gives 50,257.
     toy = state is None
@@ -114,8 +121,9 @@ def main():
         seqs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in held_out]
         ppl = sequences_perplexity(model, seqs, prompt_lens=[1] * len(seqs))
         floor = math.exp(toy_language.entropy_per_token(held_out, enc.encode))
-        print(f"  perplexity on 20 held-out toy documents: {ppl:.2f}  (the language's own entropy makes "
-              f"{floor:.2f} the floor for any model; a uniform guess gives {config.vocab_size:,})")
+        print(f"  perplexity on 20 held-out toy documents: {ppl:.2f}  (the language's own "
+              f"entropy makes {floor:.2f} the floor for any model; a uniform guess gives "
+              f"{config.vocab_size:,})")
     else:
         ppl, floor = perplexity(model, torch.tensor(enc.encode(PASSAGE))), None
         print(f"  perplexity on a short English passage: {ppl:.1f}  (GPT-2 124M gives a few tens; "
@@ -123,9 +131,9 @@ def main():
 
     # --- save ---
     path = f"{args.out}/teacher.pt"
+    sanity = {"greedy": greedy_text, "passage_ppl": ppl, "floor": floor}
     save_artifact(model_checkpoint(model, "teacher", source=source, preset=args.preset,
-                                   language="toy" if toy else "english",
-                                   sanity={"greedy": greedy_text, "passage_ppl": ppl, "floor": floor}), path)
+                                   language="toy" if toy else "english", sanity=sanity), path)
     print(f"wrote {path}")
 
 

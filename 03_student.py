@@ -3,12 +3,19 @@
 the two side by side: parameters, size on disk, compression.
 
 Reads:  artifacts/teacher.pt
-Writes: artifacts/student_init.pt  (same format as teacher.pt: {"kind": "student_init", "config", "model"})
+Writes: artifacts/student_init.pt  (as teacher.pt: {"kind": "student_init", "config", "model"})
 Run:    python 03_student.py              (add --preset tiny for the tiny course)
 """
 import torch
 
-from common.artifacts import LessonError, check_preset, load_model, model_checkpoint, run_lesson, save_artifact
+from common.artifacts import (
+    LessonError,
+    check_preset,
+    load_model,
+    model_checkpoint,
+    run_lesson,
+    save_artifact,
+)
 from common.cli import lesson_parser, parse, positive_int
 from common.model import GPT, GPTConfig
 from common.tokenizer import get_tokenizer
@@ -22,15 +29,16 @@ PRESETS = {
 
 def main():
     p = lesson_parser(__doc__)
-    p.add_argument("--n-layer", type=positive_int, default=None, help="transformer blocks (gpt2: 6, tiny: 2)")
-    p.add_argument("--n-embd", type=positive_int, default=None, help="width (gpt2: 512, tiny: 32)")
-    p.add_argument("--n-head", type=positive_int, default=None, help="attention heads (gpt2: 8, tiny: 2)")
+    p.add_argument("--n-layer", type=positive_int, help="transformer blocks (gpt2: 6, tiny: 2)")
+    p.add_argument("--n-embd", type=positive_int, help="width (gpt2: 512, tiny: 32)")
+    p.add_argument("--n-head", type=positive_int, help="attention heads (gpt2: 8, tiny: 2)")
     p.add_argument("--seed", type=int, default=1337, help="seed for the initial weights")
     args = parse(p, PRESETS)
     if args.n_embd % args.n_head:
         raise LessonError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
 
-    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=get_tokenizer().n_vocab)
+    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher",
+                               vocab_size=get_tokenizer().n_vocab)
     check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
     t = teacher.config
 
@@ -38,7 +46,8 @@ def main():
     config = GPTConfig(block_size=t.block_size, vocab_size=t.vocab_size,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     torch.manual_seed(args.seed)
-    student = GPT(config)  # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
+    # GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
+    student = GPT(config)
 
     # --- side by side ---
     def row(name, f):

@@ -1,7 +1,7 @@
-"""Assemble the six lessons into one Jupyter/Colab notebook, course.ipynb: for each lesson a markdown
-cell (its docstring) and a code cell (the lesson itself, unchanged), after a setup cell. Lesson 07,
-the divergence lab, runs after the course (it trains seven students): paste it into a cell, or run it
-from a shell.
+"""Assemble the six lessons into one Jupyter/Colab notebook, course.ipynb: for each lesson a
+markdown cell (its docstring) and a code cell (the lesson itself, unchanged), after a setup cell.
+Lesson 07, the divergence lab, runs after the course (it trains seven students): paste it into a
+cell, or run it from a shell.
 
 Reads:  01_teacher.py ... 06_compare.py
 Writes: course.ipynb (or the path given)
@@ -11,12 +11,17 @@ import ast
 import json
 import sys
 
-LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py", "06_compare.py"]
-SETUP = """# Run this notebook from the course folder (upload or clone it first), e.g. %cd /content/kd
+LESSONS = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py",
+           "06_compare.py"]
+SETUP = """# Run this notebook from the course folder (upload or clone it first), e.g.
+# %cd /content/kd
 !pip install -q tiktoken
 import os
-PRESET = "gpt2"  # <- edit: "gpt2" is the real course (use a GPU runtime); "tiny" trains a small teacher on a toy language, about a minute anywhere
-os.environ.setdefault("KD_PRESET", PRESET)    # a notebook started with KD_PRESET set keeps it; %env KD_PRESET=tiny changes it later
+# "gpt2" is the real course (use a GPU runtime); "tiny" trains a small teacher on a toy language,
+# about a minute anywhere
+PRESET = "gpt2"  # <- edit
+# a notebook started with KD_PRESET set keeps it; %env KD_PRESET=tiny changes it later
+os.environ.setdefault("KD_PRESET", PRESET)
 os.environ.setdefault("KD_OUT", "artifacts")  # the folder the lessons pass their .pt files through
 print("preset:", os.environ["KD_PRESET"], "| artifacts in:", os.environ["KD_OUT"])"""
 
@@ -30,8 +35,9 @@ def cell(kind, text):
 
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else "course.ipynb"
-    cells = [cell("markdown", "# Knowledge distillation, from scratch\n\nSix lessons: GPT-2 teaches a smaller "
-                  "student. Run the cells in order; each one is a whole lesson script."), cell("code", SETUP)]
+    intro = ("# Knowledge distillation, from scratch\n\nSix lessons: GPT-2 teaches a smaller "
+             "student. Run the cells in order; each one is a whole lesson script.")
+    cells = [cell("markdown", intro), cell("code", SETUP)]
     for lesson in LESSONS:
         with open(lesson, encoding="utf-8") as f:
             source = f.read()
@@ -42,7 +48,8 @@ def main():
     for i, c in enumerate(cells, 1):  # nbformat 4.5: every cell has an id
         c["id"] = f"cell-{i}"
     nb = {"cells": cells, "nbformat": 4, "nbformat_minor": 5,
-          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                      "language": "python"},
                        "language_info": {"name": "python"}, "accelerator": "GPU"}}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(nb, f, indent=1, ensure_ascii=False)

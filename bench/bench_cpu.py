@@ -31,8 +31,10 @@ TARGETS = {"train": 1.10, "sample": 1.5, "ppl": 1.0}
 def reference_and_ours(n_layer, n_embd, n_head, seed=0):
     """A transformers GPT-2 and our GPT with the same weights (through our own checkpoint loader)."""
     import tempfile
+
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
+
     from common.gpt2_weights import load_gpt2
     logging.set_verbosity_error()
     torch.manual_seed(seed)
@@ -85,7 +87,8 @@ def bench_train(repeats):
     t_ours, t_ref = interleave(step_ours, step_ref, repeats)
     cfg = ours.config
     tokens = x.size(0) * (x.size(1) - 1)
-    # FLOPs per token, forward + backward: 6 per weight (lm_head included, position embeddings not) plus attention
+    # FLOPs per token, forward + backward: 6 per weight (lm_head included, position embeddings not)
+    # plus attention
     n = ours.num_params() - ours.transformer.wpe.weight.numel()
     flops = tokens * (6 * n + 12 * cfg.n_layer * cfg.n_embd * (x.size(1) - 1))
     return t_ours, t_ref, flops / t_ours

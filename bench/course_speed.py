@@ -1,5 +1,6 @@
-"""Time the whole course at the seed's scale: a GPT-2 124M-shaped teacher (random weights: speed does
-not depend on their values), 500 samples x 256 new tokens, the 6/512/8 student, 3 epochs, evaluation.
+"""Time the whole course at the seed's scale: a GPT-2 124M-shaped teacher (random weights: speed
+does not depend on their values), 500 samples x 256 new tokens, the 6/512/8 student, 3 epochs,
+evaluation.
 
 It runs the real lessons 02-06 as subprocesses (lesson 01 needs the internet, so the teacher.pt is
 written directly) and reports each lesson's wall time and throughput. On a GPU the lessons use AMP

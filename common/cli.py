@@ -10,8 +10,9 @@ import sys
 
 
 def default_preset():
-    """gpt2: the real course; tiny: a small stand-in teacher for CPU/offline runs. Read when a lesson
-    parses its flags (not at import), so `%env KD_PRESET=tiny` in a notebook takes effect at once."""
+    """gpt2: the real course; tiny: a small stand-in teacher for CPU/offline runs. Read when a
+    lesson parses its flags (not at import), so `%env KD_PRESET=tiny` in a notebook takes effect at
+    once."""
     return os.environ.get("KD_PRESET", "gpt2")
 
 
@@ -21,16 +22,17 @@ def default_out():
 
 
 def in_notebook():
-    """True inside a Jupyter/Colab kernel: its launcher is argv[0], or an IPython shell with a kernel is
-    running (importing ipykernel, as a test harness may, is not enough)."""
+    """True inside a Jupyter/Colab kernel: its launcher is argv[0], or an IPython shell with a
+    kernel is running (importing ipykernel, as a test harness may, is not enough)."""
     launcher = os.path.basename(sys.argv[0]) if sys.argv else ""
     ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    get_shell = getattr(ipython, "get_ipython", None) if ipython is not None else None
+    shell = get_shell() if get_shell is not None else None
     return launcher.endswith("_launcher.py") or getattr(shell, "kernel", None) is not None
 
 
 def preset_advice(preset):
-    """How to choose a preset, said the way that works here: a flag in a shell, %env in a notebook."""
+    """How to choose a preset, said as it works here: a flag in a shell, %env in a notebook."""
     return f"run %env KD_PRESET={preset} in a cell" if in_notebook() else f"add --preset {preset}"
 
 
@@ -40,8 +42,8 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in text:
+        no_default = action.default is None or action.default is False
+        if no_default or action.default == argparse.SUPPRESS or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -64,12 +66,13 @@ def first_sentences(doc, at_least=60):
 def lesson_parser(description):
     """An ArgumentParser with the two flags every lesson shares: --out and --preset."""
     # allow_abbrev=False: argparse would otherwise take --epoch for --epochs, silently
-    p = argparse.ArgumentParser(description=first_sentences(description) or None, allow_abbrev=False,
-                                formatter_class=_HelpWithDefaults)
-    p.add_argument("--out", default=default_out(), help="folder for the artifacts (default: %(default)s)")
+    p = argparse.ArgumentParser(description=first_sentences(description) or None,
+                                allow_abbrev=False, formatter_class=_HelpWithDefaults)
+    p.add_argument("--out", default=default_out(),
+                   help="folder for the artifacts (default: %(default)s)")
     p.add_argument("--preset", default=default_preset(), choices=["gpt2", "tiny"],
-                   help="gpt2: the real course; tiny: a small teacher that knows a toy language, about a minute on a CPU "
-                        "(default: %(default)s)")
+                   help="gpt2: the real course; tiny: a small teacher that knows a toy language, "
+                        "about a minute on a CPU (default: %(default)s)")
     return p
 
 
@@ -89,13 +92,13 @@ def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         if x != x or (lo is not None and (x <= lo if lo_open else x < lo)) or \
                 (hi is not None and (x >= hi if hi_open else x > hi)):
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            raise argparse.ArgumentTypeError(
-                f"{text} is out of range {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
+            left = ("(" if lo_open else "[") + ("-inf" if lo is None else str(lo))
+            right = ("inf" if hi is None else str(hi)) + (")" if hi_open else "]")
+            raise argparse.ArgumentTypeError(f"{text} is out of range {left}, {right}")
         return x
     return check
 

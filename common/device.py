@@ -21,9 +21,9 @@ def get_device():
 def pick_dtype(device, requested="auto"):
     """The training/inference precision: 'fp32', 'bf16' or 'fp16'.
 
-    auto: bf16 on GPUs that support it (Ampere and newer: same range as fp32, no loss scaling needed),
-    fp16 on older GPUs such as Colab's T4 (needs a GradScaler, see needs_scaler), fp32 on the CPU
-    (CPU autocast only pays off on chips with bf16 matrix units).
+    auto: bf16 on GPUs that support it (Ampere and newer: same range as fp32, no loss scaling
+    needed), fp16 on older GPUs such as Colab's T4 (needs a GradScaler, see needs_scaler), fp32 on
+    the CPU (CPU autocast only pays off on chips with bf16 matrix units).
     """
     if requested != "auto":
         return requested
@@ -65,13 +65,14 @@ def fused_adamw(device):
 def keep_freed_memory():
     """On Linux, make malloc keep freed memory for reuse instead of handing it back to the system.
 
-    glibc's malloc serves every request above 32 MB with fresh pages from the kernel and returns them
-    on free. Training on the CPU makes tensors that big every step (the student's logits at batch
-    4 x 256 are 1,024 x 50,257 floats, 206 MB), and the first write to each fresh 4 KB page is a page
-    fault: a third of a training step, measured on a 2-core CPU (bench/bench_cpu.py). Telling malloc
-    never to use fresh mappings (M_MMAP_MAX = 0) and to keep up to 2 GB of freed memory
+    glibc's malloc serves every request above 32 MB with fresh pages from the kernel and returns
+    them on free. Training on the CPU makes tensors that big every step (the student's logits at
+    batch 4 x 256 are 1,024 x 50,257 floats, 206 MB), and the first write to each fresh 4 KB page is
+    a page fault: a third of a training step, measured on a 2-core CPU (bench/bench_cpu.py). Telling
+    malloc never to use fresh mappings (M_MMAP_MAX = 0) and to keep up to 2 GB of freed memory
     (M_TRIM_THRESHOLD) makes the next step reuse the same pages. The cost: the process holds on to
-    its peak memory until it exits. Returns whether the setting took (False on macOS, Windows, musl).
+    its peak memory until it exits. Returns whether the setting took (False on macOS, Windows,
+    musl).
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

@@ -1,8 +1,8 @@
 """The distillation losses, and batching the teacher's samples for them.
 
 Sequence-level KD (Kim & Rush, 2016): the student is trained with plain cross-entropy on text the
-teacher generated. Soft-target KD (Hinton et al., 2015): the student also matches the teacher's whole
-next-token distribution at every position, softened by a temperature T. token_divergence: the
+teacher generated. Soft-target KD (Hinton et al., 2015): the student also matches the teacher's
+whole next-token distribution at every position, softened by a temperature T. token_divergence: the
 divergences of full distributions that newer methods minimise (forward KL, reverse KL as in MiniLLM,
 GKD's generalized Jensen-Shannon).
 """
@@ -18,17 +18,17 @@ def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature
     """A divergence between the teacher's next-token distribution p and the student's q at every
     position: logits (..., V) of any float dtype -> (...) in float32, no reduction.
 
-    "fkl", forward KL(p || q) = sum p (log p - log q): the student pays wherever the teacher puts mass
-      and it does not, so it must cover every token the teacher allows (mode-covering). Where the
-      teacher's mass is spread over many continuations, a small student spreads itself thin too.
+    "fkl", forward KL(p || q) = sum p (log p - log q): the student pays wherever the teacher puts
+      mass and it does not, so it must cover every token the teacher allows (mode-covering). Where
+      the teacher's mass is spread over many continuations, a small student spreads itself thin.
     "rkl", reverse KL(q || p) = sum q (log q - log p): the student pays for mass where the teacher
-      has little, so it may drop some of the teacher's modes but must not invent any (mode-seeking).
-      MiniLLM (Gu et al., 2024) trains with it for sharper, more precise small students.
+      has little, so it may drop some of the teacher's modes but must not invent any
+      (mode-seeking). MiniLLM (Gu et al., 2024) minimises a reverse KL, over whole sequences.
     "jsd", GKD's generalized Jensen-Shannon (Agarwal et al., 2024): with m = beta p + (1 - beta) q,
-      beta KL(p || m) + (1 - beta) KL(q || m). It is bounded, and it moves between the two: divided by
-      beta it tends to KL(p || q) as beta -> 0, divided by 1 - beta to KL(q || p) as beta -> 1.
-      log m is taken in log space (logsumexp of log p + log beta and log q + log(1 - beta)), never as
-      the log of a sum of probabilities, which underflows for unlikely tokens.
+      beta KL(p || m) + (1 - beta) KL(q || m). It is bounded, and it moves between the two: divided
+      by beta it tends to KL(p || q) as beta -> 0, divided by 1 - beta to KL(q || p) as beta -> 1.
+      log m is taken in log space (logsumexp of log p + log beta and log q + log(1 - beta)), never
+      as the log of a sum of probabilities, which underflows for unlikely tokens.
     All of it in float32, from log-softmax at the given temperature.
     """
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V) student
@@ -60,23 +60,25 @@ def soft_kd_kl(logits, topk_ids, topk_logprobs, T=2.0):
     next tokens and their log-probabilities, stored by lesson 02.
 
     The approximation: we kept only the teacher's top K tokens, so its softened distribution is
-    re-normalised over those K (softmax(logprob / T) over K; log-probs differ from logits by a constant
-    per position, which softmax ignores). For GPT-2 the top 32 tokens usually hold most of the mass;
-    the tail we drop is what the student is not asked to match. The student's side is its full
-    distribution at temperature T, read at the K ids: sum_k p_k (log p_k - log q_k) is then >= 0 and
-    zero only when the student puts exactly the teacher's (re-normalised) mass on those K tokens,
-    so it also learns to leave the other tokens out.
+    re-normalised over those K (softmax(logprob / T) over K; log-probs differ from logits by a
+    constant per position, which softmax ignores). For GPT-2 the top 32 tokens usually hold most of
+    the mass; the tail we drop is what the student is not asked to match. The student's side is its
+    full distribution at temperature T, read at the K ids: sum_k p_k (log p_k - log q_k) is then >=
+    0 and zero only when the student puts exactly the teacher's (re-normalised) mass on those K
+    tokens, so it also learns to leave the other tokens out.
 
-    Why T^2 (applied by the caller): the gradient of the softened KL shrinks like 1/T^2, so scaling by
-    T^2 keeps its size comparable to the cross-entropy term whatever T is chosen (Hinton et al., sec. 2).
+    Why T^2 (applied by the caller): the gradient of the softened KL shrinks like 1/T^2, so scaling
+    by T^2 keeps its size comparable to the cross-entropy term whatever T is (Hinton et al., 2.).
     """
-    p_log = F.log_softmax(topk_logprobs.float() / T, dim=-1)               # (B, L, K) teacher, re-normalised
-    q_log = F.log_softmax(logits.float() / T, dim=-1).gather(-1, topk_ids.long())  # (B, L, K) student
-    return _kl(p_log, q_log)                                               # (B, L)
+    p_log = F.log_softmax(topk_logprobs.float() / T, dim=-1)     # (B, L, K) teacher, over the K
+    q_log = F.log_softmax(logits.float() / T, dim=-1)            # (B, L, V) student
+    q_log = q_log.gather(-1, topk_ids.long())                    # (B, L, K) read at the K ids
+    return _kl(p_log, q_log)                                     # (B, L)
 
 
 def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
-    """T^2 * KL(teacher_T || student_T), averaged over the positions where mask is True (see soft_kd_kl)."""
+    """T^2 * KL(teacher_T || student_T), averaged over the positions where mask is True (see
+    soft_kd_kl)."""
     kl = soft_kd_kl(logits, topk_ids, topk_logprobs, T)
     return T * T * (kl * mask).sum() / mask.sum().clamp(min=1)
 
@@ -84,11 +86,11 @@ def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
 def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu", prompt_lens=None):
     """Pad a list of token sequences into model inputs and targets (see perplexity.pad_batch).
 
-    x[:, t] is token t, y[:, t] is token t+1 (the one to predict); padding and prompt targets are -100,
-    which cross_entropy skips. We pad rather than pack several samples into one row: each sample is a
-    document that starts with <|endoftext|>, and its stored teacher distributions line up with its own
-    positions. The padding costs a little compute.
-    Returns x, y and, if given, the teacher's top-K ids and log-probs padded to (B, L, K).
+    x[:, t] is token t, y[:, t] is token t+1 (the one to predict); padding and prompt targets are
+    -100, which cross_entropy skips. We pad rather than pack several samples into one row: each
+    sample is a document that starts with <|endoftext|>, and its stored teacher distributions line
+    up with its own positions. The padding costs a little compute. Returns x, y and, if given, the
+    teacher's top-K ids and log-probs padded to (B, L, K).
     """
     x, y = pad_batch(seqs, prompt_lens)
     out = [x.to(device), y.to(device)]

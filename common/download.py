@@ -1,4 +1,5 @@
-"""Downloading a large file the careful way: progress, resume, atomic rename, size and sha256 checks.
+"""Downloading a large file the careful way: progress, resume, atomic rename, size and sha256
+checks.
 
 The bytes go to `<dest>.part`; if the connection drops we ask the server for the rest with an HTTP
 Range header instead of starting over. Only a complete, verified file is renamed to `dest`, so a
@@ -15,13 +16,15 @@ import urllib.request
 from common.artifacts import LessonError
 
 # Some hosts refuse Python's default User-Agent; this one reads like a browser.
-USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
+USER_AGENT = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/124.0 Safari/537.36")
 CHUNK = 1 << 20
 
 
 def cache_dir():
     """Where downloads are kept: $KD_CACHE, else ~/.cache/kd-course."""
-    return os.environ.get("KD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kd-course")
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "kd-course")
+    return os.environ.get("KD_CACHE") or home_cache
 
 
 def sha256_of(path):
@@ -61,7 +64,8 @@ def download(url, dest, size=None, sha256=None, retries=3, timeout=30, quiet=Fal
         if have:
             headers["Range"] = f"bytes={have}-"  # ask only for the bytes we do not have yet
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
+            request = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(request, timeout=timeout) as r:
                 if have and r.status != 206:  # the server ignored Range and sends the whole file
                     have = 0
                 length = r.headers.get("Content-Length")
@@ -71,7 +75,7 @@ def download(url, dest, size=None, sha256=None, retries=3, timeout=30, quiet=Fal
                 _copy(r, part, "ab" if have else "wb", have, total, name, quiet)
             break
         except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # "range not satisfiable": the .part already holds the whole file
+            if e.code == 416 and have:  # "range not satisfiable": .part holds the whole file
                 break
             if 400 <= e.code < 500:
                 raise LessonError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
@@ -79,14 +83,16 @@ def download(url, dest, size=None, sha256=None, retries=3, timeout=30, quiet=Fal
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             error = getattr(e, "reason", None) or e.__class__.__name__
         if attempt == retries:
-            kept = f"; the partial file {part} is kept and the next run resumes it" if os.path.exists(part) else ""
+            kept = (f"; the partial file {part} is kept and the next run resumes it"
+                    if os.path.exists(part) else "")
             raise LessonError(f"download of {url} failed ({error}){kept}")
         print(f"  connection lost ({error}); retrying ({attempt}/{retries - 1})")
         time.sleep(attempt)
     problem = _verify(part, size, sha256)
     if problem is not None:
         os.remove(part)
-        raise LessonError(f"downloaded {name} is corrupt ({problem}) and was deleted: run again to re-fetch it")
+        raise LessonError(f"downloaded {name} is corrupt ({problem}) and was deleted: run again to "
+                          f"re-fetch it")
     os.replace(part, dest)
     return dest
 
@@ -107,7 +113,8 @@ def _copy(response, part, mode, have, total, name, quiet):
                 rate = (done - have) / max(now - start, 1e-9)
                 eta = f"{(total - done) / rate:.0f}s" if total and rate > 0 else "?"
                 of = f"/{total / 1e6:.1f}" if total else ""
-                sys.stdout.write(f"\r  {name}: {done / 1e6:.1f}{of} MB | {rate / 1e6:.1f} MB/s | eta {eta}   ")
+                sys.stdout.write(f"\r  {name}: {done / 1e6:.1f}{of} MB | {rate / 1e6:.1f} MB/s | "
+                                 f"eta {eta}   ")
                 sys.stdout.flush()
     if total and done < total:  # the server closed the connection early
         raise http.client.IncompleteRead(b"", total - done)

@@ -17,22 +17,24 @@ from common.model import GPTConfig
 
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Published size and sha256 of gpt2 (124M)'s model.safetensors, to catch a corrupt download.
-KNOWN_FILES = {"gpt2": (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707")}
+KNOWN_FILES = {
+    "gpt2": (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+}
 
 # GPT-2 was written in TensorFlow with "Conv1D" layers that store weights as (in, out); nn.Linear
 # stores (out, in) and computes x @ W.T. So these four matrices are transposed on the way in.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-              "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-              "mlp.c_proj.weight", "mlp.c_proj.bias")
+BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+              "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+              "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 # --- reading a safetensors file by hand ---
 # Layout: 8 bytes (little-endian u64) = N, then N bytes of JSON saying, for each tensor, its dtype,
 # shape and [begin, end) byte range in the raw data that follows. We memory-map the file, so a
 # tensor's bytes are read from disk only when used.
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-             "U8": torch.uint8, "BOOL": torch.bool}
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+             "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path):
@@ -40,15 +42,18 @@ def read_safetensors(path):
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise LessonError(f"{path} is not a safetensors file: only {size} bytes")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: torch wants a writable buffer
+        # copy-on-write: torch wants a writable buffer
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     n = int.from_bytes(buf[:8], "little")
     if n > size - 8:
-        raise LessonError(f"{path} is not a valid safetensors file: header of {n:,} bytes in a {size:,}-byte file")
+        raise LessonError(f"{path} is not a valid safetensors file: header of {n:,} bytes in a "
+                          f"{size:,}-byte file")
     try:
         header = json.loads(bytes(buf[8:8 + n]))
         assert isinstance(header, dict)
     except (ValueError, AssertionError):
-        raise LessonError(f"{path} is not a valid safetensors file: its header is not JSON") from None
+        raise LessonError(f"{path} is not a valid safetensors file: its header is not "
+                          f"JSON") from None
     header.pop("__metadata__", None)
     data_start, tensors = 8 + n, {}
     for name, info in header.items():
@@ -57,16 +62,19 @@ def read_safetensors(path):
             shape = [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise LessonError(f"{path} is not a valid safetensors file: bad header entry for {name}") from None
+            raise LessonError(f"{path} is not a valid safetensors file: bad header entry for "
+                              f"{name}") from None
         numel = 1
         for s in shape:
             numel *= s
         if end - begin != numel * dtype.itemsize or data_start + end > size or begin < 0:
-            raise LessonError(f"{path} is truncated or corrupt: tensor {name} lies outside the file")
+            raise LessonError(f"{path} is truncated or corrupt: tensor {name} lies outside the "
+                              f"file")
         if numel == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
-            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
+            flat = torch.frombuffer(buf, dtype=dtype, count=numel, offset=data_start + begin)
+            tensors[name] = flat.view(shape)
     return tensors
 
 
@@ -77,9 +85,11 @@ def read_weights_file(path):
     if path.endswith(".safetensors") or head[8:9] == b"{":
         return read_safetensors(path)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never run pickled code
+        # weights_only: never run pickled code
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise LessonError(f"{path} is not a GPT-2 checkpoint (not safetensors, and PyTorch cannot load it)") from None
+        raise LessonError(f"{path} is not a GPT-2 checkpoint (not safetensors, and PyTorch cannot "
+                          f"load it)") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -95,8 +105,9 @@ def config_from_json(path):
     if c.get("model_type", "gpt2") != "gpt2":
         raise LessonError(f"{path} describes a {c['model_type']!r} model, not GPT-2")
     try:
-        return GPTConfig(block_size=c.get("n_positions", c.get("n_ctx")), vocab_size=c["vocab_size"],
-                         n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+        return GPTConfig(block_size=c.get("n_positions", c.get("n_ctx")),
+                         vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                         n_embd=c["n_embd"],
                          layer_norm_eps=c.get("layer_norm_epsilon", 1e-5))
     except KeyError as e:
         raise LessonError(f"{path} lacks {e.args[0]}, so it is not a GPT-2 config") from None
@@ -110,10 +121,10 @@ def infer_config(sd, path):
     vocab, n_embd = sd["wte.weight"].shape
     layers = {int(m.group(1)) for k in sd for m in [re.match(r"h\.(\d+)\.", k)] if m}
     if n_embd % 64:
-        raise LessonError(f"{path}: width {n_embd} is not a multiple of 64, so the number of heads cannot be "
-                          f"inferred; pass a folder that holds its config.json")
-    return GPTConfig(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab, n_layer=max(layers, default=-1) + 1,
-                     n_head=n_embd // 64, n_embd=n_embd)
+        raise LessonError(f"{path}: width {n_embd} is not a multiple of 64, so the number of heads "
+                          f"cannot be inferred; pass a folder that holds its config.json")
+    return GPTConfig(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab,
+                     n_layer=max(layers, default=-1) + 1, n_head=n_embd // 64, n_embd=n_embd)
 
 
 def strip_names(sd):
@@ -134,22 +145,26 @@ def convert(sd, config, path):
     C, V = config.n_embd, config.vocab_size
     lm_head = sd.pop("lm_head.weight", None)
     if lm_head is not None and "wte.weight" in sd and not torch.equal(lm_head, sd["wte.weight"]):
-        raise LessonError(f"{path}: lm_head.weight differs from wte.weight; GPT-2 ties them, so this is not GPT-2")
-    expected = {"wte.weight": (V, C), "wpe.weight": (config.block_size, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+        raise LessonError(f"{path}: lm_head.weight differs from wte.weight; GPT-2 ties them, so "
+                          f"this is not GPT-2")
+    expected = {"wte.weight": (V, C), "wpe.weight": (config.block_size, C), "ln_f.weight": (C,),
+                "ln_f.bias": (C,)}
     shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-              "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C),
-              "attn.c_proj.bias": (C,), "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
-              "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
+              "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+              "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "mlp.c_fc.weight": (C, 4 * C),
+              "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
     for i in range(config.n_layer):
         for k in BLOCK_KEYS:
             expected[f"h.{i}.{k}"] = shapes[k]
     missing = [k for k in expected if k not in sd]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise LessonError(f"{path} is not a complete GPT-2 checkpoint: missing {', '.join(missing[:5])}{more}")
+        raise LessonError(f"{path} is not a complete GPT-2 checkpoint: missing "
+                          f"{', '.join(missing[:5])}{more}")
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
-        raise LessonError(f"{path} does not match a {config.n_layer}-layer GPT-2: unexpected {', '.join(unexpected[:5])}")
+        raise LessonError(f"{path} does not match a {config.n_layer}-layer GPT-2: unexpected "
+                          f"{', '.join(unexpected[:5])}")
     out = {}
     for k, shape in expected.items():
         t = sd[k]
@@ -164,7 +179,7 @@ def convert(sd, config, path):
 
 
 def load_gpt2(path):
-    """(GPTConfig, state_dict) from a folder or a weights file; config.json beside it is used if present."""
+    """(GPTConfig, state_dict) from a folder or a weights file (with config.json, if beside it)."""
     if os.path.isdir(path):
         folder = path
         for name in ("model.safetensors", "pytorch_model.bin"):
@@ -176,7 +191,8 @@ def load_gpt2(path):
     elif os.path.isfile(path):
         folder, weights = os.path.dirname(path) or ".", path
     else:
-        raise LessonError(f"{path} does not exist: pass a GPT-2 folder or weights file to --weights")
+        raise LessonError(f"{path} does not exist: pass a GPT-2 folder or weights file to "
+                          f"--weights")
     sd = strip_names(read_weights_file(weights))
     cfg_file = os.path.join(folder, "config.json")
     config = config_from_json(cfg_file) if os.path.exists(cfg_file) else infer_config(sd, weights)
@@ -190,13 +206,15 @@ def hub_url(name, filename):
 
 
 def download_gpt2(name):
-    """Download config.json and model.safetensors of openai-community/<name> into the cache; returns the folder."""
+    """Download config.json and model.safetensors of openai-community/<name> into the cache;
+    returns the folder."""
     folder = os.path.join(cache_dir(), name)
     size, sha = KNOWN_FILES.get(name, (None, None))
     try:
         download(hub_url(name, "config.json"), os.path.join(folder, "config.json"), quiet=True)
-        download(hub_url(name, "model.safetensors"), os.path.join(folder, "model.safetensors"), size=size, sha256=sha)
+        download(hub_url(name, "model.safetensors"), os.path.join(folder, "model.safetensors"),
+                 size=size, sha256=sha)
     except LessonError as e:
-        raise LessonError(f"{e}. Without internet, download the GPT-2 files elsewhere and pass their folder "
-                          f"with --weights, or use --preset tiny") from None
+        raise LessonError(f"{e}. Without internet, download the GPT-2 files elsewhere and pass "
+                          f"their folder with --weights, or use --preset tiny") from None
     return folder

@@ -1,8 +1,8 @@
 """GPT-2, written out in full: the one model class that both teacher and student use.
 
 The teacher is this module loaded with OpenAI's GPT-2 weights (see gpt2_weights.py); the student is
-the same module with fewer, narrower layers. Parameter names follow GPT-2's own (transformer.h.0.attn.c_attn
-...), so loading the published weights is a rename-free copy.
+the same module with fewer, narrower layers. Parameter names follow GPT-2's own
+(transformer.h.0.attn.c_attn ...), so loading the published weights is a rename-free copy.
 """
 import math
 from dataclasses import dataclass, fields
@@ -14,18 +14,19 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024       # longest context the model sees (GPT-2 learns one embedding per position)
+    block_size: int = 1024       # longest context (GPT-2 learns one embedding per position)
     vocab_size: int = 50257      # GPT-2's BPE: 256 bytes + 50,000 merges + <|endoftext|>
     n_layer: int = 12            # transformer blocks
     n_head: int = 12             # attention heads per block
     n_embd: int = 768            # width of the residual stream
-    dropout: float = 0.0         # dropout on attention, MLP and embeddings (0 for inference and distillation)
+    dropout: float = 0.0         # on attention, MLP and embeddings (0: inference, distillation)
     layer_norm_eps: float = 1e-5  # GPT-2's LayerNorm epsilon
     init_std: float = 0.02       # std of the weight init (GPT-2's 0.02)
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a checkpoint's config dict; unknown keys are an error, missing ones take defaults."""
+        """Build from a checkpoint's config dict; unknown keys are an error, missing ones take
+        defaults."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -64,7 +65,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.layer_idx = layer_idx
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJ = True  # init scaled down, see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -82,13 +83,13 @@ class CausalSelfAttention(nn.Module):
             past = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
 
-        # scaled_dot_product_attention computes softmax(q @ k^T / sqrt(hs) + mask) @ v, with the mask
-        # hiding future positions, in one fused kernel (flash/memory-efficient where available).
-        if past == 0:
-            mask, causal = None, True      # the usual case: no cache, or the prompt filling an empty cache
-        elif T == 1:
-            mask, causal = None, False     # one new token may look at every cached position
-        else:                              # several new tokens after a cached prefix: token i sees past + i + 1 keys
+        # scaled_dot_product_attention computes softmax(q @ k^T / sqrt(hs) + mask) @ v, with the
+        # mask hiding future positions, in one fused kernel (flash/memory-efficient where it can).
+        if past == 0:  # the usual case: no cache, or the prompt filling an empty cache
+            mask, causal = None, True
+        elif T == 1:   # one new token may look at every cached position
+            mask, causal = None, False
+        else:          # several new tokens after a cached prefix: token i sees past + i + 1 keys
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -107,7 +108,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2 was trained with the tanh approximation of GELU
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2 was trained with GELU's tanh form
         return self.dropout(self.c_proj(x))
 
 
@@ -150,7 +151,8 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear):
             if getattr(module, "RESIDUAL_PROJ", False):
                 # Each block adds two projections into the residual stream; scaling their init by
-                # 1/sqrt(2 * n_layer) keeps the stream's variance from growing with depth (GPT-2 paper).
+                # 1/sqrt(2 * n_layer) keeps the stream's variance from growing with depth (GPT-2
+                # paper).
                 std = std / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -159,7 +161,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def num_params(self, embeddings=True):
-        """Parameter count (the tied lm_head counted once); without the token and position embeddings if asked."""
+        """Parameter count (the tied lm_head counted once); without the token and position
+        embeddings if asked."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
@@ -170,7 +173,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context "
+                             f"({self.config.block_size})")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
@@ -189,5 +193,6 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, kv_cache))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
         return logits, loss

@@ -16,29 +16,32 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         return logits.argmax(dim=-1)  # greedy
     logits = logits.float() / temperature
     if top_k is None and top_p is None:
-        # The whole vocabulary: invert the cumulative distribution. One uniform number u per row picks
-        # the first token whose cumulative probability reaches u. (torch.multinomial draws a random
-        # number per entry: over 50,257 entries it is ~40x slower on a CPU.) float64, so that a token
-        # of probability 1e-12 still moves the running sum.
+        # The whole vocabulary: invert the cumulative distribution. One uniform number u per row
+        # picks the first token whose cumulative probability reaches u. (torch.multinomial draws a
+        # random number per entry: over 50,257 entries it is ~40x slower on a CPU.) float64, so that
+        # a token of probability 1e-12 still moves the running sum.
         cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)  # (B, vocab)
-        u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+        u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device,
+                       dtype=torch.float64) * cdf[:, -1:]
         return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.size(-1) - 1)
     if top_k is not None:
-        cand, cand_ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k), sorted high to low
+        cand, cand_ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k), sorted
     else:
         cand, cand_ids = torch.sort(logits, dim=-1, descending=True)              # (B, vocab)
     probs = F.softmax(cand, dim=-1)  # re-normalised over the candidates
     if top_p is not None:
-        # nucleus: the smallest set of most likely tokens whose probability reaches top_p. A token stays
-        # if the mass of the tokens ranked above it is still below top_p (so the first always stays).
+        # nucleus: the smallest set of most likely tokens whose probability reaches top_p. A token
+        # stays if the mass of the tokens ranked above it is still below top_p (so the first
+        # always stays). multinomial re-normalises what is left.
         mass_before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # multinomial re-normalises what is left
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
     choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into the candidates
     return cand_ids.gather(-1, choice).squeeze(1)
 
 
 def linear_weights_in_rows_first_layout(model):
-    """Keep every nn.Linear weight's values and shape (out, in), but lay it out in memory as (in, out).
+    """Keep every nn.Linear weight's values and shape (out, in), but lay it out in memory as
+    (in, out).
 
     nn.Linear computes x @ W.T. At a generation step x has only a few rows, and a CPU runs that
     product about 1.3x faster when W.T is the contiguous one (it streams the weights row by row).
@@ -46,15 +49,17 @@ def linear_weights_in_rows_first_layout(model):
     Measured on CPUs only, so on a GPU the weights are left as they are.
     """
     for m in model.modules():
-        if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.is_contiguous() \
-                and m.weight is not model.transformer.wte.weight:  # the tied embedding: see `head` below
+        if not isinstance(m, nn.Linear) or m.weight is model.transformer.wte.weight:
+            continue  # (the tied embedding: see `head` in generate)
+        if m.weight.device.type == "cpu" and m.weight.is_contiguous():
             m.weight.data = m.weight.data.t().contiguous().t()
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, generator=None,
-             prompt_lens=None, fast_layout=True):
-    """Continue each row of idx (B, T) by max_new_tokens tokens -> LongTensor (B, T + max_new_tokens).
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
+             generator=None, prompt_lens=None, fast_layout=True):
+    """Continue each row of idx (B, T) by max_new_tokens tokens -> LongTensor
+    (B, T + max_new_tokens).
 
     The prompt is run through the model in one forward pass that fills the KV cache; after that each
     step feeds only the newest token. If eos_token is given, a row that samples it is finished: all
@@ -66,8 +71,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     prompt_lens (B,). The shortest prompt goes through in the first forward pass; after that a row
     still inside its prompt is fed its own next prompt token instead of a sampled one, so every row
     moves one position per step and no attention mask is needed. Row i's result is
-    out[i, :prompt_lens[i] + max_new_tokens]; with eos_token given, the positions after it are filled
-    with eos_token, otherwise they hold more samples, to be cut off.
+    out[i, :prompt_lens[i] + max_new_tokens]; with eos_token given, the positions after it are
+    filled with eos_token, otherwise they hold more samples, to be cut off.
 
     Contexts longer than the model's block_size are cropped: when the cache is full, the last half
     window of tokens becomes the new prompt and generation goes on from there.
@@ -78,31 +83,33 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     if fast_layout:
         linear_weights_in_rows_first_layout(model)
     B, T = idx.shape
-    lens = torch.full((B,), T, device=idx.device) if prompt_lens is None else torch.as_tensor(prompt_lens, device=idx.device)
+    lens = (torch.full((B,), T, device=idx.device) if prompt_lens is None else
+            torch.as_tensor(prompt_lens, device=idx.device))
     if not bool(((lens >= 1) & (lens <= T)).all()):
         raise ValueError(f"prompt_lens must be between 1 and the padded prompt length {T}")
     block = model.config.block_size
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, B, min(block, T + max_new_tokens), idx.device, dtype)
-    # Only the last position's logits are needed. lm_head's weight is the (vocab, C) embedding matrix;
-    # for a few rows at a time, a product with a (C, vocab) copy reads memory about twice as fast on
-    # CPUs, so we make that copy once per call (the teacher's is 150 MB; it is freed on return).
+    # Only the last position's logits are needed. lm_head's weight is the (vocab, C) embedding
+    # matrix; for a few rows at a time, a product with a (C, vocab) copy reads memory about twice as
+    # fast on CPUs, so we make that copy once per call (the teacher's is 150 MB; it is freed on
+    # return).
     head = model.lm_head.weight.t().contiguous()  # (C, vocab)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T] = idx
     n = int(lens.min())  # positions filled in every row
-    feed = idx[:, :n][:, -block:]  # the (shortest) prompt, cropped to the context, then one token at a time
+    feed = idx[:, :n][:, -block:]  # the shortest prompt, cropped to the context; then one token
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     while n < T + max_new_tokens:
-        if cache.pos + feed.size(1) > cache.k.size(3):  # window full: restart from the last half window
+        if cache.pos + feed.size(1) > cache.k.size(3):  # window full: restart from its last half
             cache.pos = 0
             feed = out[:, n - block // 2:n]
         h = model.hidden(feed, kv_cache=cache)[:, -1, :]  # (B, C)
-        logits = h @ head                                 # (B, vocab): what model(feed) gives at the last position
+        logits = h @ head                                 # (B, vocab): model(feed)'s last position
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         in_prompt = n < lens
         if prompt_lens is not None:
-            nxt = torch.where(in_prompt, out[:, n], nxt)  # rows still in their prompt take its next token
+            nxt = torch.where(in_prompt, out[:, n], nxt)  # rows still in their prompt: its token
         if eos_token is not None:
             nxt = nxt.masked_fill(done, eos_token)
             done = done | ((nxt == eos_token) & ~in_prompt) | (n + 1 >= lens + max_new_tokens)
@@ -116,18 +123,19 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 
 @torch.no_grad()
-def continue_each(model, prompts, new_tokens, eos_token, temperature=1.0, top_k=None, top_p=None, generator=None,
-                  fast_layout=True):
-    """Continue each prompt (a list of 1-D token tensors) by up to new_tokens[i] tokens, in one batch,
-    stopping a row after it samples eos_token (which is kept) -> a list of prompt + continuation tensors
-    on the CPU. The prompts may differ in length (see generate's prompt_lens)."""
+def continue_each(model, prompts, new_tokens, eos_token, temperature=1.0, top_k=None, top_p=None,
+                  generator=None, fast_layout=True):
+    """Continue each prompt (a list of 1-D token tensors) by up to new_tokens[i] tokens, in one
+    batch, stopping a row after it samples eos_token (which is kept) -> a list of prompt +
+    continuation tensors on the CPU. The prompts may differ in length (see generate's
+    prompt_lens)."""
     device = next(model.parameters()).device
     lens = [len(p) for p in prompts]
     idx = torch.full((len(prompts), max(lens)), eos_token, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         idx[i, :len(p)] = p
-    out = generate(model, idx, max(new_tokens), temperature, top_k, top_p, eos_token=eos_token, generator=generator,
-                   prompt_lens=lens, fast_layout=fast_layout).cpu()
+    out = generate(model, idx, max(new_tokens), temperature, top_k, top_p, eos_token=eos_token,
+                   generator=generator, prompt_lens=lens, fast_layout=fast_layout).cpu()
     result = []
     for i, (p, n) in enumerate(zip(prompts, new_tokens)):
         sampled = out[i, len(p):len(p) + n]

@@ -5,36 +5,38 @@ model can only learn by looking back (attention), not by counting word pairs:
   - a character is introduced, then referred to by name or by the right pronoun (he / she);
   - a subject agrees with its verb across a clause ("The cats that Anna found were happy.");
   - a quote that opens also closes;
-  - a count goes up one by one and the total is said again ("one, two, three. There were three cats.").
+  - a count goes up one by one and the total is said again ("one, two, three. There were three
+    cats.").
 Documents are separated by <|endoftext|>, as in GPT-2's training data, and tokenized with GPT-2's
 tokenizer like everything else in the course.
 
-The generator makes every random choice through `choose`, with explicit probabilities, so it knows the
-exact probability of any text: replaying the same code against a text, trying every option whose
+The generator makes every random choice through `choose`, with explicit probabilities, so it knows
+the exact probability of any text: replaying the same code against a text, trying every option whose
 words match, sums the probabilities of all the ways it could have written it (`log_prob`). Averaged
-over held-out documents, -log p per GPT-2 token is the language's entropy rate: the floor no model can
-beat (`entropy_per_token`).
+over held-out documents, -log p per GPT-2 token is the language's entropy rate: the floor no model
+can beat (`entropy_per_token`).
 """
 import math
 import random
 
 # --- the vocabulary ---
-NAMES = {"Tom": "he", "Sam": "he", "Ben": "he", "Max": "he", "Leo": "he", "Jack": "he", "Paul": "he", "Hugo": "he",
-         "Anna": "she", "Lucy": "she", "Mia": "she", "Emma": "she", "Lily": "she", "Rose": "she", "Kate": "she",
-         "Nora": "she"}
-JOBS = ["farmer", "teacher", "baker", "doctor", "sailor", "painter", "singer", "driver", "cook", "builder",
-        "gardener", "writer"]
-ADJECTIVES = ["happy", "sad", "tired", "brave", "quiet", "small", "big", "old", "young", "kind", "busy", "clever",
-              "funny", "lucky", "proud", "angry", "calm", "shy", "strong", "gentle"]
-NOUNS = {"cat": "cats", "dog": "dogs", "bird": "birds", "fish": "fish", "apple": "apples", "book": "books",
-         "ball": "balls", "boat": "boats", "cake": "cakes", "hat": "hats", "box": "boxes", "cup": "cups",
-         "flower": "flowers", "horse": "horses", "key": "keys", "letter": "letters", "stone": "stones",
-         "tree": "trees", "chair": "chairs", "egg": "eggs", "shoe": "shoes", "star": "stars", "coin": "coins",
-         "bell": "bells"}
-VERBS = ["saw", "found", "liked", "took", "made", "painted", "washed", "carried", "bought", "lost", "kept",
-         "gave away"]
-PLACES = ["the park", "the river", "the market", "the forest", "the school", "the garden", "the hill", "the farm",
-          "the beach", "the town", "the lake", "the bridge"]
+NAMES = {"Tom": "he", "Sam": "he", "Ben": "he", "Max": "he", "Leo": "he", "Jack": "he",
+         "Paul": "he", "Hugo": "he", "Anna": "she", "Lucy": "she", "Mia": "she", "Emma": "she",
+         "Lily": "she", "Rose": "she", "Kate": "she", "Nora": "she"}
+JOBS = ["farmer", "teacher", "baker", "doctor", "sailor", "painter", "singer", "driver", "cook",
+        "builder", "gardener", "writer"]
+ADJECTIVES = ["happy", "sad", "tired", "brave", "quiet", "small", "big", "old", "young", "kind",
+              "busy", "clever", "funny", "lucky", "proud", "angry", "calm", "shy", "strong",
+              "gentle"]
+NOUNS = {"cat": "cats", "dog": "dogs", "bird": "birds", "fish": "fish", "apple": "apples",
+         "book": "books", "ball": "balls", "boat": "boats", "cake": "cakes", "hat": "hats",
+         "box": "boxes", "cup": "cups", "flower": "flowers", "horse": "horses", "key": "keys",
+         "letter": "letters", "stone": "stones", "tree": "trees", "chair": "chairs", "egg": "eggs",
+         "shoe": "shoes", "star": "stars", "coin": "coins", "bell": "bells"}
+VERBS = ["saw", "found", "liked", "took", "made", "painted", "washed", "carried", "bought", "lost",
+         "kept", "gave away"]
+PLACES = ["the park", "the river", "the market", "the forest", "the school", "the garden",
+          "the hill", "the farm", "the beach", "the town", "the lake", "the bridge"]
 PREPOSITIONS = ["in", "at", "near"]
 WANTS = ["like", "want", "see", "need", "love"]
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven"]
@@ -49,8 +51,8 @@ def vocabulary():
             words.update(item.lower().split())
     for sg, pl in NOUNS.items():
         words.update((sg, pl))
-    words.update("was were a an the that he she him her said i we will go to counted there in end once called "
-                 "with went home".split())
+    words.update("was were a an the that he she him her said i we will go to counted there in end "
+                 "once called with went home".split())
     return words
 
 
@@ -64,7 +66,8 @@ def _document(w):
     """Write one story. w.choose(pairs) picks one of [(option, probability), ...]; w.emit adds text.
     Each choice's words are emitted right after it, so that replaying against a text (log_prob) can
     drop a wrong branch at its first word."""
-    opening = w.choose([("short", 0.5), ("long", 0.5)])  # "Tom was a ..." or "Once there was a ... called Tom"
+    # "Tom was a ..." or "Once there was a ... called Tom"
+    opening = w.choose([("short", 0.5), ("long", 0.5)])
     if opening == "short":
         name = w.choose(_uniform(list(NAMES)))
         w.emit(f"{name} was")
@@ -96,7 +99,8 @@ def _document(w):
 
     n_sentences = w.choose([(2, 0.2), (3, 0.3), (4, 0.3), (5, 0.2)])
     for _ in range(n_sentences):
-        kind = w.choose([("action", 0.3), ("clause", 0.2), ("quote", 0.2), ("count", 0.15), ("went", 0.15)])
+        kind = w.choose([("action", 0.3), ("clause", 0.2), ("quote", 0.2), ("count", 0.15),
+                         ("went", 0.15)])
         if kind == "action":
             w.emit(f" {subject()}")
             w.emit(f" {w.choose(_uniform(VERBS))}")
@@ -158,7 +162,7 @@ class _Writer:
 
 
 def sample_document(rng):
-    """(text, log-probability of the choices made) for one document, drawn with random.Random rng."""
+    """(text, log-probability of the choices made) for one document, drawn with random.Random."""
     w = _Writer(rng)
     _document(w)
     return "".join(w.parts), w.logp
@@ -224,8 +228,9 @@ def log_prob(text):
 
 
 def entropy_per_token(texts, encode):
-    """The floor: -sum log p(document) / the GPT-2 tokens a model must predict for them. Each document
-    is read after an <|endoftext|> and its own closing <|endoftext|> is predicted too (+1 token)."""
+    """The floor: -sum log p(document) / the GPT-2 tokens a model must predict for them. Each
+    document is read after an <|endoftext|> and its own closing <|endoftext|> is predicted too (+1
+    token)."""
     nats = -sum(log_prob(t) for t in texts)
     tokens = sum(len(encode(t)) + 1 for t in texts)
     return nats / tokens
@@ -234,10 +239,11 @@ def entropy_per_token(texts, encode):
 # --- openings: how a document may start, for lesson 02's prompts ---
 # "Tom was a happy", "Anna was an old", ...: 40 distinct, valid beginnings of a story.
 OPENINGS = [f"{name} was {article(adj)} {adj}" for name, adj in
-            ((list(NAMES)[i % len(NAMES)], ADJECTIVES[(7 * i) % len(ADJECTIVES)]) for i in range(40))]
+            ((list(NAMES)[i % len(NAMES)], ADJECTIVES[(7 * i) % len(ADJECTIVES)])
+             for i in range(40))]
 
 
-# --- training a small GPT on the language: the offline preset's stand-in for GPT-2's pretraining ---
+# --- training a small GPT on the language: the offline stand-in for GPT-2's pretraining ---
 
 def token_stream(rng, n_tokens, encode, eot):
     """At least n_tokens of fresh documents, each after an <|endoftext|>, as GPT-2 saw its data."""
@@ -256,11 +262,12 @@ def train_on_toy_language(model, steps, encode, eot, batch_size=8, lr=3e-3, seed
     """Train `model` (a GPT with GPT-2's vocabulary) on fresh documents of the language, in place.
 
     One trick makes this take seconds on a CPU: the language uses a few hundred of GPT-2's 50,257
-    tokens, so the others get a zero embedding, kept at zero. Their logits (hidden state . embedding)
-    are then exactly 0, and the full-vocabulary softmax needs only the used tokens' logits:
-    log Z = logsumexp(used logits, and log(n_unused) for the n_unused logits of 0). That is the same
-    model and the same cross-entropy as the full 50,257-way softmax, without its cost. AdamW with no
-    weight decay never moves a parameter whose gradient is always zero, so the zero rows stay zero.
+    tokens, so the others get a zero embedding, kept at zero. Their logits (hidden state .
+    embedding) are then exactly 0, and the full-vocabulary softmax needs only the used tokens'
+    logits: log Z = logsumexp(used logits, and log(n_unused) for the n_unused logits of 0). That is
+    the same model and the same cross-entropy as the full 50,257-way softmax, without its cost.
+    AdamW with no weight decay never moves a parameter whose gradient is always zero, so the zero
+    rows stay zero.
     """
     import torch  # here, so that the language itself needs only the standard library
 
@@ -277,20 +284,23 @@ def train_on_toy_language(model, steps, encode, eot, batch_size=8, lr=3e-3, seed
     log_n_unused = torch.tensor(math.log(V - len(used)))
     from common.device import fused_adamw, keep_freed_memory
     if wte.device.type == "cpu":
-        keep_freed_memory()  # 2x faster steps here: no fresh pages for the dense embedding gradient each step
+        keep_freed_memory()  # 2x faster steps: no fresh pages for the embedding's dense gradient
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
                             fused=fused_adamw(str(wte.device)))
     T = model.config.block_size
     model.train()
     for step in range(steps):
         for group in opt.param_groups:  # warmup, then cosine down to lr / 10
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-        tokens = torch.tensor(token_stream(rng, batch_size * (T + 1), encode, eot)[:batch_size * (T + 1)])
+            cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * cosine
+        n = batch_size * (T + 1)
+        tokens = torch.tensor(token_stream(rng, n, encode, eot)[:n])
         x, y = tokens.view(batch_size, T + 1)[:, :-1], tokens.view(batch_size, T + 1)[:, 1:]
-        if bool(unused[tokens].any()):  # never seen in 40,000 documents; say so rather than fail in gather
-            raise ValueError("the toy language wrote a token missing from used_tokens(): raise its n_docs")
-        logits = model.hidden(x) @ wte[used].T                                    # (B, T, used)
-        log_z = torch.logaddexp(torch.logsumexp(logits, dim=-1), log_n_unused)   # (B, T) the full softmax's
+        if bool(unused[tokens].any()):  # never seen in 40,000 documents; say so, not fail in gather
+            raise ValueError("the toy language wrote a token missing from used_tokens(): raise its "
+                             "n_docs")
+        logits = model.hidden(x) @ wte[used].T                                  # (B, T, used)
+        log_z = torch.logaddexp(torch.logsumexp(logits, dim=-1), log_n_unused)  # (B, T) all V
         loss = (log_z - logits.gather(-1, index[y].unsqueeze(-1)).squeeze(-1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

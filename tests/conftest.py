@@ -43,6 +43,7 @@ def hf_model(n_layer=2, n_embd=96, n_head=6, n_positions=64, vocab_size=500, see
 def ours_from_hf(ref):
     """Our GPT loaded with the reference's weights through our loader (save_pretrained layout)."""
     import tempfile
+
     from common.gpt2_weights import load_gpt2
     from common.model import GPT
     with tempfile.TemporaryDirectory() as d:

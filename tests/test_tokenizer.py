@@ -28,6 +28,7 @@ def test_known_ids_round_trip_and_eot_offline(no_network):
 
 def test_ranks_file_is_the_published_one():
     import hashlib
+
     from common.tokenizer import RANKS_FILE
     with open(RANKS_FILE, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == \

@@ -7,7 +7,6 @@ import os
 import threading
 import zipfile
 
-
 from conftest import ROOT
 
 
