@@ -27,6 +27,7 @@ KINDS = {
     "train_log": ("training log", "04_train.py"),
     "eval": ("evaluation results file", "05_evaluate.py"),
     "methods": ("divergence-lab results file", "07_methods.py"),
+    "speculative": ("speculative-decoding results file", "08_speculative.py"),
 }
 MODEL_KINDS = ("teacher", "student_init", "student")
 

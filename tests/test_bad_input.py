@@ -213,7 +213,7 @@ def test_ctrl_c_saves_a_resumable_state(course_copy):
         if line.startswith("step    3/"):
             p.send_signal(signal.SIGINT)
             break
-    out, err = p.communicate(timeout=120)
+    out, err = p.communicate(timeout=600)
     assert p.returncode == 1 and "Traceback" not in err
     assert "interrupted at step" in err and "--resume" in err
     state = load_artifact(str(course_copy / "train_state.pt"), "train_state")
