@@ -133,3 +133,18 @@ def test_distinct_2_counts_distinct_pairs_in_the_sampled_part():
     seqs = [torch.tensor([9, 9, 1, 2, 1, 2]), torch.tensor([9, 1, 2, 3])]
     # sampled parts [1, 2, 1, 2] (prompt 2) and [1, 2, 3] (prompt 1): pairs 12 21 12 | 12 23: 3 distinct of 5
     assert lab.distinct_2(seqs, [2, 1]) == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
+def test_a_token_one_side_rules_out_adds_nothing_not_nan(kind):
+    """A -inf logit (a token masked out, as top-k does) has probability 0: its term is 0 log 0 = 0
+    by the usual convention, not 0 * inf = nan; the rest equals the brute force without it. (The
+    zero is on the side each KL weights by: the teacher's for fkl, the student's for rkl.)"""
+    s, t = logits_pair(seed=4, shape=(2, 1))
+    if kind in ("fkl", "jsd"):
+        t[0, 0, 3] = float("-inf")  # the teacher rules token 3 out at position 0
+    if kind in ("rkl", "jsd"):
+        s[1, 0, 5] = float("-inf")  # the student rules token 5 out at position 1
+    got = token_divergence(s, t, kind, beta=0.3)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.double(), brute(s, t, kind, beta=0.3), rtol=1e-5, atol=1e-6)

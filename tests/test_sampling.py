@@ -1,4 +1,6 @@
 """Generation: the KV cache is exact, greedy decoding matches the reference, sampling filters are right."""
+import math
+
 import torch
 
 from common.model import GPT, GPTConfig, KVCache
@@ -171,3 +173,34 @@ def test_full_vocabulary_sampling_draws_each_token_with_its_probability():
         got = torch.bincount(draws[row], minlength=6).double() / draws.size(1)
         p = torch.softmax(logits[row].double() / 0.7, -1)
         assert ((got - p).abs() <= 4 * (p * (1 - p) / draws.size(1)).sqrt() + 1e-12).all(), (got, p)
+
+
+@torch.no_grad()
+def test_every_token_past_the_context_sees_the_window_the_restart_rule_gives():
+    """Greedy, a 3-token prompt, 30 new tokens in an 8-token window: several restarts. Brute force:
+    token n is the argmax after out[start:n], with start moved to n - 4 (half the window) whenever
+    n - start would exceed the window; no cache at all. A restart one token early, late or short
+    picks other tokens."""
+    m = small(block_size=8, seed=2).double()
+    out = generate(m, torch.tensor([[5, 17, 3]]), 30, temperature=0)[0].tolist()
+    start, want = 0, [5, 17, 3]
+    for n in range(3, 33):
+        if n - start > 8:
+            start = n - 4
+        logits, _ = m(torch.tensor([want[start:n]]))
+        want.append(int(logits[0, -1].argmax()))
+    assert out == want
+
+
+def test_full_vocabulary_sampling_inverts_the_cdf_in_float64():
+    """One token holds half the mass, 50,256 share the rest (1e-5 each): a float32 running sum drifts
+    by more than a token's width, so its draws land on neighbours. Each draw must be the token whose
+    float64 cumulative probability first reaches the same uniform number."""
+    logits = torch.full((1, 50257), 0.0)
+    logits[0, 0] = math.log(50256.0)  # p(token 0) = 1/2
+    cdf = torch.softmax(logits[0], -1).double().cumsum(-1)
+    g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(300):
+        got = int(sample_next(logits, 1.0, generator=g))
+        u = torch.rand(1, 1, generator=ref, dtype=torch.float64) * cdf[-1]
+        assert got == int(torch.searchsorted(cdf, u[0]))

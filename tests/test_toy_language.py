@@ -74,3 +74,16 @@ def test_the_tiny_course_measures_something(course):
     words = [w.lower() for t in gen["test_texts"] + gen["train_texts"] for w in re.findall(r"[A-Za-z]+", t)]
     words = [w for w in words if w != "endoftext"]
     assert sum(w in tl.vocabulary() for w in words) >= 0.9 * len(words)
+
+
+def test_log_prob_adds_up_every_way_of_writing_the_text(monkeypatch):
+    """A grammar with two ways to write "xy" (0.3 and 0.7 for the first choice, then either of two
+    branches that both write "y"): p("xy") = 1, the sum over derivations, not the likeliest one."""
+    def tiny(w):
+        w.choose([("a", 0.3), ("b", 0.7)])
+        w.emit("x")
+        w.emit("y" if w.choose([(1, 0.5), (2, 0.5)]) == 1 else "y")
+
+    monkeypatch.setattr(tl, "_document", tiny)
+    assert tl.log_prob("xy") == pytest.approx(0.0, abs=1e-12)
+    assert tl.log_prob("xz") == -math.inf
