@@ -111,6 +111,9 @@ def get_args():
          help="store the teacher's K most likely next tokens per position for soft KD (0: none)")
     flag("--prompts", choices=["mixed", "unconditional", "topics"], default="mixed",
          help="start from <|endoftext|>, from our topic openings, or half and half")
+    flag("--prompts-file",
+         help="your own openings instead of ours: a UTF-8 text file, one opening per line (empty "
+              "lines ignored); split by opening like ours")
     flag("--max-repeat", type=fraction, default=0.5,
          help="drop samples whose share of repeated 4-grams is above this")
     return parse(p, PRESETS)
@@ -130,7 +133,8 @@ def main():
           f"{device} {dtype}")
 
     # --- prompts ---
-    plan = plan_openings(args, toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS)
+    topics = toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS
+    plan = plan_openings(args, read_openings(args.prompts_file) if args.prompts_file else topics)
     prompts = [[EOT] + enc.encode(text) for text in plan]
     if args.val_fraction + args.test_fraction >= 1:
         raise LessonError("--val-fraction plus --test-fraction must leave some samples for "
@@ -186,6 +190,24 @@ def main():
 
 
 # --- the steps of main, in the order they run ---
+def read_openings(path):
+    """The openings in a text file, one a line, empty lines skipped; refused in one line if the
+    file is missing, not UTF-8 or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            openings = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise LessonError(f"--prompts-file {path} not found: give a text file with one opening "
+                          f"per line") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise LessonError(f"--prompts-file {path} is not a UTF-8 text file: save it as UTF-8, "
+                          f"one opening per line") from None
+    if not openings:
+        raise LessonError(f"--prompts-file {path} holds no openings (empty lines are ignored): "
+                          f"write one opening per line")
+    return openings
+
+
 def plan_openings(args, topics):
     """The opening text of each sample ("" for unconditional: <|endoftext|> alone)."""
     if args.prompts == "mixed":  # even samples unconditional, odd ones spread over the topics

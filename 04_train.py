@@ -299,7 +299,7 @@ def main():
 
     # --- the training loop ---
     raw.train()
-    first_step, speed = state.step, Speedometer()
+    first_step, speed = state.step, Speedometer(on_policy=args.on_policy)
     ctrl_c_said = lambda: log(f"\nCtrl-C: finishing step {state.step + 1}, then saving "
                               f"{state_path} (Ctrl-C again to stop at once)")
     with train_state.failures_explained(state, state_path, args.batch_size, args.grad_accum), \

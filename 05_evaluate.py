@@ -252,9 +252,10 @@ def print_table(ppl, floor, agreement, kl):
         print("(floor: the toy language's own entropy per token, exp'd; no model can score below "
               "it)")
     if agreement:
-        print("\non generated-test  top-1 agreement with teacher   KL(teacher || model) over top-K")
+        print("\non generated-test  top-1 agreement with teacher   "
+              "top-K truncated KL(teacher || model)")
         for name in agreement:
-            note = ("  (the teacher itself: 100% and the KL of its top-K truncation)"
+            note = ("  (the teacher itself: 100%, and not 0: the cost of keeping only its top K)"
                     if name == "teacher" else "")
             print(f"  {name:<16}{agreement[name]:>14.1%}{kl[name]:>28.4f}{note}")
 

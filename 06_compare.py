@@ -4,11 +4,15 @@ teacher's and the student's texts side by side for the same prompts, all gathere
 a notebook the charts also appear under the cell.
   improvement = (student before - student after) / student before, in perplexity: how far it went
   achievement = teacher perplexity / student perplexity: 100% would be as good as the teacher
+  gap closed  = (log ppl before - log ppl after) / (log ppl before - log ppl teacher): the share
+                of the way from the untrained student to the teacher, in nats per token (the
+                improvement is ~100% for any student that learned anything; this is not)
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, train_log.pt, eval.pt, generated.pt
 Writes: artifacts/perplexity.png, artifacts/training.png, artifacts/report.md
 Run:    python 06_compare.py
 """
+import math
 import os
 import time
 
@@ -146,9 +150,10 @@ def main():
     teacher_ce = nll / n
     training_chart(log, teacher_ce, f"{out}/training.png")
 
-    # --- improvement = (before - after) / before, achievement = teacher / student (perplexity) ---
+    # --- improvement, achievement and the share of the gap to the teacher closed (see above) ---
     rates = {s: {"improvement": (r["student_init"] - r["student"]) / r["student_init"],
-                 "achievement": r["teacher"] / r["student"]} for s, r in ppl.items()}
+                 "achievement": r["teacher"] / r["student"], "gap_closed": gap_closed(r)}
+             for s, r in ppl.items()}
 
     # --- spec table, with generation speed measured now ---
     t, s = models["teacher"], models["student"]
@@ -184,10 +189,18 @@ def main():
     for set_name, r in ppl.items():
         print(f"{set_name:<16} ppl teacher {r['teacher']:,.2f} | student {r['student_init']:,.2f} "
               f"-> {r['student']:,.2f} | improvement {rates[set_name]['improvement']:.1%} | "
-              f"achievement {rates[set_name]['achievement']:.1%}")
+              f"achievement {rates[set_name]['achievement']:.1%} | gap closed "
+              f"{rates[set_name]['gap_closed']:.1%}")
     print(f"compression {compression:.1f}x | generation {speed['teacher']:,.0f} vs "
           f"{speed['student']:,.0f} tok/s (teacher vs student, {device})")
     print(f"wrote {out}/perplexity.png, {out}/training.png, {out}/report.md")
+
+
+def gap_closed(r):
+    """The share of the log-perplexity gap between the untrained student and the teacher that
+    training closed: 0 for no progress, 1 for the teacher's level (above 1: better than it)."""
+    before, after, teacher = (math.log(r[k]) for k in ("student_init", "student", "teacher"))
+    return (before - after) / (before - teacher)
 
 
 def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pairs):
@@ -200,14 +213,18 @@ def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pai
           f"{log.get('world', 1)} process(es), {log['dtype']}. Perplexity window "
           f"{ev.get('window')}, stride {ev.get('stride')}.", ""]
     L += ["## Perplexity", "",
-          "| set | teacher | student (init) | student (trained) | improvement | achievement |",
-          "|---|---:|---:|---:|---:|---:|"]
+          "| set | teacher | student (init) | student (trained) | improvement | achievement | "
+          "gap closed |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
     for set_name, r in ppl.items():
         L.append(f"| {set_name} | {r['teacher']:,.2f} | {r['student_init']:,.2f} | "
                  f"{r['student']:,.2f} | {rates[set_name]['improvement']:.1%} | "
-                 f"{rates[set_name]['achievement']:.1%} |")
+                 f"{rates[set_name]['achievement']:.1%} | {rates[set_name]['gap_closed']:.1%} |")
     L += ["", "improvement = (student init − student) / student init; achievement = teacher ppl / "
-          "student ppl (100% = as good as the teacher).", ""]
+          "student ppl (100% = as good as the teacher); gap closed = (log student init − log "
+          "student) / (log student init − log teacher), the share of the way to the teacher in "
+          "nats per token (improvement is ~100% for any student that learned anything; the gap "
+          "closed says how far it got).", ""]
     for set_name, f in floor.items():
         L += [f"{set_name}: documents written by the toy language itself (the offline stand-in for "
               f"WikiText-2). Its floor, exp(the language's entropy per token), is {f:.2f}: no "
@@ -225,11 +242,14 @@ def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pai
     L += ["", "![perplexity](perplexity.png)", ""]
     if ev.get("agreement"):
         L += ["On the teacher's held-out test samples (sampled tokens only):", "",
-              "| model | top-1 agreement with teacher | KL(teacher ‖ model), top-K |",
+              "| model | top-1 agreement with teacher | top-K truncated KL(teacher ‖ model) |",
               "|---|---:|---:|"]
         L += [f"| {LABELS[n]} | {ev['agreement'][n]:.1%} | {ev['kl'][n]:.4f} |"
               for n in ev["agreement"]]
-        L += [""]
+        L += ["", "The truncated KL compares each model with the teacher's stored top K, "
+              "renormalised (what --kd soft trains on); it is not the KL to the teacher's whole "
+              "distribution: the teacher's own row is not 0 but the cost of keeping only its top "
+              "K.", ""]
     L += ["## Training", "", "![training](training.png)", "",
           f"The teacher's cross-entropy on the same val samples (sampled tokens only): "
           f"{teacher_ce:.4f} nats per token, the level a perfect imitation would reach; the "

@@ -34,6 +34,7 @@ class Speedometer:
     tokens: int = 0                # tokens trained on since then
     sampled_time: float = 0.0      # seconds the student spent writing on-policy text
     sampled_tokens: int = 0        # and the tokens it wrote
+    on_policy: float = 0.0         # --on-policy: whose tokens the logged perplexity is on
 
     def sampled(self, seconds, tokens):
         self.sampled_time += seconds
@@ -46,10 +47,13 @@ class Speedometer:
         eta = (now - self.started) / (state.step - first_step) * (total_steps - state.step)
         rate = self.sampled_tokens / max(self.sampled_time, 1e-9) / 1e3
         sampling = f" (student sampling {rate:.1f}k tok/s)" if self.sampled_tokens else ""
-        # ppl is exp(cross-entropy) on the teacher's tokens, also under --kd soft (where the
-        # loss adds the KL term and its exp would be no perplexity)
+        # ppl is exp(cross-entropy) on the step's tokens, also under --kd soft (where the loss
+        # adds the KL term and its exp would be no perplexity): the teacher's tokens, or with
+        # --on-policy the student's own (then it says so: no measure of imitation)
+        whose = ("" if not self.on_policy else " on own text" if self.on_policy == 1 else
+                 " on own + teacher text")
         text = (f"step {state.step:4d}/{total_steps} | epoch {epoch + 1} | loss "
-                f"{h['loss'][-1]:.4f} | ppl {math.exp(min(h['ce'][-1], 50)):.1f} | lr "
+                f"{h['loss'][-1]:.4f} | ppl{whose} {math.exp(min(h['ce'][-1], 50)):.1f} | lr "
                 f"{h['lr'][-1]:.1e} | norm {h['grad_norm'][-1]:.2f} | "
                 f"{(now - self.last) / n_steps * 1000:.0f} ms | "
                 f"{self.tokens / (now - self.last) / 1e3:.1f}k tok/s{sampling} | "

@@ -162,7 +162,7 @@ def test_make_notebook_holds_every_lesson_unchanged(tmp_path):
     assert len(markdown) == 1 + len(LESSONS) and markdown[1]["source"][0].startswith("## Lesson 01")
 
 
-@pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py"])
+@pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py", "08_speculative.py"])
 def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(lesson, monkeypatch):
     """--help: the docstring's first whole sentences (never cut at a line end), and every flag's
     default, said by argparse or, for preset-dependent ones, in the help text itself."""
@@ -207,3 +207,16 @@ def test_the_report_gives_the_teachers_level_on_the_val_samples(course):
             total, count = total + nll[P - 1:].sum().item(), count + len(seq) - P
     said = re.search(r"same val samples \(sampled tokens only\): ([0-9.]+) nats", (out / "report.md").read_text())
     assert said and float(said.group(1)) == pytest.approx(total / count, abs=1e-4)
+
+
+def test_the_report_gives_the_share_of_the_gap_to_the_teacher_closed(course):
+    """gap closed = (log ppl before - log ppl after) / (log ppl before - log ppl teacher), by hand
+    from eval.pt, for every set in report.md."""
+    import math
+    out, _, _ = course
+    ppl = load_artifact(str(out / "eval.pt"), "eval")["perplexity"]
+    report = (out / "report.md").read_text()
+    for name, r in ppl.items():
+        before, after, teacher = math.log(r["student_init"]), math.log(r["student"]), math.log(r["teacher"])
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} | "))
+        assert row.rstrip(" |").split("| ")[-1] == f"{(before - after) / (before - teacher):.1%}", row

@@ -46,3 +46,34 @@ def test_the_sampling_step_written_out_in_lesson_02_draws_what_sample_next_draws
         n = int((full.cumsum(0) - full < p).sum())  # the smallest set reaching p
         assert len(ids) == n and torch.allclose(probs, full[:n] / full[:n].sum(), atol=1e-6)
     assert lesson.sampling_step_by_hand(logits, 0, 50, 0.9)[0] == int(logits.argmax())
+
+
+def test_your_own_openings_from_a_file_are_used_and_split_by_opening(course, tmp_path):
+    """--prompts-file: the topic openings are the file's (blank lines skipped), each opening's
+    samples all in one split; a missing or empty file is refused in one line, nothing written."""
+    from common.tokenizer import get_tokenizer
+    shutil.copy(course[0] / "teacher.pt", tmp_path / "teacher.pt")
+    mine = ["Tom was a brave", "Anna was a kind", "Lucy was a happy", "Sam was a young",
+            "Ben was a busy", "Mia was a calm"]
+    (tmp_path / "openings.txt").write_text("\n".join(mine[:3]) + "\n\n  \n" + "\n".join(mine[3:]) + "\n",
+                                           encoding="utf-8")
+    flags = ["02_generate.py", "--preset", "tiny", "--out", str(tmp_path), "--num-samples", "24",
+             "--max-new-tokens", "24", "--prompts", "topics"]
+    r = run_py(flags + ["--prompts-file", str(tmp_path / "openings.txt")])
+    assert r.returncode == 0, r.stderr
+    assert "(6 topic openings)" in r.stdout
+    gen = load_artifact(str(tmp_path / "generated.pt"), "generated")
+    enc = get_tokenizer()
+    seen = {}
+    for split in ("train", "val", "test"):
+        assert set(gen[f"{split}_openings"]) <= set(mine)
+        for s, P in zip(gen[split], gen[f"{split}_prompt_lens"]):
+            seen.setdefault(enc.decode(s[1:P].tolist()), set()).add(split)
+    assert set(seen) <= set(mine) and len(seen) >= 5
+    assert all(len(splits) == 1 for splits in seen.values())  # no opening in two splits
+    before = (tmp_path / "generated.pt").read_bytes()
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    for bad, said in [("missing.txt", "not found"), ("empty.txt", "holds no openings")]:
+        r = run_py(flags + ["--prompts-file", str(tmp_path / bad)])
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and said in r.stderr, r.stderr
+    assert (tmp_path / "generated.pt").read_bytes() == before

@@ -408,7 +408,8 @@ def test_on_policy_1_trains_on_the_students_own_text(course_copy, monkeypatch, c
     steps, log = captured_run(course_copy, monkeypatch, "--kd", "rkl", "--on-policy", "1", "--init",
                               str(course_copy / "trained.pt"), "--on-policy-temperature", "0", "--epochs", "1",
                               "--log-interval", "1")
-    assert "student sampling" in capsys.readouterr().out
+    logged = capsys.readouterr().out
+    assert "student sampling" in logged and "| ppl on own text " in logged  # whose tokens
     gen = load_artifact(str(course_copy / "generated.pt"), "generated")
     student = load_artifact(str(course_copy / "trained.pt"), "student")
     s = GPT(GPTConfig.from_dict(student["config"]))
