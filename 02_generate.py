@@ -149,7 +149,9 @@ def main():
           f"top-p={args.top_p}")
 
     # --- one sampling step, by hand, on the teacher's real next-token logits after one opening ---
-    show_one_step(teacher, prompts, args, enc, device)
+    opening, logits = show_one_step(teacher, prompts, args, enc, device)
+    # --- soft targets: the teacher's whole distribution at that position, at T = 1 and T = 2 ---
+    soft = soft_targets(opening, logits, enc)
 
     # --- generate, then drop empty, degenerate and duplicate samples ---
     samples, tokens_per_second = generate_samples(teacher, prompts, args, device)
@@ -167,7 +169,7 @@ def main():
     splits = split_by_opening(kept, plan, args)
     data = {"kind": "generated", "preset": args.preset, "teacher_config": ckpt["config"],
             "settings": dict(vars(args)), "dropped": dropped,
-            "tokens_per_second": tokens_per_second}
+            "tokens_per_second": tokens_per_second, "soft_targets": soft}
     for name, rows in splits.items():
         data[name] = [kept[j][0] for j in rows]
         data[f"{name}_prompt_lens"] = [kept[j][1] for j in rows]
@@ -233,6 +235,25 @@ def show_one_step(teacher, prompts, args, enc, device):
     print(f"one step by hand after {enc.decode(opening[1:])!r}: {len(ids)} of the top {args.top_k} "
           f"tokens are in the top-p {args.top_p} nucleus; the likeliest {likeliest}; drew "
           f"{enc.decode([token])!r} (sample_next, same seed: {enc.decode([same])!r})")
+    return opening, logits
+
+
+def soft_targets(context, logits, enc, k=10, T=2.0):
+    """The teacher's k likeliest next tokens at one position, with their probabilities at T = 1
+    and at T (softmax over the whole vocabulary). This is what soft-target KD (Hinton et al., 2015)
+    hands the student instead of one sampled token: which wrong answers are nearly right. At T > 1
+    the distribution flattens and the small probabilities, the "dark knowledge", become visible.
+    Printed as a table; 06 draws it beside the student's, before and after training."""
+    p1, pT = torch.softmax(logits.float(), -1), torch.softmax(logits.float() / T, -1)
+    ids = p1.topk(k).indices
+    print(f"soft targets after {enc.decode(context[1:])!r}: the teacher's top {k} next tokens")
+    print(f"  {'token':<14}{'T=1':>8}{f'T={T:g}':>8}")
+    for i in ids.tolist():
+        print(f"  {enc.decode([i])!r:<14}{float(p1[i]):>8.3f}{float(pT[i]):>8.3f}")
+    print(f"  {f'the other {len(p1) - k:,}':<14}{1 - float(p1[ids].sum()):>8.3f}"
+          f"{1 - float(pT[ids].sum()):>8.3f}")
+    return {"context": list(context), "ids": ids.tolist(), "T": T, "p_T1": p1[ids].tolist(),
+            "p_T": pT[ids].tolist()}
 
 
 def generate_samples(teacher, prompts, args, device):

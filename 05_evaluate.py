@@ -123,7 +123,9 @@ def main():
     # --- the three models ---
     models = {}
     for name, file in MODELS.items():
-        models[name], ckpt = load_model(f"{args.out}/{file}", name, vocab_size=enc.n_vocab)
+        # the start may be a pretrained GPT-2 written by 01 (see "Your own models" in the README)
+        kinds = ("student_init", "teacher") if name == "student_init" else name
+        models[name], ckpt = load_model(f"{args.out}/{file}", kinds, vocab_size=enc.n_vocab)
         if name == "teacher":
             ckpt_teacher = ckpt
         models[name].to(device)

@@ -22,7 +22,7 @@ import torch
 from common.artifacts import load_artifact, load_model, run_lesson, write_text
 from common.cli import in_notebook, lesson_parser, parse, positive_int
 from common.device import autocast, get_device, pick_dtype, sync
-from common.perplexity import sequences_nll
+from common.perplexity import logits_fp32, sequences_nll
 from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
 
@@ -106,6 +106,62 @@ def training_chart(log, teacher_ce, path):
 
 
 @torch.no_grad()
+def soft_targets(st, models, device):
+    """02's soft targets (the teacher's top 10 next tokens at one position, at T = 1 and T = 2)
+    with the student's probabilities for the same tokens at T = 1, before and after training."""
+    if not st:  # a generated.pt from before soft targets were stored
+        return None
+    ctx = torch.tensor([st["context"]], device=device)
+    out = dict(st)
+    for name in ("student_init", "student"):
+        probs = torch.softmax(logits_fp32(models[name], ctx)[0, -1], -1)  # (V,)
+        out[name] = probs[st["ids"]].tolist()
+    return out
+
+
+def soft_targets_chart(soft, enc, path):
+    """The teacher's soft targets at T = 1 and T = 2 beside the student's probabilities before
+    and after training, for the teacher's 10 likeliest next tokens at one real position."""
+    names = [enc.decode([i]) for i in soft["ids"]]
+    series = [(soft["p_T1"], "teacher, T=1", COLORS["teacher"]),
+              (soft["p_T"], f"teacher, T={soft['T']:g} (softened)", "#8fb0e0"),
+              (soft["student_init"], "student before training, T=1", COLORS["student_init"]),
+              (soft["student"], "student after training, T=1", COLORS["student"])]
+    fig, ax = plt.subplots(figsize=(9, 4.4))
+    width = 0.2
+    for k, (vals, label, color) in enumerate(series):
+        ax.bar([i + (k - 1.5) * width for i in range(len(names))], vals, width, label=label,
+               color=color)
+    ax.set_xticks(range(len(names)), [repr(n) for n in names], rotation=30, fontsize=8)
+    ax.set_ylabel("probability of the next token")
+    ax.set_title(f"Soft targets after {enc.decode(soft['context'][1:])!r}: what the teacher "
+                 f"teaches besides its top token")
+    ax.legend(fontsize=8)
+    show_and_save(fig, path)
+
+
+def soft_targets_lines(soft, enc):
+    """report.md's soft-targets section: the table behind soft_targets.png."""
+    L = ["## Soft targets", "",
+         f"The teacher's ten likeliest next tokens after {enc.decode(soft['context'][1:])!r} "
+         f"(02 picked the position), with the student's probabilities for them before and after "
+         f"training. At T = {soft['T']:g} the teacher's distribution flattens: the small "
+         "probabilities, which wrong answers are nearly right, are what soft-target KD passes on "
+         "beyond the sampled token.", "",
+         f"| token | teacher, T=1 | teacher, T={soft['T']:g} | student before | student after |",
+         "|---|---:|---:|---:|---:|"]
+    for k, i in enumerate(soft["ids"]):
+        L.append(f"| {enc.decode([i])!r} | {soft['p_T1'][k]:.3f} | {soft['p_T'][k]:.3f} | "
+                 f"{soft['student_init'][k]:.5f} | {soft['student'][k]:.3f} |")
+    rest = [1 - sum(soft[key]) for key in ("p_T1", "p_T", "student_init", "student")]
+    L.append("| every other token | " + " | ".join(f"{r:.3f}" for r in rest) + " |")
+    return L + ["", "The last row is the mass on every other token: softening raises it (for the "
+                 "tiny teacher, most of it lands on the 50,063 tokens the toy language never uses, "
+                 "whose logits are all 0 since their embeddings are zero).", "",
+                 "![soft targets](soft_targets.png)", ""]
+
+
+@torch.no_grad()
 def tokens_per_second(model, device, n_new=48, batch=1, runs=5):
     """Generation speed with the KV cache, measured now: the median of `runs` timed runs after a
     warm-up (one run on a busy machine can be off by 2x)."""
@@ -134,7 +190,8 @@ def main():
     models, files = {}, {}
     for name in LABELS:
         files[name] = f"{out}/{name}.pt"
-        models[name], _ = load_model(files[name], name, vocab_size=enc.n_vocab)
+        kinds = ("student_init", "teacher") if name == "student_init" else name  # as 05
+        models[name], _ = load_model(files[name], kinds, vocab_size=enc.n_vocab)
         models[name].to(device)
     log = load_artifact(f"{out}/train_log.pt", "train_log",
                         keys=("step", "loss", "val", "lr", "settings"))
@@ -149,6 +206,9 @@ def main():
         nll, n = sequences_nll(models["teacher"], data["val"], prompt_lens=data["val_prompt_lens"])
     teacher_ce = nll / n
     training_chart(log, teacher_ce, f"{out}/training.png")
+    soft = soft_targets(data.get("soft_targets"), models, device)
+    if soft:
+        soft_targets_chart(soft, enc, f"{out}/soft_targets.png")
 
     # --- improvement, achievement and the share of the gap to the teacher closed (see above) ---
     rates = {s: {"improvement": (r["student_init"] - r["student"]) / r["student_init"],
@@ -183,6 +243,8 @@ def main():
 
     # --- report.md ---
     report = report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pairs)
+    if soft:
+        report += soft_targets_lines(soft, enc)
     write_text("\n".join(report), f"{out}/report.md")
 
     # --- summary ---
@@ -193,7 +255,8 @@ def main():
               f"{rates[set_name]['gap_closed']:.1%}")
     print(f"compression {compression:.1f}x | generation {speed['teacher']:,.0f} vs "
           f"{speed['student']:,.0f} tok/s (teacher vs student, {device})")
-    print(f"wrote {out}/perplexity.png, {out}/training.png, {out}/report.md")
+    print(f"wrote {out}/perplexity.png, {out}/training.png, "
+          + (f"{out}/soft_targets.png, " if soft else "") + f"{out}/report.md")
 
 
 def gap_closed(r):

@@ -17,8 +17,14 @@ def load_inputs(args, device, dtype):
     data = load_artifact(f"{args.out}/generated.pt", "generated",
                          keys=("train", "val", "train_prompt_lens", "val_prompt_lens"))
     init_path = args.init or f"{args.out}/student_init.pt"
-    student, ckpt = load_model(init_path, ("student_init", "student"),
-                               vocab_size=get_tokenizer().n_vocab)
+    # any GPT the course can load may start: 03's student, a trained one, or a pretrained GPT-2
+    # of any size written by 01 (python 01_teacher.py --model gpt2 --out DIR: DIR/teacher.pt)
+    student, ckpt = load_model(init_path, ("student_init", "student", "teacher"))
+    vocab = get_tokenizer().n_vocab
+    if student.config.vocab_size != vocab:
+        raise LessonError(f"{init_path} has a vocabulary of {student.config.vocab_size} tokens, "
+                          f"the teacher's text is in GPT-2's {vocab}: a student must read the "
+                          f"teacher's tokens, so start from a model with GPT-2's tokenizer")
     if args.dropout:  # rebuild with dropout switched on; the weights are the same
         student = GPT(GPTConfig.from_dict({**ckpt["config"], "dropout": args.dropout}))
         student.load_state_dict(ckpt["model"])

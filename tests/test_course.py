@@ -25,10 +25,10 @@ def test_the_notebook_runs_every_cell_shows_its_charts_and_builds_the_whole_chai
     assert all(c.execution_count for c in code) and not any(o.output_type == "error" for c in code for o in c.outputs)
     assert "preset: tiny" in cell_text(code[0])  # the kernel's KD_PRESET kept by the setup cell
     images = [o for o in code[-1].outputs if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(images) == 2  # 06's two charts, shown under its cell
+    assert len(images) == 3  # 06's three charts, shown under its cell
     for file, kind in CHAIN:
         assert load_artifact(str(out / file), kind)["kind"] == kind
-    assert (out / "report.md").exists()
+    assert (out / "report.md").exists() and (out / "soft_targets.png").exists()
     ev = load_artifact(str(out / "eval.pt"), "eval")
     ppl = ev["perplexity"]["generated-test"]
     assert ppl["student"] < ppl["student_init"] / 5  # the student learned from the teacher's text
@@ -144,7 +144,7 @@ def test_report_numbers_are_the_ones_in_eval_pt_and_the_charts_are_images(course
         assert row in report
     assert "![perplexity](perplexity.png)" in report and "- teacher:" in report and "- student:" in report
     import matplotlib.image
-    for png in ("perplexity.png", "training.png"):
+    for png in ("perplexity.png", "training.png", "soft_targets.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         h, w, _ = matplotlib.image.imread(out / png).shape
         assert h > 300 and w > 400
@@ -220,3 +220,20 @@ def test_the_report_gives_the_share_of_the_gap_to_the_teacher_closed(course):
         before, after, teacher = math.log(r["student_init"]), math.log(r["student"]), math.log(r["teacher"])
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} | "))
         assert row.rstrip(" |").split("| ")[-1] == f"{(before - after) / (before - teacher):.1%}", row
+
+
+def test_the_soft_targets_table_is_the_teachers_softmax_at_that_position(course):
+    """02's soft targets: the teacher's 10 likeliest next tokens after the context it names, with
+    softmax(logits / T) at T = 1 and T = 2 over the whole vocabulary; 06's report carries them with
+    the students' probabilities."""
+    out, _, _ = course
+    st = load_artifact(str(out / "generated.pt"), "generated")["soft_targets"]
+    teacher, _ = load_model(str(out / "teacher.pt"), "teacher")
+    with torch.no_grad():
+        logits = logits_fp32(teacher, torch.tensor([st["context"]]))[0, -1].double()
+    p1, p2 = torch.softmax(logits, -1), torch.softmax(logits / st["T"], -1)
+    assert st["ids"] == p1.topk(10).indices.tolist() and st["T"] == 2
+    assert torch.allclose(torch.tensor(st["p_T1"]).double(), p1[st["ids"]], atol=1e-6)
+    assert torch.allclose(torch.tensor(st["p_T"]).double(), p2[st["ids"]], atol=1e-6)
+    report = (out / "report.md").read_text()
+    assert "## Soft targets" in report and f"| {st['p_T1'][0]:.3f} | {st['p_T'][0]:.3f} |" in report

@@ -481,3 +481,41 @@ def test_torchrun_on_policy_sums_the_step_tokens_over_processes(course_copy):
     gen = load_artifact(str(course_copy / "generated.pt"), "generated")
     teacher_tokens = sum(len(s) - P for s, P in zip(gen["train"], gen["train_prompt_lens"]))
     assert log["world"] == 2 and 0.75 * teacher_tokens < log["tokens"] <= teacher_tokens
+
+
+def test_03_from_teacher_copies_every_other_block_and_the_embeddings(course_copy):
+    """03 --from-teacher: the student's logits are those of a model built by hand from the teacher's
+    blocks 0, 2, ... (a random 4-layer teacher), and the lesson writes that student."""
+    lesson = load_lesson("03_student.py")
+    torch.manual_seed(1)
+    teacher = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=4, n_head=2, n_embd=16, init_std=0.3))
+    student = lesson.every_other_block(teacher)
+    by_hand = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
+    for i, j in ((0, 0), (1, 2)):
+        by_hand.transformer.h[i].load_state_dict(teacher.transformer.h[j].state_dict())
+    for part in ("wte", "wpe", "ln_f"):
+        getattr(by_hand.transformer, part).load_state_dict(getattr(teacher.transformer, part).state_dict())
+    x = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(student.eval()(x)[0], by_hand.eval()(x)[0])
+    r = run_py(["03_student.py", "--preset", "tiny", "--out", str(course_copy), "--from-teacher"])
+    assert r.returncode == 0, r.stderr
+    init = load_artifact(str(course_copy / "student_init.pt"), "student_init")
+    tiny = load_artifact(str(course_copy / "teacher.pt"), "teacher")
+    assert init["config"]["n_layer"] == 1 and init["config"]["n_embd"] == tiny["config"]["n_embd"]
+    assert torch.equal(init["model"]["transformer.h.0.mlp.c_fc.weight"], tiny["model"]["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_04_starts_from_any_gpt_with_gpt2s_vocabulary_and_refuses_another(course_copy):
+    """--init takes a teacher checkpoint (a pretrained GPT-2 written by 01); a model over another
+    vocabulary is refused in one line, before any training."""
+    from common.artifacts import model_checkpoint
+    keep_train_samples(course_copy, 8, n_val=2)
+    r = run_py(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--epochs", "1",
+                "--init", str(course_copy / "teacher.pt")])
+    assert r.returncode == 0 and "trained in" in r.stdout, r.stderr
+    other = GPT(GPTConfig(block_size=128, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))
+    save_artifact(model_checkpoint(other, "teacher", preset="tiny"), str(course_copy / "other.pt"))
+    r = run_py(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--init", str(course_copy / "other.pt")])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "vocabulary of 1000 tokens" in r.stderr and "GPT-2's 50257" in r.stderr
