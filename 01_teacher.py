@@ -121,9 +121,10 @@ def main():
         seqs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in held_out]
         ppl = sequences_perplexity(model, seqs, prompt_lens=[1] * len(seqs))
         floor = math.exp(toy_language.entropy_per_token(held_out, enc.encode))
-        print(f"  perplexity on 20 held-out toy documents: {ppl:.2f}  (the language's own "
-              f"entropy makes {floor:.2f} the floor for any model; a uniform guess gives "
-              f"{config.vocab_size:,})")
+        print(f"  perplexity on 20 held-out toy documents: {ppl:.2f}  (the language's own -log p "
+              f"on them gives {floor:.2f}, what a model knowing the language exactly would "
+              f"score; its entropy rate over 2,000 documents gives "
+              f"{math.exp(toy_language.ENTROPY_RATE):.2f}; a uniform guess {config.vocab_size:,})")
     else:
         ppl, floor = perplexity(model, torch.tensor(enc.encode(PASSAGE))), None
         print(f"  perplexity on a short English passage: {ppl:.1f}  (GPT-2 124M gives a few tens; "

@@ -12,7 +12,8 @@ opening with a training sample.
 
 Reads:  artifacts/teacher.pt
 Writes: artifacts/generated.pt  ({"kind": "generated", "train"/"val"/"test": [token tensors],
-        "{split}_texts", "{split}_prompt_lens", "{split}_topk_ids", "{split}_topk_logprobs", ...})
+        "{split}_texts", "{split}_prompt_lens", "{split}_topk_ids", "{split}_topk_logprobs",
+        "soft_targets": the teacher's top 10 at one position, at T = 1 and 2, ...})
 Run:    python 02_generate.py             (add --preset tiny for a CPU smoke run)
 """
 import random

@@ -1,7 +1,8 @@
-"""Lesson 06: the comparison. Charts of perplexity and of training, how much the student improved
-and how close it came to the teacher, a spec table with generation speed measured now, and the
-teacher's and the student's texts side by side for the same prompts, all gathered in report.md. In
-a notebook the charts also appear under the cell.
+"""Lesson 06: the comparison. Charts of perplexity, of training and of soft targets (the teacher's
+next-token distribution at one position beside the student's, before and after), how much the
+student improved and how close it came to the teacher, a spec table with generation speed measured
+now, and the teacher's and the student's texts side by side for the same prompts, all gathered in
+report.md. In a notebook the charts also appear under the cell.
   improvement = (student before - student after) / student before, in perplexity: how far it went
   achievement = teacher perplexity / student perplexity: 100% would be as good as the teacher
   gap closed  = (log ppl before - log ppl after) / (log ppl before - log ppl teacher): the share
@@ -9,7 +10,7 @@ a notebook the charts also appear under the cell.
                 improvement is ~100% for any student that learned anything; this is not)
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, train_log.pt, eval.pt, generated.pt
-Writes: artifacts/perplexity.png, artifacts/training.png, artifacts/report.md
+Writes: artifacts/perplexity.png, training.png, soft_targets.png, report.md
 Run:    python 06_compare.py
 """
 import math
@@ -19,6 +20,7 @@ import time
 import matplotlib
 import torch
 
+from common import toy_language
 from common.artifacts import load_artifact, load_model, run_lesson, write_text
 from common.cli import in_notebook, lesson_parser, parse, positive_int
 from common.device import autocast, get_device, pick_dtype, sync
@@ -50,7 +52,7 @@ def perplexity_chart(ppl, floor, vocab_size, path):
                         (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8,
                         xytext=(0, 2), textcoords="offset points")
     ax.axhline(vocab_size, color="#999999", ls=":", lw=1, label=f"uniform guess ({vocab_size:,})")
-    label = "floor: the toy language's own entropy"
+    label = "floor: the toy language's own -log p on this set"
     for j, s in enumerate(sets):
         if s in floor:  # the language's entropy: no model can go below this line
             ax.hlines(floor[s], j - 0.42, j + 0.42, colors="black", linestyles="--", lw=1.2,
@@ -290,9 +292,12 @@ def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pai
           "closed says how far it got).", ""]
     for set_name, f in floor.items():
         L += [f"{set_name}: documents written by the toy language itself (the offline stand-in for "
-              f"WikiText-2). Its floor, exp(the language's entropy per token), is {f:.2f}: no "
-              f"model can score lower. The teacher is at {ppl[set_name]['teacher'] / f:.2f}x the "
-              f"floor, the student at {ppl[set_name]['student'] / f:.2f}x.", ""]
+              f"WikiText-2). Its floor, exp of the language's own -log p per token on these "
+              f"documents, is {f:.2f}: what a model knowing the language exactly would score (no "
+              f"model beats it in expectation; the language's entropy rate, over 2,000 "
+              f"documents, is {math.exp(toy_language.ENTROPY_RATE):.2f}). The teacher is at "
+              f"{ppl[set_name]['teacher'] / f:.2f}x the floor, the student at "
+              f"{ppl[set_name]['student'] / f:.2f}x.", ""]
     if "generated-test" in ppl:
         L += ["generated-test is the teacher's held-out samples (openings never used in training), "
               "scored on the tokens the teacher sampled, not on its prompts. The teacher's own "
