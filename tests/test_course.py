@@ -233,7 +233,8 @@ def test_the_soft_targets_table_is_the_teachers_softmax_at_that_position(course)
         logits = logits_fp32(teacher, torch.tensor([st["context"]]))[0, -1].double()
     p1, p2 = torch.softmax(logits, -1), torch.softmax(logits / st["T"], -1)
     assert st["ids"] == p1.topk(10).indices.tolist() and st["T"] == 2
-    assert torch.allclose(torch.tensor(st["p_T1"]).double(), p1[st["ids"]], atol=1e-6)
-    assert torch.allclose(torch.tensor(st["p_T"]).double(), p2[st["ids"]], atol=1e-6)
+    # 02 takes the softmax in float32 over 50,257 logits: 4e-5 relative off float64's
+    assert torch.allclose(torch.tensor(st["p_T1"]).double(), p1[st["ids"]], rtol=2e-4, atol=0)
+    assert torch.allclose(torch.tensor(st["p_T"]).double(), p2[st["ids"]], rtol=2e-4, atol=0)
     report = (out / "report.md").read_text()
     assert "## Soft targets" in report and f"| {st['p_T1'][0]:.3f} | {st['p_T'][0]:.3f} |" in report
