@@ -1,20 +1,15 @@
 """Lesson 04: distillation. Train the student on the teacher's texts with a training loop written
 out by hand: mixed precision (bf16, or fp16 with a GradScaler), AdamW, warmup then cosine decay,
 gradient clipping and accumulation, and optionally several GPUs. The kinds of distillation (--kd):
-  seq              cross-entropy on the teacher's sampled tokens (Kim & Rush, 2016)
-  soft             plus Hinton's soft targets, the teacher's stored top-K distributions (2015)
-  fkl | rkl | jsd  forward KL, reverse KL or GKD's generalized JSD to the teacher's full
-                   distribution, the teacher running beside the student (common/distill.py)
-  --on-policy L    with fkl, rkl or jsd: on that share of the micro-batches the student writes the
-                   continuation itself and the teacher grades it (on-policy distillation, GKD)
+seq (Kim & Rush, 2016), soft (Hinton et al., 2015), or fkl, rkl, jsd to the teacher's full
+distribution (GKD), on the teacher's text or, with --on-policy, the student's own (see --help).
 Each loss is written out plainly in loss_by_hand (printed for the first batch beside the loss the
 loop trains on), one training step in train_step. A sample's prompt is context, never a target;
 the <|endoftext|> that ends it is a target (the student must learn to stop).
 
-Reads:  artifacts/student_init.pt, generated.pt (teacher.pt for fkl/rkl/jsd; train_state.pt with
-        --resume)
-Writes: artifacts/student.pt (the lowest val loss), student_last.pt, train_log.pt when training
-        finishes; train_state.pt at each epoch end and on Ctrl-C, to resume
+Reads:  artifacts/student_init.pt, generated.pt (teacher.pt for fkl/rkl/jsd; train_state.pt)
+Writes: artifacts/student.pt (the lowest val loss), student_last.pt, train_log.pt at the end;
+        train_state.pt at each epoch end and on Ctrl-C, to resume
 Run:    python 04_train.py                (add --preset tiny for a CPU smoke run)
         torchrun --nproc_per_node=2 04_train.py   (data parallel on 2 GPUs, or 2 CPU processes)
 """
@@ -28,10 +23,10 @@ from torch.nn import functional as F
 
 from common import cli, distributed, train_state
 from common.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
-from common.device import autocast, fused_adamw, keep_freed_memory, needs_scaler, pick_dtype, sync
+from common.device import autocast, keep_freed_memory, needs_scaler, pick_dtype, sync
 from common.distill import make_batch, soft_kd_kl, token_divergence
 from common.perplexity import mean_nll
-from common.progress import Speedometer, describe_run
+from common.progress import Speedometer, describe_run, show_first_loss
 from common.sampling import continue_each
 from common.tokenizer import EOT
 from common.train_inputs import ONLINE, load_inputs
@@ -40,10 +35,8 @@ from common.train_inputs import ONLINE, load_inputs
 # Learning rate: the 6/512 student trains from random weights, so it takes a from-scratch peak
 # rate, 1e-3 (GPT-3 paper, table 2.1: 6e-4 at 125M, higher below), not a fine-tuning 5e-5; the
 # tiny 2/32 one 1e-2 ("Choosing the learning rate" in the README has the measured val ppl).
-PRESETS = {
-    "gpt2": dict(epochs=3, lr=1e-3, batch_size=8),
-    "tiny": dict(epochs=6, lr=1e-2, batch_size=4),
-}
+PRESETS = {"gpt2": dict(epochs=3, lr=1e-3, batch_size=8),
+           "tiny": dict(epochs=6, lr=1e-2, batch_size=4)}
 
 
 def get_args():
@@ -138,27 +131,6 @@ def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0, teacher_logits=N
     return alpha * T * T * kl + (1 - alpha) * ce, ce
 
 
-def show_first_loss(history, args, data, idx, model, teacher, procs):
-    """Print the val loss before training, and the first batch's loss written out (loss_by_hand)
-    beside the loss the loop trains on (loss_sums): the same number."""
-    v = history["val"][-1][1]
-    procs.print(f"val before training: loss {v:.4f} | ppl {math.exp(v):.1f}")
-    if not procs.master:
-        return
-    x, y, topk = micro_batch(idx, data, args.kd, procs.device)  # (defined below)
-    dtype = pick_dtype(procs.device.split(":")[0], args.dtype)
-    model.eval()
-    with torch.no_grad(), autocast(procs.device, dtype):
-        logits = model(x)[0]
-        t_logits = teacher(x)[0] if teacher is not None else None
-    model.train()
-    kw = (topk or [], args.kd_alpha, args.kd_temperature, t_logits, args.jsd_beta)
-    plain = loss_by_hand(logits, y, args.kd, *kw)
-    trained = loss_sums(logits, y, args.kd, *kw)[0] / (y != -100).sum()
-    procs.print(f"the first batch's loss written out (loss_by_hand): {float(plain):.4f}; "
-                f"as the loop computes it (loss_sums): {float(trained):.4f}")
-
-
 # --- one optimizer step ---
 def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad_clip, kd="seq",
                alpha=0.5, T=2.0, world=1, teacher=None, beta=0.5):
@@ -207,15 +179,7 @@ def student_samples(student, seqs, prompt_lens, temperature):
     return samples
 
 
-# --- the optimizer and the schedule ---
-def configure_optimizer(model, lr, weight_decay, device):
-    """AdamW, with weight decay on the matrices only (not on biases and LayerNorm gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused_adamw(device))
-
-
+# --- the schedule ---
 def lr_at(step, total, warmup, lr, min_lr):
     """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at the last step."""
     if step < warmup:
@@ -266,14 +230,14 @@ def main():
     if device == "cpu":
         keep_freed_memory()  # each step makes tensors of hundreds of MB: reuse their pages
     torch.manual_seed(args.seed + procs.rank)  # dropout (the data order has its own generator)
-    # precision, chosen in one place: bf16 or fp16 autocast on a GPU (fp16 with a GradScaler)
+    # precision, in one place: bf16 or fp16 autocast on a GPU (fp16 with a GradScaler), fp32 on CPU
     dtype = pick_dtype(device.split(":")[0], args.dtype)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=needs_scaler(dtype))
 
     # --- data, models, optimizer (each misfit refused in one line: common/train_inputs.py) ---
     data, raw, init_ckpt, teacher = load_inputs(args, device, dtype)
     model = distributed.wrap(raw.to(device), procs)  # in DDP under torchrun
-    optimizer = configure_optimizer(raw, args.lr, args.weight_decay, device)
+    optimizer = raw.configure_optimizer(args.lr, args.weight_decay, device)  # AdamW
 
     # --- schedule: every rank gets the same number of micro-batches per epoch ---
     micro_per_epoch = (math.ceil(len(data["train"]) / args.batch_size) // procs.world) or 1
@@ -304,9 +268,11 @@ def main():
                               f"{state_path} (Ctrl-C again to stop at once)")
     with train_state.failures_explained(state, state_path, args.batch_size, args.grad_accum), \
             ctrl_c_finishes_the_step(ctrl_c_said) as ctrl_c:
-        if state.step == 0:
+        if state.step == 0:  # the val loss before training; the first batch's loss written out
             state.history["val"].append((0, evaluate()))
-            show_first_loss(state.history, args, data, chunks_of(0)[0][0][0], raw, teacher, procs)
+            first = micro_batch(chunks_of(0)[0][0][0], data, args.kd, device)
+            show_first_loss(state.history, first, raw, teacher, procs, dtype, loss_by_hand,
+                            loss_sums, loss_kw)
         while state.step < total_steps:
             # --- one step: this process's micro-batches (on-policy: the student writes them) ---
             epoch, i = divmod(state.step, steps_per_epoch)

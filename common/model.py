@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from common.device import fused_adamw
+
 
 @dataclass
 class GPTConfig:
@@ -159,6 +161,14 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def configure_optimizer(self, lr, weight_decay, device):
+        """AdamW (betas 0.9, 0.95, as GPT-2 and nanoGPT), with weight decay on the matrices only:
+        not on biases and LayerNorm gains, which decay would pull toward 0 for no benefit."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused_adamw(device))
 
     def num_params(self, embeddings=True):
         """Parameter count (the tied lm_head counted once); without the token and position

@@ -4,6 +4,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+from common.device import autocast
+
 
 def fmt_time(s):
     """Seconds as 42s or 3m05s."""
@@ -24,6 +28,26 @@ def describe_run(args, model, data, procs, dtype, scaler, online, steps_per_epoc
             f"kd {args.kd}{kd}{' with the teacher online' if online else ''} | {args.epochs} "
             f"epochs x {steps_per_epoch} steps | batch {args.batch_size} x accum {args.grad_accum} "
             f"x {procs.world} | lr {args.lr:.1e}, warmup {warmup}")
+
+
+def show_first_loss(history, batch, model, teacher, procs, dtype, by_hand, sums, kw):
+    """Print the val loss before training, and the first batch's loss written out (by_hand: 04's
+    loss_by_hand) beside the loss the loop trains on (sums: its loss_sums): the same number."""
+    v = history["val"][-1][1]
+    procs.print(f"val before training: loss {v:.4f} | ppl {math.exp(v):.1f}")
+    if not procs.master:
+        return
+    x, y, topk = batch
+    model.eval()
+    with torch.no_grad(), autocast(procs.device, dtype):
+        logits = model(x)[0]
+        t_logits = teacher(x)[0] if teacher is not None else None
+    model.train()
+    rest = (topk or [], kw["alpha"], kw["T"], t_logits, kw["beta"])
+    plain = by_hand(logits, y, kw["kd"], *rest)
+    trained = sums(logits, y, kw["kd"], *rest)[0] / (y != -100).sum()
+    procs.print(f"the first batch's loss written out (loss_by_hand): {float(plain):.4f}; "
+                f"as the loop computes it (loss_sums): {float(trained):.4f}")
 
 
 @dataclass
