@@ -226,7 +226,7 @@ def show_one_step(teacher, prompts, args, enc, device):
     draw with the same seed."""
     opening = next((p for p in prompts if len(p) > 1), prompts[0])
     with torch.no_grad():
-        logits = teacher(torch.tensor([opening], device=device))[0][0, -1].float().cpu()  # (V,)
+        logits = logits_fp32(teacher, torch.tensor([opening], device=device))[0, -1].cpu()  # (V,)
     token, ids, probs = sampling_step_by_hand(logits, args.temperature, args.top_k, args.top_p,
                                               torch.Generator().manual_seed(args.seed))
     same = int(sample_next(logits[None], args.temperature, args.top_k, args.top_p,

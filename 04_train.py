@@ -1,13 +1,15 @@
 """Lesson 04: distillation. Train the student on the teacher's texts with a training loop written
 out by hand: mixed precision (bf16, or fp16 with a GradScaler), AdamW, warmup then cosine decay,
 gradient clipping and accumulation, and optionally several GPUs. The kinds of distillation (--kd):
-seq (Kim & Rush, 2016), soft (Hinton et al., 2015), or fkl, rkl, jsd to the teacher's full
-distribution (GKD), on the teacher's text or, with --on-policy, the student's own (see --help).
+seq (Kim & Rush, 2016), soft (Hinton et al., 2015), or fkl, rkl, jsd, tvd to the teacher's full
+distribution (GKD), on the teacher's text or, with --on-policy, the student's own; rkl-sampled, the
+reverse KL from the teacher's log-prob of each token the student wrote (on-policy distillation as
+Thinking Machines and Qwen3 use it, 2025) (see --help).
 Each loss is written out plainly in loss_by_hand (printed for the first batch beside the loss the
 loop trains on), one training step in train_step. A sample's prompt is context, never a target;
 the <|endoftext|> that ends it is a target (the student must learn to stop).
 
-Reads:  artifacts/student_init.pt, generated.pt (teacher.pt for fkl/rkl/jsd; train_state.pt)
+Reads:  artifacts/student_init.pt, generated.pt (teacher.pt for the online kinds; train_state.pt)
 Writes: artifacts/student.pt (the lowest val loss), student_last.pt, train_log.pt at the end;
         train_state.pt at each epoch end and on Ctrl-C, to resume
 Run:    python 04_train.py                (add --preset tiny for a CPU smoke run)
@@ -24,8 +26,8 @@ from torch.nn import functional as F
 from common import cli, distributed, train_state
 from common.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
 from common.device import autocast, keep_freed_memory, needs_scaler, pick_dtype, sync
-from common.distill import make_batch, soft_kd_kl, token_divergence
-from common.perplexity import mean_nll
+from common.distill import make_batch, rest_bucket_kl, sampled_rkl, soft_kd_kl, token_divergence
+from common.perplexity import logits_fp32, mean_nll
 from common.progress import Speedometer, describe_run, show_first_loss
 from common.sampling import continue_each
 from common.tokenizer import EOT
@@ -44,13 +46,17 @@ def get_args():
     flag = p.add_argument
     flag("--kd", choices=["seq", "soft", *ONLINE], default="seq",
          help="seq: CE on the teacher's text; soft: + its stored top-K distributions; fkl, rkl, "
-              "jsd: a divergence to its full distributions, the teacher running beside the "
-              "student (default: seq)")
+              "jsd, tvd: a divergence to its full distributions, the teacher running beside the "
+              "student; rkl-sampled: reverse KL from the teacher's log-prob of each token the "
+              "student sampled (needs --on-policy 1) (default: seq)")
+    flag("--soft-tail", choices=["renorm", "rest"], default="renorm",
+         help="--kd soft: the teacher's top K renormalised (renorm), or with the rest of the "
+              "vocabulary as one bucket (rest, needs --kd-temperature 1) (default: renorm)")
     flag("--jsd-beta", type=cli.unit_float, default=0.5,
          help="--kd jsd: beta of the generalized JSD, strictly between 0 and 1 (default: 0.5)")
     flag("--on-policy", type=cli.unit_float, default=0.0,
          help="share of the micro-batches on which the student writes the text and the teacher "
-              "grades it (needs --kd fkl, rkl or jsd; default: 0, the teacher's samples only)")
+              "grades it (needs an online --kd; default: 0, the teacher's samples only)")
     flag("--on-policy-temperature", type=cli.nonneg_float, default=1.0,
          help="the student's sampling temperature for --on-policy (0: greedy; default: 1.0)")
     flag("--kd-temperature", type=cli.positive_float, default=2.0,
@@ -85,7 +91,8 @@ def get_args():
 
 
 # --- the losses, written out ---
-def loss_by_hand(logits, y, kd, topk=None, alpha=0.5, T=2.0, teacher_logits=None, beta=0.5):
+def loss_by_hand(logits, y, kd, topk=None, alpha=0.5, T=2.0, teacher_logits=None, beta=0.5,
+                 tail="renorm"):
     """The mean loss per scored token, each kind's formula written out plainly (a test checks it
     against loss_sums, which the loop trains on)."""
     scored = y != -100
@@ -93,6 +100,13 @@ def loss_by_hand(logits, y, kd, topk=None, alpha=0.5, T=2.0, teacher_logits=None
     ce = -log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0][scored].mean()  # -log q(teacher's)
     if kd == "seq":
         return ce
+    if kd == "soft" and tail == "rest":  # at T = 1: the K tokens, and the rest as one bucket
+        ids, lps = topk
+        p, q_k = lps.float().exp(), log_q.exp().gather(-1, ids.long())
+        p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)                 # K + 1 buckets
+        q = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+        kl = (p * (p.clamp(min=1e-30).log() - q.log())).sum(-1)
+        return alpha * kl[scored].mean() + (1 - alpha) * ce
     if kd == "soft":  # Hinton: both sides softened by T, the teacher known over its top K only
         ids, lps = topk
         p = F.softmax(lps.float() / T, dim=-1)                     # teacher, renormalised over K
@@ -107,33 +121,48 @@ def loss_by_hand(logits, y, kd, topk=None, alpha=0.5, T=2.0, teacher_logits=None
         return (p * (log_p - log_q)).sum(-1)[scored].mean()
     if kd == "rkl":                                                # sum q (log q - log p)
         return (q * (log_q - log_p)).sum(-1)[scored].mean()
+    if kd == "tvd":                                                # (1/2) sum |p - q|
+        return 0.5 * (p - q).abs().sum(-1)[scored].mean()
+    if kd == "rkl-sampled":  # y: the tokens the student wrote; the teacher's log p of each only
+        log_q_y = log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        log_p_y = log_p.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        reward = (log_q_y - log_p_y).detach()
+        surrogate = reward * log_q_y          # its gradient, over y ~ q, is the reverse KL's
+        # the value shown is the reverse-KL estimate (reward); the gradient is the surrogate's
+        return (surrogate - surrogate.detach() + reward)[scored].mean()
     # jsd: the mixture m, and log(m) of a sum (token_divergence keeps it in log space)
     log_m = (beta * p + (1 - beta) * q).log()
     jsd = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
     return jsd[scored].mean()
 
 
-def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0, teacher_logits=None, beta=0.5):
+def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0, teacher_logits=None, beta=0.5,
+              tail="renorm"):
     """(training loss, cross-entropy), each SUMMED over the scored tokens (y != -100): the caller
     divides by the scored tokens of the whole step. The same formulas as loss_by_hand, through
-    common/distill.py; for fkl, rkl and jsd the cross-entropy is only reported."""
+    common/distill.py; for the online kinds the cross-entropy is only reported."""
     # for the online kinds the cross-entropy is only reported: no graph (it would keep its tensors)
     with torch.no_grad() if kd in ONLINE else nullcontext():
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
                              ignore_index=-100, reduction="sum")
     if kd == "seq":
         return ce, ce
+    if kd == "rkl-sampled":  # the teacher's log-prob of each token the student wrote, and no more
+        log_p_y = F.log_softmax(teacher_logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        surrogate = sampled_rkl(logits, log_p_y, y)[y != -100].sum()
+        estimate = -ce - log_p_y[y != -100].sum()  # sum of log q(y) - log p(y): the KL shown
+        return surrogate - surrogate.detach() + estimate, ce  # its value, the surrogate's gradient
     if kd in ONLINE:
         # float32 (B, L, V) tensors at the peak of forward + backward, beyond the two logits: 5.3
         # for fkl, 6.3 for rkl, 10.5 for jsd (python bench/divergence_memory.py; README: T4 sums)
         return token_divergence(logits, teacher_logits, kd, beta=beta)[y != -100].sum(), ce
-    kl = soft_kd_kl(logits, *topk, T)[y != -100].sum()
-    return alpha * T * T * kl + (1 - alpha) * ce, ce
+    kl = (rest_bucket_kl(logits, *topk) if tail == "rest" else soft_kd_kl(logits, *topk, T))
+    return alpha * T * T * kl[y != -100].sum() + (1 - alpha) * ce, ce
 
 
 # --- one optimizer step ---
 def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad_clip, kd="seq",
-               alpha=0.5, T=2.0, world=1, teacher=None, beta=0.5):
+               alpha=0.5, T=2.0, world=1, teacher=None, beta=0.5, tail="renorm"):
     """One optimizer step over this process's micro-batches [(x, y, topk or None), ...]. The loss
     is the mean over the step_tokens scored tokens of the WHOLE step (all micro-batches, all
     processes), however they are split: each micro-batch adds its loss sum / step_tokens (its own
@@ -147,9 +176,9 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
         with model.no_sync() if world > 1 and not last else nullcontext():
             with autocast(device, dtype):
                 logits, _ = model(x)
-                with torch.no_grad():  # (B, L, V), one micro-batch at a time
-                    teacher_logits = teacher(x)[0] if kd in ONLINE else None
-            loss, ce = loss_sums(logits, y, kd, topk, alpha, T, teacher_logits, beta)
+                with torch.no_grad():  # (B, L, V) in float32 whatever the autocast dtype
+                    teacher_logits = logits_fp32(teacher, x) if kd in ONLINE else None
+            loss, ce = loss_sums(logits, y, kd, topk, alpha, T, teacher_logits, beta, tail)
             # DDP averages over the world processes: times world keeps the sum. scaler.scale
             # multiplies the loss (fp16 only) so that small gradients don't underflow.
             scaler.scale(loss * world / step_tokens).backward()
@@ -189,15 +218,16 @@ def lr_at(step, total, warmup, lr, min_lr):
 
 
 # --- the epoch's batches ---
-def chunks_of_epoch(n, batch_size, seed, epoch, on_policy, world, micro_per_epoch):
+def chunks_of_epoch(n, batch_size, seed, epoch, on_policy, world, n_micro):
     """Every rank's micro-batches of an epoch, each (sample indices, on-policy?): a seeded shuffle
     cut into batches, rank r taking every world-th from r (each rank computes all, to count the
-    step's tokens). The on-policy draws come after the shuffle: --on-policy 0 keeps the order."""
+    step's tokens), n_micro of them. The on-policy draws come after the shuffle: --on-policy 0
+    keeps the order."""
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=g).tolist()
     chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     own = (torch.rand(len(chunks), generator=g) < on_policy).tolist()
-    return [list(zip(chunks[r::world], own[r::world]))[:micro_per_epoch] for r in range(world)]
+    return [list(zip(chunks[r::world], own[r::world]))[:n_micro] for r in range(world)]
 
 
 def micro_batch(idx, data, kd, device, student=None, temperature=1.0, speed=None):
@@ -215,12 +245,23 @@ def micro_batch(idx, data, kd, device, student=None, temperature=1.0, speed=None
 
 
 def tokens_of_step(step_chunks, data, micro, on_policy, procs):
-    """The scored tokens of the whole step, all processes: known from the teacher's samples; when
-    the student writes (on-policy), its samples have lengths of their own: counted, then summed."""
+    """The whole step's token counts, all processes: "tokens", the scored ones (the loss's
+    denominator); "student_tokens", the positions the student trained on (prompts too); and
+    "sampled_tokens", the positions it ran through while writing on-policy text (its prompt, then
+    one per token it wrote). Known from the teacher's samples; when the student writes, its samples
+    have lengths of their own: each process counts its own, then they are summed."""
+    P = data["train_prompt_lens"]
     if not on_policy:
         idx = [k for chunks in step_chunks for ks, _ in chunks for k in ks]
-        return sum(len(data["train"][k]) - data["train_prompt_lens"][k] for k in idx)
-    return int(distributed.all_sum(procs, [sum((y != -100).sum() for _, y, _ in micro)])[0])
+        scored = sum(len(data["train"][k]) - P[k] for k in idx)
+        return {"tokens": scored, "student_tokens": scored + sum(P[k] - 1 for k in idx),
+                "sampled_tokens": 0}
+    mine = [(int((y != -100).sum()) + sum(P[k] - 1 for k in ks), own)
+            for (ks, own), (_, y, _) in zip(step_chunks[procs.rank], micro)]
+    counts = [sum(int((y != -100).sum()) for _, y, _ in micro), sum(n for n, _ in mine),
+              sum(n for n, own in mine if own)]
+    return dict(zip(["tokens", "student_tokens", "sampled_tokens"],
+                    map(int, distributed.all_sum(procs, counts))))
 
 
 def main():
@@ -245,8 +286,7 @@ def main():
     total_steps = steps_per_epoch * args.epochs
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 10)
     chunks_of = partial(chunks_of_epoch, len(data["train"]), args.batch_size, args.seed,
-                        on_policy=args.on_policy, world=procs.world,
-                        micro_per_epoch=micro_per_epoch)
+                        on_policy=args.on_policy, world=procs.world, n_micro=micro_per_epoch)
     ga = args.grad_accum
 
     # --- state: fresh, or from train_state.pt with --resume (common/train_state.py) ---
@@ -258,7 +298,8 @@ def main():
                    total_steps=total_steps, config=init_ckpt["config"], settings=settings)
     evaluate = partial(mean_nll, raw, data["val"], data["val_prompt_lens"], args.batch_size,
                        device, dtype)
-    loss_kw = dict(kd=args.kd, alpha=args.kd_alpha, T=args.kd_temperature, beta=args.jsd_beta)
+    loss_kw = dict(kd=args.kd, alpha=args.kd_alpha, T=args.kd_temperature, beta=args.jsd_beta,
+                   tail=args.soft_tail)
     log(describe_run(args, raw, data, procs, dtype, scaler, teacher, steps_per_epoch, warmup))
 
     # --- the training loop ---
@@ -280,22 +321,22 @@ def main():
             micro = [micro_batch(idx, data, args.kd, device, raw if own else None,
                                  args.on_policy_temperature, speed)
                      for idx, own in step_chunks[procs.rank]]
-            step_tokens = tokens_of_step(step_chunks, data, micro, args.on_policy, procs)
+            counts = tokens_of_step(step_chunks, data, micro, args.on_policy, procs)
             lr = lr_at(state.step, total_steps, warmup, args.lr, args.lr * args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, ce_sum, norm = train_step(model, optimizer, scaler, micro, step_tokens,
+            loss_sum, ce_sum, norm = train_step(model, optimizer, scaler, micro, counts["tokens"],
                                                 device, dtype, args.grad_clip, world=procs.world,
                                                 teacher=teacher, **loss_kw)
             # the step's mean loss over all its tokens (all processes); did anyone hit Ctrl-C?
             loss_sum, ce_sum, stop = distributed.all_sum(procs, [loss_sum, ce_sum,
                                                                  ctrl_c.requested])
-            loss, ce = loss_sum / step_tokens, ce_sum / step_tokens
+            loss, ce = loss_sum / counts["tokens"], ce_sum / counts["tokens"]
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {state.step + 1}")
             state.step += 1
-            state.record(step_tokens, loss=loss, ce=ce, lr=lr, grad_norm=norm)
-            speed.tokens += step_tokens
+            state.record(counts, loss=loss, ce=ce, lr=lr, grad_norm=norm)
+            speed.tokens += counts["tokens"]
             # --- once in a while: log ---
             if state.step % args.log_interval == 0 or state.step == total_steps:
                 sync(device)

@@ -2,9 +2,11 @@
 
 Sequence-level KD (Kim & Rush, 2016): the student is trained with plain cross-entropy on text the
 teacher generated. Soft-target KD (Hinton et al., 2015): the student also matches the teacher's
-whole next-token distribution at every position, softened by a temperature T. token_divergence: the
-divergences of full distributions that newer methods minimise (forward KL, reverse KL as in MiniLLM,
-GKD's generalized Jensen-Shannon).
+whole next-token distribution at every position, softened by a temperature T (over the teacher's
+stored top K, renormalised, or with the rest of the vocabulary as one bucket: rest_bucket_kl).
+token_divergence: the divergences of full distributions that newer methods minimise (forward KL,
+reverse KL, GKD's generalized Jensen-Shannon, total variation). sampled_rkl: on-policy distillation
+when the teacher gives only the log-probability of each token the student wrote.
 """
 import math
 
@@ -23,12 +25,17 @@ def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature
       the teacher's mass is spread over many continuations, a small student spreads itself thin.
     "rkl", reverse KL(q || p) = sum q (log q - log p): the student pays for mass where the teacher
       has little, so it may drop some of the teacher's modes but must not invent any
-      (mode-seeking). MiniLLM (Gu et al., 2024) minimises a reverse KL, over whole sequences.
+      (mode-seeking). This is the per-token reverse KL, on whatever text it is given; MiniLLM (Gu
+      et al., 2024) minimises a reverse KL over whole sequences, by policy gradient on the
+      student's own samples (sampled_rkl is the per-token form of that family).
     "jsd", GKD's generalized Jensen-Shannon (Agarwal et al., 2024): with m = beta p + (1 - beta) q,
       beta KL(p || m) + (1 - beta) KL(q || m). It is bounded, and it moves between the two: divided
       by beta it tends to KL(p || q) as beta -> 0, divided by 1 - beta to KL(q || p) as beta -> 1.
       log m is taken in log space (logsumexp of log p + log beta and log q + log(1 - beta)), never
       as the log of a sum of probabilities, which underflows for unlikely tokens.
+    "tvd", total variation (1/2) sum |p - q|, between 0 and 1: 1 - TVD = sum min(p, q) is the chance
+      that a teacher accepts the student's token in speculative decoding (lesson 08), so a draft
+      model can be trained on it directly (DistillSpec, Zhou et al., 2024).
     All of it in float32, from log-softmax at the given temperature.
     """
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V) student
@@ -42,7 +49,31 @@ def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature
             raise ValueError(f"the JSD's beta must be strictly between 0 and 1, got {beta}")
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))  # (..., V)
         return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    raise ValueError(f"unknown divergence {kind!r}: fkl, rkl or jsd")
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}: fkl, rkl, jsd or tvd")
+
+
+def sampled_rkl(student_logits, teacher_token_logprobs, tokens):
+    """On-policy distillation from sampled tokens (MiniLLM's policy gradient, per token; Thinking
+    Machines' "On-Policy Distillation", 2025): the student wrote `tokens`, the teacher gives only
+    log p of each. student_logits (..., V), teacher_token_logprobs (...), tokens (...) -> the
+    per-position surrogate (...) in float32, no reduction; targets of -100 give any value (drop
+    them).
+
+    The surrogate is (log q(y) - log p(y)).detach() * log q(y). Its gradient is
+    (log q(y) - log p(y)) * grad log q(y), whose mean over y ~ q is the gradient of the reverse KL
+    sum_y q(y) (log q(y) - log p(y)) (the extra term, sum_y q grad log q = grad sum_y q = 0). The
+    detach matters: without it the gradient gains (log q(y) - log p(y))'s own, which is no longer
+    the reverse KL's. What it saves: the teacher's full distribution (one log-prob a token, what an
+    inference server returns) and the (..., V) divergence. What it costs: variance, one sampled
+    token standing for the whole sum. It is unbiased only if y was drawn from the student itself
+    at temperature 1 (04 --kd rkl-sampled needs --on-policy 1).
+    """
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_q_y = log_q.gather(-1, tokens.clamp(min=0).long()[..., None])[..., 0]   # (...)
+    reward = (log_q_y - teacher_token_logprobs.float()).detach()                 # per-token cost
+    return reward * log_q_y
 
 
 def _kl(log_a, log_b):
@@ -74,6 +105,30 @@ def soft_kd_kl(logits, topk_ids, topk_logprobs, T=2.0):
     q_log = F.log_softmax(logits.float() / T, dim=-1)            # (B, L, V) student
     q_log = q_log.gather(-1, topk_ids.long())                    # (B, L, K) read at the K ids
     return _kl(p_log, q_log)                                     # (B, L)
+
+
+def rest_bucket_kl(logits, topk_ids, topk_logprobs):
+    """KL(teacher || student) over K + 1 buckets, at T = 1: the teacher's K stored tokens, and one
+    "rest" bucket holding all other tokens, whose mass on each side is 1 - (the K tokens' mass).
+    logits (..., V): the student's; topk_ids, topk_logprobs (..., K): the teacher's (02 stores
+    them) -> (...).
+
+    The stored log-probs are normalised over the whole vocabulary, so the cache already holds the
+    teacher's rest mass (no extra bytes): the student is then asked to leave exactly that much
+    outside the K, not none (what renormalising over the K asks). Only at T = 1: the teacher's
+    softened rest mass would need the logits of the tokens not kept. Merging tokens into one bucket
+    can only hide differences, so this is never above the exact KL: a lower bound that tightens as
+    K grows (TRL's loss_add_tail is the same bucket).
+    """
+    log_q = F.log_softmax(logits.float(), dim=-1)                                 # (..., V)
+    ids = topk_ids.long()
+    log_p = topk_logprobs.float()                                                 # (..., K)
+    kl = _kl(log_p, log_q.gather(-1, ids))                                       # the K tokens
+    log_q_rest = log_q.scatter(-1, ids, -math.inf).logsumexp(-1)                 # the others
+    p_rest = (-torch.expm1(torch.logsumexp(log_p, -1))).clamp(min=0)            # 1 - sum of p's
+    rest = p_rest * (p_rest.clamp(min=1e-30).log() - log_q_rest)
+    # no rest term where p_rest is 0, or where the bucket is empty (K = V: p_rest is rounding)
+    return kl + torch.where((p_rest > 0) & (log_q_rest > -math.inf), rest, 0.0)
 
 
 def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):

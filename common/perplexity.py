@@ -44,10 +44,12 @@ def windows(n_tokens, block_size, stride=None):
 
 def logits_fp32(model, x):
     """model(x)'s logits (B, T, vocab) in float32 whatever the autocast dtype: the transformer body
-    may run in bf16/fp16, the output layer (and so every logit) is computed in float32."""
+    may run in bf16/fp16, the output layer (and so every logit) is computed in float32 (in float64
+    for a float64 model: never less precise than the model)."""
     h = model.hidden(x)  # (B, T, C)
+    dtype = torch.promote_types(h.dtype, torch.float32)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        return F.linear(h.float(), model.lm_head.weight.float())  # (B, T, vocab)
+        return F.linear(h.to(dtype), model.lm_head.weight.to(dtype))  # (B, T, vocab)
 
 
 def pad_batch(seqs, prompt_lens=None, device="cpu"):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.device import autocast
+from common.perplexity import logits_fp32
 
 
 def fmt_time(s):
@@ -17,7 +18,8 @@ def fmt_time(s):
 def describe_run(args, model, data, procs, dtype, scaler, online, steps_per_epoch, warmup):
     """The two lines that say what this run of lesson 04 trains, on what, and how."""
     tokens = sum(len(s) - P for s, P in zip(data["train"], data["train_prompt_lens"]))
-    kd = (f" (T={args.kd_temperature}, alpha={args.kd_alpha})" if args.kd == "soft" else
+    tail = ", rest bucket" if args.soft_tail == "rest" else ""
+    kd = (f" (T={args.kd_temperature}, alpha={args.kd_alpha}{tail})" if args.kd == "soft" else
           f" (beta={args.jsd_beta})" if args.kd == "jsd" else "")
     if args.on_policy:
         kd += f", on-policy {args.on_policy:g} (T={args.on_policy_temperature:g})"
@@ -41,9 +43,9 @@ def show_first_loss(history, batch, model, teacher, procs, dtype, by_hand, sums,
     model.eval()
     with torch.no_grad(), autocast(procs.device, dtype):
         logits = model(x)[0]
-        t_logits = teacher(x)[0] if teacher is not None else None
+        t_logits = logits_fp32(teacher, x) if teacher is not None else None
     model.train()
-    rest = (topk or [], kw["alpha"], kw["T"], t_logits, kw["beta"])
+    rest = (topk or [], kw["alpha"], kw["T"], t_logits, kw["beta"], kw["tail"])
     plain = by_hand(logits, y, kw["kd"], *rest)
     trained = sums(logits, y, kw["kd"], *rest)[0] / (y != -100).sum()
     procs.print(f"the first batch's loss written out (loss_by_hand): {float(plain):.4f}; "

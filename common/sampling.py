@@ -93,8 +93,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     # Only the last position's logits are needed. lm_head's weight is the (vocab, C) embedding
     # matrix; for a few rows at a time, a product with a (C, vocab) copy reads memory about twice as
     # fast on CPUs, so we make that copy once per call (the teacher's is 150 MB; it is freed on
-    # return).
-    head = model.lm_head.weight.t().contiguous()  # (C, vocab)
+    # return). In float32 whatever the weights' dtype: the distribution sampled from is the
+    # model's, not its bf16 rounding (logits of size 100 in bf16 are off by up to 0.25).
+    head = model.lm_head.weight.t().float().contiguous()  # (C, vocab)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T] = idx
     n = int(lens.min())  # positions filled in every row
@@ -105,7 +106,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             cache.pos = 0
             feed = out[:, n - block // 2:n]
         h = model.hidden(feed, kv_cache=cache)[:, -1, :]  # (B, C)
-        logits = h @ head                                 # (B, vocab): model(feed)'s last position
+        logits = h.float() @ head                         # (B, vocab): model(feed)'s last position
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         in_prompt = n < lens
         if prompt_lens is not None:

@@ -7,13 +7,14 @@ from common.artifacts import LessonError, check_preset, load_artifact, load_mode
 from common.model import GPT, GPTConfig
 from common.tokenizer import get_tokenizer
 
-ONLINE = ("fkl", "rkl", "jsd")  # the kinds that need the teacher's full distributions, online
+# the kinds that need the teacher online (its full distributions; rkl-sampled: one log-prob a token)
+ONLINE = ("fkl", "rkl", "jsd", "tvd", "rkl-sampled")
 
 
 def load_inputs(args, device, dtype):
     """(generated.pt's dict, the starting student, its checkpoint, the teacher or None). The student
     is rebuilt with --dropout if asked; the teacher, for fkl, rkl and jsd, is in eval mode, without
-    gradients, in half precision on a GPU."""
+    gradients, its weights in half precision on a GPU (its logits are taken in float32)."""
     data = load_artifact(f"{args.out}/generated.pt", "generated",
                          keys=("train", "val", "train_prompt_lens", "val_prompt_lens"))
     init_path = args.init or f"{args.out}/student_init.pt"
@@ -43,8 +44,15 @@ def load_inputs(args, device, dtype):
                           f"and 1 are --kd fkl and --kd rkl in the limit")
     if args.on_policy and args.kd not in ONLINE:
         raise LessonError(f"--on-policy needs the teacher online to grade the student's text: use "
-                          f"it with --kd fkl, rkl or jsd, not --kd {args.kd} (which train on the "
-                          f"teacher's stored samples)")
+                          f"it with --kd {', '.join(ONLINE)}, not --kd {args.kd} (which train on "
+                          f"the teacher's stored samples)")
+    if args.kd == "rkl-sampled" and (args.on_policy != 1 or args.on_policy_temperature != 1):
+        raise LessonError("--kd rkl-sampled needs --on-policy 1 (and --on-policy-temperature 1): "
+                          "its estimate of the reverse KL is unbiased only on tokens the student "
+                          "drew from itself")
+    if args.soft_tail == "rest" and (args.kd != "soft" or args.kd_temperature != 1):
+        raise LessonError("--soft-tail rest needs --kd soft and --kd-temperature 1: the stored "
+                          "log-probs give the teacher's rest mass at T = 1 only")
     if args.kd not in ONLINE:
         return data, student, ckpt, None
     teacher, _ = load_model(f"{args.out}/teacher.pt", "teacher",

@@ -24,8 +24,11 @@ RESUME_MAY_CHANGE = ("out", "preset", "resume", "log_interval", "stop_after")
 
 
 def new_history():
-    """Per step: its number, loss, cross-entropy, lr, gradient norm; per validation (step, loss)."""
-    return {"step": [], "loss": [], "ce": [], "lr": [], "grad_norm": [], "val": [], "tokens": 0}
+    """Per step: its number, loss, cross-entropy, lr, gradient norm; per validation (step, loss);
+    in all: the scored tokens, the positions the student trained on and those it ran through while
+    writing on-policy text (04's tokens_of_step; what a run's compute is counted from)."""
+    return {"step": [], "loss": [], "ce": [], "lr": [], "grad_norm": [], "val": [], "tokens": 0,
+            "student_tokens": 0, "sampled_tokens": 0}
 
 
 @dataclass
@@ -42,10 +45,12 @@ class TrainState:
         """Seconds of training, all parts of a resumed run together."""
         return self.wall_before + time.time() - self.started
 
-    def record(self, tokens, **values):
-        """One finished step: its values (loss, ce, lr, grad_norm) appended to the history."""
+    def record(self, counts, **values):
+        """One finished step: its token counts added up, its values (loss, ce, lr, grad_norm)
+        appended to the history."""
         self.history["step"].append(self.step)
-        self.history["tokens"] += tokens
+        for k, n in counts.items():
+            self.history[k] = self.history.get(k, 0) + n
         for k, v in values.items():
             self.history[k].append(v)
 

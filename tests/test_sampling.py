@@ -204,3 +204,24 @@ def test_full_vocabulary_sampling_inverts_the_cdf_in_float64():
         got = int(sample_next(logits, 1.0, generator=g))
         u = torch.rand(1, 1, generator=ref, dtype=torch.float64) * cdf[-1]
         assert got == int(torch.searchsorted(cdf, u[0]))
+
+
+def test_a_half_precision_model_samples_from_float32_logits(monkeypatch):
+    """A model with bf16 weights (02's teacher on a GPU): generate hands sample_next float32 logits,
+    the float32 output layer applied to the hidden state, not their bf16 rounding."""
+    import common.sampling as sampling
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32)).to(torch.bfloat16)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(40)  # logits of size ~100, as GPT-2's, where bf16 rounds by up to 0.25
+    seen = []
+    real = sampling.sample_next
+    monkeypatch.setattr(sampling, "sample_next", lambda logits, *a, **k: seen.append(logits) or real(logits, *a, **k))
+    idx = torch.tensor([[1, 2, 3]])
+    generate(m, idx, 1, temperature=1.0)
+    assert seen[0].dtype == torch.float32
+    with torch.no_grad():
+        h = m.hidden(idx)[:, -1]
+    want = h.float() @ m.lm_head.weight.float().T
+    assert torch.allclose(seen[0], want, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(seen[0], want.bfloat16().float(), rtol=1e-5, atol=1e-4)

@@ -12,6 +12,7 @@ from common.artifacts import load_artifact, save_artifact
 from common.device import autocast, fused_adamw, keep_freed_memory, needs_scaler, pick_dtype
 from common.distill import make_batch, soft_kd_loss, token_divergence
 from common.model import GPT, GPTConfig
+from common.perplexity import logits_fp32
 from conftest import load_lesson, run_py
 
 L04 = load_lesson("04_train.py")
@@ -105,9 +106,9 @@ def other_teacher(dtype=torch.float64):
     return GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).to(dtype).eval()
 
 
-def one_step_change(splits, kd="seq", dtype=torch.float64, grad_clip=1e9, scaler=None, seqs=None):
-    teacher = other_teacher(dtype) if kd in L04.ONLINE else None
+def one_step_change(splits, kd="seq", dtype=torch.float64, grad_clip=1e9, scaler=None, seqs=None, train_dtype="fp32"):
     """Weights after one train_step with plain SGD (lr 1) minus before: minus the (clipped) gradient."""
+    teacher = other_teacher(dtype) if kd in L04.ONLINE else None
     if seqs is None:
         seqs, P, topk = mixed_samples(8)
     m = small().to(dtype)
@@ -120,20 +121,20 @@ def one_step_change(splits, kd="seq", dtype=torch.float64, grad_clip=1e9, scaler
         micro.append((x, y, (ids, lps) if kd == "soft" else None))
     step_tokens = sum(len(s) - p for s, p in zip(seqs, P))
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    L04.train_step(m, opt, scaler, micro, step_tokens, "cpu", "fp32", grad_clip, kd=kd, teacher=teacher, beta=0.3)
+    L04.train_step(m, opt, scaler, micro, step_tokens, "cpu", train_dtype, grad_clip, kd=kd, teacher=teacher, beta=0.3)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)])
 
 
-@pytest.mark.parametrize("kd", ["seq", "soft", "fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("kd", ["seq", "soft", "fkl", "rkl", "jsd", "tvd", "rkl-sampled"])
 def test_a_steps_gradient_does_not_depend_on_its_micro_batch_split(kd):
     """8 samples of different lengths as 1x8, 2x4 or 8x1: the same mean over the step's tokens."""
     whole = one_step_change(1, kd)
     assert whole.abs().max() > 1e-3
-    if kd in L04.ONLINE:  # and it is minus the gradient of the divergence written out, teacher and student on x
+    if kd in ("fkl", "rkl", "jsd", "tvd"):  # and minus the gradient of the divergence, teacher and student on x
         seqs, P, _ = mixed_samples(8)
         m, teacher = small().double(), other_teacher()
         x, y = make_batch(seqs, prompt_lens=P)
-        loss = token_divergence(m(x)[0], teacher(x)[0], kd, beta=0.3)[y != -100].sum() / int((y != -100).sum())
+        loss = token_divergence(m(x)[0], logits_fp32(teacher, x), kd, beta=0.3)[y != -100].sum() / int((y != -100).sum())
         loss.backward()
         assert torch.allclose(whole, -torch.cat([p.grad.flatten() for p in m.parameters()]), rtol=1e-6, atol=1e-12)
     for splits in (2, 8):
@@ -320,15 +321,17 @@ def test_a_fresh_run_keeps_an_unfinished_state_as_prev(course_copy):
 def test_torchrun_two_processes_equal_one_process_accumulating_two(course_copy):
     """2 processes x 2 micro-batches = 1 process x 4 micro-batches: the same global batches, the same
     token-mean loss, so the same weights. Pins the rank split (each rank its own batches), the
-    accumulation normalisation, and no_sync (gradients cross between processes once per step)."""
+    accumulation normalisation, and no_sync (gradients cross between processes once per step). With
+    --kd tvd: the teacher online, in each process, normalised like every kind (the split within a
+    process is tested for each kind in test_a_steps_gradient_does_not_depend_on_its_micro_batch_split)."""
     keep_train_samples(course_copy, 64, n_val=8)  # 16 micro-batches of 4: whole steps in both layouts
     bs = 4
     # one thread each, as the torchrun processes: another thread count rounds sums differently, and
     # Adam's g / sqrt(v) turns those last-bit differences on near-zero gradients into visible ones
-    train(course_copy, "--epochs", "1", "--batch-size", str(bs), "--grad-accum", "4", threads=1)
+    train(course_copy, "--kd", "tvd", "--epochs", "1", "--batch-size", str(bs), "--grad-accum", "4", threads=1)
     one = weights(course_copy / "student_last.pt")
     one_losses = load_artifact(str(course_copy / "train_log.pt"), "train_log")["loss"]
-    r = train(course_copy, "--epochs", "1", "--batch-size", str(bs), "--grad-accum", "2", torchrun=True)
+    r = train(course_copy, "--kd", "tvd", "--epochs", "1", "--batch-size", str(bs), "--grad-accum", "2", torchrun=True)
     assert r.stdout.count("trained in") == 1 and "2 process(es)" in r.stdout  # only rank 0 speaks
     log = load_artifact(str(course_copy / "train_log.pt"), "train_log")
     assert log["world"] == 2 and log["allreduces_per_step"] == 1
@@ -396,6 +399,9 @@ def test_on_policy_0_trains_on_the_teachers_samples_in_the_seeded_order(course_c
     s.load_state_dict(student["model"])
     t.load_state_dict(teacher["model"])
     assert log["loss"][0] == pytest.approx(step_divergence(s.eval(), t.eval(), steps[0], "rkl"), rel=1e-5)
+    # what the run's compute is counted from: 2 epochs of every sample's positions, none sampled
+    assert log["student_tokens"] == 2 * sum(len(seq) - 1 for seq in gen["train"]) and log["sampled_tokens"] == 0
+    assert log["tokens"] == 2 * sum(len(seq) - P for seq, P in zip(gen["train"], gen["train_prompt_lens"]))
 
 
 def test_on_policy_1_trains_on_the_students_own_text(course_copy, monkeypatch, capsys):
@@ -435,6 +441,12 @@ def test_on_policy_1_trains_on_the_students_own_text(course_copy, monkeypatch, c
     t = GPT(GPTConfig.from_dict(teacher["config"]))
     t.load_state_dict(teacher["model"])
     assert log["loss"][0] == pytest.approx(step_divergence(s, t.eval(), steps[0], "rkl"), rel=1e-5)
+    # compute counts: the student ran through each prompt and the tokens it wrote, once to write them
+    # (sampled_tokens) and once to train on them (student_tokens); scored: the tokens it wrote
+    written = [(x[y != -100].numel(), y) for (x, y), in steps]
+    assert log["tokens"] == sum(n for n, _ in written)
+    prompts = sum(gen["train_prompt_lens"][k] - 1 for k in order)
+    assert log["student_tokens"] == log["sampled_tokens"] == log["tokens"] + prompts
 
 
 def test_student_samples_keep_the_endoftext_and_nothing_after():
@@ -453,7 +465,7 @@ def test_student_samples_keep_the_endoftext_and_nothing_after():
     assert y.tolist() == [[-100, 50256], [50256, -100]]
 
 
-@pytest.mark.parametrize("kd", ["seq", "soft", "fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("kd", ["seq", "soft", "soft-rest", "fkl", "rkl", "jsd", "tvd", "rkl-sampled"])
 def test_the_loss_written_out_in_lesson_04_equals_the_loss_it_trains_on(kd):
     """04's loss_by_hand (each formula in plain code) against loss_sums (common/distill.py, log space),
     as the mean over the scored tokens, on a batch with prompt and padding positions."""
@@ -465,22 +477,75 @@ def test_the_loss_written_out_in_lesson_04_equals_the_loss_it_trains_on(kd):
     y[2, 5:] = -100  # padding
     lps, ids = torch.log_softmax(teacher, -1).topk(K, -1)
     topk = (ids.int(), lps.half())
-    plain = L04.loss_by_hand(logits, y, kd, topk, 0.3, 2.5, teacher, 0.7)
-    total, _ = L04.loss_sums(logits, y, kd, topk, 0.3, 2.5, teacher, 0.7)
+    kd, T, tail = ("soft", 1.0, "rest") if kd == "soft-rest" else (kd, 2.5, "renorm")
+    logits.requires_grad_()
+    plain = L04.loss_by_hand(logits, y, kd, topk, 0.3, T, teacher, 0.7, tail)
+    total, _ = L04.loss_sums(logits, y, kd, topk, 0.3, T, teacher, 0.7, tail)
     assert plain.item() == pytest.approx((total / (y != -100).sum()).item(), rel=1e-5)
+    assert abs(plain.item()) > 1e-2
+    # and the same gradient (for rkl-sampled the value and the gradient come from different terms)
+    g_plain, = torch.autograd.grad(plain, logits)
+    g_sums, = torch.autograd.grad(total / (y != -100).sum(), logits)
+    assert torch.allclose(g_plain, g_sums, rtol=1e-4, atol=1e-7) and g_plain.abs().max() > 1e-4
+
+
+def test_rkl_sampled_in_04_has_the_reverse_kls_gradient_in_expectation():
+    """04's loss_sums for rkl-sampled (the teacher's log-prob of each sampled token, gathered from its
+    logits), over many samples y ~ q at three positions with different teachers: the mean gradient is
+    the exact reverse KL's (autograd) within 4 Monte Carlo standard errors; its value, the mean of
+    log q(y) - log p(y), estimates the reverse KL. Fails with the teacher read at another position."""
+    g = torch.Generator().manual_seed(1)
+    L, N, V = 3, 100_000, 6
+    s, t = torch.randn(1, L, V, generator=g), torch.randn(1, L, V, generator=g) * 2
+    y = torch.multinomial(torch.softmax(s[0], -1), N, replacement=True, generator=g).T.contiguous()  # (N, L) y ~ q
+    logits = s.expand(N, L, V).clone().requires_grad_()
+    loss, _ = L04.loss_sums(logits, y, "rkl-sampled", teacher_logits=t.expand(N, L, V))
+    (loss / N).backward()
+    exact = token_divergence(s, t, "rkl")
+    assert (loss / N).item() == pytest.approx(exact.sum().item(), rel=0.02)
+    s_ex = s.clone().requires_grad_()
+    token_divergence(s_ex, t, "rkl").sum().backward()
+    mc = logits.grad.sum(0)  # (L, V)
+    per_draw = logits.grad * N  # each draw's gradient, for the Monte Carlo error
+    se = per_draw.std(0) / math.sqrt(N)
+    assert (s_ex.grad[0].abs() > 0.05).any()
+    assert ((mc - s_ex.grad[0]).abs() <= 4 * se + 1e-6).all(), (mc, s_ex.grad[0], se)
+
+
+def test_the_teachers_logits_are_float32_under_bf16_autocast(monkeypatch):
+    """04's online teacher under CPU bf16 autocast: the logits the loss sees are float32 (the
+    distribution a student is taught is the teacher's, not its bf16 rounding), equal to the
+    teacher's float32 output layer applied to its hidden states."""
+    seen = []
+    real = L04.loss_sums
+    monkeypatch.setattr(L04, "loss_sums", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    one_step_change(1, "fkl", dtype=torch.float32, train_dtype="bf16")
+    assert seen and all(t.dtype == torch.float32 for t in seen)
+    seqs, P, _ = mixed_samples(8)
+    x, _ = make_batch(seqs, prompt_lens=P)
+    teacher = other_teacher(torch.float32)
+    with autocast("cpu", "bf16"):
+        h = teacher.hidden(x)
+    want = F.linear(h.float(), teacher.lm_head.weight)
+    assert torch.equal(seen[0], want)
+    assert not torch.equal(seen[0], want.bfloat16().float())  # (bf16 rounding would show)
 
 
 def test_torchrun_on_policy_sums_the_step_tokens_over_processes(course_copy):
     """On-policy under torchrun: each process writes its own samples, whose lengths only it knows; the
     step's token count (the loss's denominator) is summed over both, so the log counts every token the
-    untrained student wrote (about the teacher's lengths: it rarely ends a text), not one process's half."""
+    untrained student wrote (about the teacher's lengths: it rarely ends a text), not one process's half;
+    so are the compute counts. With --kd rkl-sampled, whose logged loss is the reverse-KL estimate."""
     keep_train_samples(course_copy, 16, n_val=4)  # 2 processes x 2 micro-batches of 4
-    r = train(course_copy, "--kd", "rkl", "--on-policy", "1", "--epochs", "1", "--log-interval", "1", torchrun=True)
+    r = train(course_copy, "--kd", "rkl-sampled", "--on-policy", "1", "--epochs", "1", "--log-interval", "1",
+              torchrun=True)
     assert "student sampling" in r.stdout
     log = load_artifact(str(course_copy / "train_log.pt"), "train_log")
     gen = load_artifact(str(course_copy / "generated.pt"), "generated")
     teacher_tokens = sum(len(s) - P for s, P in zip(gen["train"], gen["train_prompt_lens"]))
     assert log["world"] == 2 and 0.75 * teacher_tokens < log["tokens"] <= teacher_tokens
+    prompts = sum(P - 1 for P in gen["train_prompt_lens"])
+    assert log["student_tokens"] == log["sampled_tokens"] == log["tokens"] + prompts
 
 
 def test_03_from_teacher_copies_every_other_block_and_the_embeddings(course_copy):
@@ -519,3 +584,23 @@ def test_04_starts_from_any_gpt_with_gpt2s_vocabulary_and_refuses_another(course
     r = run_py(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--init", str(course_copy / "other.pt")])
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "vocabulary of 1000 tokens" in r.stderr and "GPT-2's 50257" in r.stderr
+
+
+def test_a_steps_token_counts_split_own_and_teacher_text():
+    """tokens_of_step at --on-policy 0.5: a micro-batch the student wrote (shorter than the teacher's)
+    and one of the teacher's samples; the scored tokens of both, the positions the student trained on
+    (prompts after their first token, and every scored target), and those it ran while writing (only
+    its own micro-batch's)."""
+    from common.distributed import Processes
+    teacher = [torch.arange(10), torch.arange(8), torch.arange(12), torch.arange(6)]
+    P = [3, 2, 4, 1]
+    data = {"train": teacher, "train_prompt_lens": P}
+    own = [torch.arange(5), torch.arange(8)]  # the student's continuations of prompts 0 and 1
+    micro = [make_batch(own, prompt_lens=P[:2]) + [None], make_batch(teacher[2:], prompt_lens=P[2:]) + [None]]
+    chunks = [[([0, 1], True), ([2, 3], False)]]
+    procs = Processes(ddp=False, rank=0, world=1, device="cpu")
+    counts = L04.tokens_of_step(chunks, data, micro, 0.5, procs)
+    own_scored, teacher_scored = (5 - 3) + (8 - 2), (12 - 4) + (6 - 1)
+    assert counts == {"tokens": own_scored + teacher_scored,
+                      "student_tokens": own_scored + teacher_scored + (2 + 1) + (3 + 0),
+                      "sampled_tokens": own_scored + 2 + 1}
