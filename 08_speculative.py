@@ -15,7 +15,7 @@ tokens g, the lesson measures:
                     prediction tokens per call / (g c + 1), c = one draft step / one teacher step
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, generated.pt (and, where lesson 07 ran,
-        methods/<method>/student_last.pt: more drafts)
+        methods.pt and each method's student_last.pt: more drafts)
 Writes: artifacts/speculative.md, speculative.png, speculative.pt
 Run:    python 08_speculative.py         (add --preset tiny after the tiny course)
 """
@@ -137,13 +137,14 @@ def main():
 
 # --- the measurements ---
 def draft_files(out):
-    """The drafts: the untrained student, the course's student, and each of lesson 07's students."""
+    """The drafts: the untrained student, the course's student, and each of lesson 07's students
+    (its first seed at the rate it chose, as methods.pt lists them)."""
     files = {"student_init": f"{out}/student_init.pt", "student": f"{out}/student.pt"}
-    lab = f"{out}/methods"
-    if os.path.isdir(lab):
-        for name in sorted(os.listdir(lab)):
-            path = f"{lab}/{name}/student_last.pt"
-            if name != "start" and os.path.exists(path):
+    if os.path.exists(f"{out}/methods.pt"):
+        lab = load_artifact(f"{out}/methods.pt", "methods")
+        for name, row in lab["rows"].items():
+            path = f"{out}/{row['folders'][0]}/student_last.pt" if row.get("folders") else None
+            if path and os.path.exists(path):
                 files[f"07: {name}"] = path
     return files
 

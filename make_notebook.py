@@ -1,7 +1,8 @@
 """Assemble the six lessons into one Jupyter/Colab notebook, course.ipynb: for each lesson a
 markdown cell (its docstring) and a code cell (the lesson itself, unchanged), after a setup cell.
-Lessons 07 (the divergence lab, which trains seven students) and 08 (speculative decoding with
-the students as drafts) run after the course: paste them into cells, or run them from a shell.
+Lessons 07 (the divergence lab, which trains 46 students on the tiny preset) and 08 (speculative
+decoding with the students as drafts) run after the course: paste them into cells, or run them
+from a shell.
 
 Reads:  01_teacher.py ... 06_compare.py
 Writes: course.ipynb (or the path given)

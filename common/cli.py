@@ -122,3 +122,11 @@ def existing_path(text):
     if not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"{text} does not exist")
     return text
+
+
+def positive_floats(text):
+    """A comma-separated list of positive numbers ("1e-3,3e-3"), as a list of floats."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no number")
+    return [positive_float(t) for t in items]

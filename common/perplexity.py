@@ -42,11 +42,14 @@ def windows(n_tokens, block_size, stride=None):
     return out
 
 
-def logits_fp32(model, x):
+def logits_fp32(model, x, positions=None):
     """model(x)'s logits (B, T, vocab) in float32 whatever the autocast dtype: the transformer body
     may run in bf16/fp16, the output layer (and so every logit) is computed in float32 (in float64
-    for a float64 model: never less precise than the model)."""
+    for a float64 model: never less precise than the model). positions, a (B, T) bool mask: only
+    those positions' logits, (n, vocab) (the output layer is most of a small model's work)."""
     h = model.hidden(x)  # (B, T, C)
+    if positions is not None:
+        h = h[positions]  # (n, C)
     dtype = torch.promote_types(h.dtype, torch.float32)
     with torch.autocast(device_type=h.device.type, enabled=False):
         return F.linear(h.to(dtype), model.lm_head.weight.to(dtype))  # (B, T, vocab)

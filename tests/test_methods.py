@@ -1,41 +1,265 @@
-"""Lesson 07, the divergence lab, end to end on the tiny course (cut to a few steps)."""
-import matplotlib.image
+"""Lesson 07, the divergence lab: each measurement against an independent computation on small
+random models, then end to end on the tiny course (cut to a few steps)."""
+import math
 
-from common.artifacts import load_artifact
+import matplotlib.image
+import pytest
+import torch
+from torch.nn import functional as F
+
+from common.artifacts import load_artifact, load_model
+from common.distill import make_batch
+from common.model import GPT, GPTConfig
 from conftest import load_lesson, run_py
 from test_train import keep_train_samples
 
 LAB = load_lesson("07_methods.py")
+V = 50257  # the models must read GPT-2's tokens: 07 ends texts at <|endoftext|> (50256)
 
 
-def test_the_lab_trains_and_measures_every_method_and_a_second_run_keeps_them(course_copy):
-    keep_train_samples(course_copy, 16, n_val=4, n_test=6)  # 4 steps an epoch, 6 samples to measure on
+def model(seed, n_embd=16):
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=n_embd)).eval()
+    with torch.no_grad():
+        m.transformer.ln_f.weight.mul_(40)  # sharper distributions than at initialisation
+    return m
+
+
+def samples(seed=0, n=5):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 1000, (int(torch.randint(6, 12, (1,), generator=g)),), generator=g)
+            for _ in range(n)]
+    return seqs, [2, 3, 1, 4, 2][:n]
+
+
+def test_held_out_scores_are_the_nll_the_two_kls_and_the_acceptance():
+    """Against float64 formulas written here, position by position: per-sample sums of the NLL of
+    the teacher's token, KL(p||q), KL(q||p) (in that order: swapped columns fail) and sum min(p, q)."""
+    student, teacher = model(0), model(1)
+    seqs, P = samples()
+    sums, counts = LAB.held_out_scores(student, teacher, seqs, P, 2, "cpu", "fp32")
+    x, y = make_batch(seqs, prompt_lens=P)
+    with torch.no_grad():
+        log_q = torch.log_softmax(student(x)[0].double(), -1)
+        log_p = torch.log_softmax(teacher(x)[0].double(), -1)
+    scored = y != -100
+    nll = -log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    rkl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    acc = torch.minimum(log_p.exp(), log_q.exp()).sum(-1)
+    want = torch.stack([(v * scored).sum(-1) for v in (nll, fkl, rkl, acc)])
+    assert torch.equal(counts, scored.sum(-1))
+    assert torch.allclose(sums, want, rtol=1e-4)
+    assert (want[1] - want[2]).abs().max() > 0.05 and (acc[scored] < 0.99).all()
+
+
+def test_price_of_top_k_at_k_equal_to_the_vocabulary_is_the_exact_kl():
+    """With every token kept, the renormalised KL (at T = 1: a T = 2 one fails) and the rest-bucket
+    KL are the exact KL; the token groups add up to it, the top group brute-forced here."""
+    student, teacher = model(2), model(3)
+    seqs, P = samples(1, 3)
+    used = torch.zeros(V, dtype=torch.bool)
+    used[:500] = True
+    price = LAB.price_of_top_k(student, teacher, seqs, P, 2, "cpu", "fp32", used, ks=(8, V),
+                               group_k=8)
+    assert price["renorm"][V] == pytest.approx(price["exact"], rel=1e-4)
+    assert price["rest"][V] == pytest.approx(price["exact"], rel=1e-4)
+    assert price["rest"][8] <= price["exact"] + 1e-6
+    g = price["groups"]
+    assert g["top"] + g["used_rest"] + g["never"] == pytest.approx(price["exact"], rel=1e-9)
+    x, y = make_batch(seqs, prompt_lens=P)
+    with torch.no_grad():
+        log_q = torch.log_softmax(student(x)[0].double(), -1)[y != -100]
+        log_p = torch.log_softmax(teacher(x)[0].double(), -1)[y != -100]
+    top = log_p.topk(8, -1).indices
+    want_top = (log_p.exp().gather(-1, top) * (log_p.gather(-1, top) - log_q.gather(-1, top))).sum(-1)
+    assert g["top"] == pytest.approx(want_top.mean().item(), rel=1e-4)
+    never = ~used & ~torch.zeros_like(log_p, dtype=torch.bool).scatter(-1, top, True)  # (the top ones apart)
+    never_p = (log_p.exp() * never).sum(-1).mean().item()
+    assert g["p_never"] == pytest.approx(never_p, rel=1e-4) and never_p > 0.1
+
+
+def test_mean_and_spread_by_hand():
+    """Per-sample sums (3, 5, 10) over counts (1, 2, 4): mean 18/7; residuals s - mean * n; with
+    k = 3 samples the ratio estimator's standard error is sqrt(sum r^2 * k / (k - 1)) / sum n."""
+    sums, counts = torch.tensor([3.0, 5.0, 10.0]).double(), torch.tensor([1, 2, 4])
+    mean, two_se = LAB.mean_and_spread(sums, counts)
+    m = 18 / 7
+    r = [3 - m * 1, 5 - m * 2, 10 - m * 4]
+    assert mean == pytest.approx(m)
+    assert two_se == pytest.approx(2 * math.sqrt(sum(v * v for v in r) * 3 / 2) / 7)
+
+
+def test_own_text_is_drawn_at_temperature_1_untruncated(monkeypatch):
+    """Each model writes its own text from its real distribution: temperature 1, no top-k or top-p
+    (at T = 0.7 the teacher would grade a sharpened student), with the same seeded generator."""
+    calls = []
+    real = LAB.continue_each
+    monkeypatch.setattr(LAB, "continue_each", lambda *a, **k: calls.append(k) or real(*a, **k))
+    m = model(4, n_embd=8)
+    seqs, P = samples(5, 3)
+    first, _ = LAB.own_text(m, seqs, P, "cpu", 2)
+    again, _ = LAB.own_text(m, seqs, P, "cpu", 2)
+    assert calls and all(k.get("temperature") == 1.0 and k.get("top_k") is None and k.get("top_p") is None
+                         for k in calls)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_the_teacher_grades_the_students_own_text(monkeypatch):
+    """measure's own-text column: the teacher's perplexity on the text the student wrote (the
+    student grading itself fails), computed here from a plain forward pass."""
+    student, teacher = model(5), model(6)
+    seqs, P = samples(2, 4)
+    args = type("Args", (), {"batch_size": 2, "own_samples": 2})()
+    row = LAB.measure(student, teacher, seqs, P, args, "cpu", "fp32")
+    texts, PP = LAB.own_text(student, seqs, P, "cpu", 2)
+    nll, n = 0.0, 0
+    for t, p in zip(texts, PP):
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(t[None, :-1])[0][0].double(), -1)
+        nll -= lp[torch.arange(p - 1, len(t) - 1), t[p:]].sum().item()
+        n += len(t) - p
+    assert row["teacher_ppl_own"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert row["own_tokens"] == n
+
+
+def test_each_methods_val_objective_is_its_own_loss():
+    """seq: cross-entropy on the teacher's val text; fkl: the forward KL there; rkl+on-policy 1 and
+    rkl-sampled: the exact reverse KL on the student's own continuations; soft (rest bucket): the
+    K + 1 bucket KL mixed with cross-entropy. Each computed here in float64."""
+    student, teacher = model(7), model(8)
+    seqs, P = samples(3, 4)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, V, (len(s) - 1, 4), generator=g) for s in seqs]
+    data = {"val": seqs, "val_prompt_lens": P, "val_topk_ids": ids}
+    with torch.no_grad():
+        data["val_topk_logprobs"] = [torch.log_softmax(teacher(s[None, :-1])[0][0], -1).gather(-1, i).half()
+                                     for s, i in zip(seqs, ids)]
+    args = type("Args", (), {"batch_size": 3})()
+
+    def logprobs(text):
+        x, y = make_batch(text, prompt_lens=P)
+        with torch.no_grad():
+            return (torch.log_softmax(student(x)[0].double(), -1), torch.log_softmax(teacher(x)[0].double(), -1),
+                    y, y != -100)
+
+    log_q, log_p, y, scored = logprobs(seqs)
+    ce = -log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    objective = lambda name: LAB.val_objective(LAB.METHODS[name], student, teacher, data, args, "cpu", "fp32")  # noqa: E731
+    assert objective("seq") == pytest.approx(ce[scored].mean().item(), rel=1e-4)
+    assert objective("fkl") == pytest.approx(fkl[scored].mean().item(), rel=1e-4)
+    own, _ = LAB.own_text(student, seqs, P, "cpu", 1, seed=LAB.SAMPLE_SEED + 1)
+    log_q, log_p, _, scored = logprobs(own)
+    rkl = (log_q.exp() * (log_q - log_p)).sum(-1)[scored].mean().item()
+    assert objective("rkl+on-policy 1") == pytest.approx(rkl, rel=1e-4)
+    assert objective("rkl-sampled+on-policy 1") == pytest.approx(rkl, rel=1e-4)
+    _, _, ids_b, lps_b = make_batch(seqs, data["val_topk_ids"], data["val_topk_logprobs"])
+    log_q, _, y, scored = logprobs(seqs)
+    p_k = lps_b.double().exp()
+    q_k = log_q.exp().gather(-1, ids_b.long())
+    Pb = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
+    Qb = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    kl = (Pb * (Pb.log() - Qb.log())).sum(-1)
+    want = 0.5 * kl[scored].mean().item() + 0.5 * ce[scored].mean().item()
+    assert objective("soft (rest bucket)") == pytest.approx(want, rel=1e-4)
+
+
+def test_verdicts_claim_only_what_the_seeds_separate():
+    def row(lo, mean, hi):
+        keys = {k for k, _, _ in LAB.COLUMNS.values()}
+        return {"mean": dict.fromkeys(keys, mean), "min": dict.fromkeys(keys, lo), "max": dict.fromkeys(keys, hi)}
+    rows = {"seq": row(3.0, 3.1, 3.2), "fkl": row(3.3, 3.4, 3.5), "rkl": row(3.15, 3.5, 3.9)}
+    lines = LAB.verdicts(rows, 3)
+    ppl = next(ln for ln in lines if "ppl on teacher text" in ln)
+    assert "seq 3.10 (3.00–3.20), then fkl" in ppl and "within the seeds' spread of rkl;" in ppl
+    rows["rkl"] = row(3.25, 3.5, 3.9)
+    ppl = next(ln for ln in LAB.verdicts(rows, 3) if "ppl on teacher text" in ln)
+    assert ppl.endswith("apart from every other method over every seed.")
+    acc = next(ln for ln in LAB.verdicts(rows, 3) if "acceptance" in ln)
+    assert "(higher is better): rkl" in acc  # the highest mean wins where higher is better
+    assert all("one seed" in ln for ln in LAB.verdicts(rows, 1))
+
+
+def test_flops_by_hand():
+    """N for a 2-layer, 32-wide student of GPT-2's vocabulary: per block 12 d^2 + 13 d (the four
+    matrices, their biases, two LayerNorms), the final LayerNorm 2d, the output layer V d (tied:
+    once); the position table not counted. Then 6N per trained position, 2N per sampled one."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=V, n_layer=2, n_head=2, n_embd=32))
+    d = 32
+    N = 2 * (12 * d * d + 13 * d) + 2 * d + V * d
+    assert LAB.matmul_params(m) == N
+    log = {"student_tokens": 1000, "sampled_tokens": 300}
+    assert LAB.training_flops(log, N, 7, online=True) == (6 * N * 1000 + 2 * N * 300, 2 * 7 * 1000)
+    assert LAB.training_flops(log, N, 7, online=False)[1] == 0
+
+
+def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(course_copy):
+    """A few steps of every method at one rate and seed: every row and column, the compute from 04's
+    counts, the acceptance of one student against an independent computation. Then two methods with a
+    grid of two rates and two seeds: the runs already trained are kept, each method's chosen rate is
+    the best of its grid on its own objective, and the seeds spread."""
+    keep_train_samples(course_copy, 8, n_val=4, n_test=6)  # 2 steps an epoch, 6 samples to measure on
     flags = ["07_methods.py", "--preset", "tiny", "--out", str(course_copy), "--warm-epochs", "1", "--epochs", "1",
              "--own-samples", "1"]
-    r = run_py(flags)
+    r = run_py(flags + ["--lr-grid", "1e-2", "--seeds", "1"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md = (course_copy / "methods.md").read_text()
     for name in ["teacher (reference)", "start (1 epochs of seq)", *LAB.METHODS]:
         assert f"| {name} | " in md
+    for column in LAB.COLUMNS:
+        assert f" {column} |" in md and f"**{column}**" in md
+    assert "one seed, so no spread" in md
     for k in LAB.TOPK:
         assert f"| {k} | {6 * k} | " in md
     res = load_artifact(str(course_copy / "methods.pt"), "methods")
-    assert set(res["steps"]) == set(LAB.METHODS) and set(res["steps"].values()) == {4}
-    for name in LAB.METHODS:  # each method's own run, in its own folder, from the same start
-        log = load_artifact(str(course_copy / "methods" / name.replace(" ", "_") / "train_log.pt"), "train_log")
+    assert res["steps"] == 2
+    n_student = res["compute"]["student_N"]
+    for name in LAB.METHODS:
+        row = res["rows"][name]
+        log = load_artifact(str(course_copy / row["folders"][0] / "train_log.pt"), "train_log")
+        assert row["folders"][0] == f"methods/{name.replace(' ', '_')}/lr0.01-seed1337"
         assert log["settings"]["init"].endswith("methods/start/student_last.pt")
-        assert log["val"][-1][1] < log["val"][0][1]  # it learned something, whatever the divergence
-        assert res["rows"][name]["fkl"] > 0 and res["rows"][name]["rkl"] > 0
-    assert res["rows"]["teacher"]["fkl"] == 0
+        run = row["runs"][0]
+        assert run["student_flops"] == 6 * n_student * log["student_tokens"] + 2 * n_student * log["sampled_tokens"]
+        assert (log["sampled_tokens"] > 0) == ("on-policy" in name)
+        assert (run["teacher_flops"] > 0) == (name not in ("seq", "soft", "soft (rest bucket)"))
+    assert res["rows"]["teacher"]["mean"]["fkl"] == 0 and res["rows"]["teacher"]["mean"]["acceptance"] == pytest.approx(1, abs=1e-4)
+    # acceptance of one student: sum min(p, q) over the test positions, computed here
+    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    student, _ = load_model(str(course_copy / res["rows"]["tvd"]["folders"][0] / "student_last.pt"), "student")
+    teacher, _ = load_model(str(course_copy / "teacher.pt"), "teacher")
+    total, n = 0.0, 0
+    for s, P in zip(gen["test"], gen["test_prompt_lens"]):
+        with torch.no_grad():
+            p = F.softmax(teacher(s[None, :-1])[0][0].double(), -1)[P - 1:]
+            q = F.softmax(student(s[None, :-1])[0][0].double(), -1)[P - 1:]
+        total += torch.minimum(p, q).sum().item()
+        n += len(s) - P
+    assert res["rows"]["tvd"]["runs"][0]["acceptance"] == pytest.approx(total / n, rel=1e-4)
     price = res["price"]
     assert all(price["rest"][k] <= price["exact"] + 1e-4 for k in LAB.TOPK)  # merging tokens hides differences
+    assert price["never_zero"]  # the tiny teacher's never-used tokens have zero embeddings
     assert (course_copy / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     h, w, _ = matplotlib.image.imread(course_copy / "methods.png").shape
-    assert h > 300 and w > 600
-    again = run_py(flags[:-6] + ["--warm-epochs", "1", "--epochs", "1", "--own-samples", "1", "--methods", "seq,rkl"])
-    assert again.returncode == 0, again.stderr
-    assert "=== start: trained earlier" in again.stdout and "=== rkl: trained earlier" in again.stdout
-    assert "04_train.py" not in again.stdout
+    assert h > 300 and w > 1000
+
+    two = ["seq", "rkl-sampled+on-policy 1"]
+    again = run_py(flags + ["--lr-grid", "1e-3,1e-2", "--seeds", "2", "--methods", ",".join(two)])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "=== start: trained earlier" in again.stdout and "=== seq, lr 0.01, seed 1337: trained earlier" in again.stdout
+    res = load_artifact(str(course_copy / "methods.pt"), "methods")
+    assert set(res["rows"]) == {"teacher", "start", *two}
+    for name in two:
+        row = res["rows"][name]
+        assert set(row["grid"]) == {1e-3, 1e-2} and row["lr"] == min(row["grid"], key=row["grid"].get)
+        assert len(row["runs"]) == 2 and row["min"]["ppl"] < row["max"]["ppl"]  # two seeds, two students
+        for seed, folder in zip((1337, 1338), row["folders"]):
+            settings = load_artifact(str(course_copy / folder / "train_log.pt"), "train_log")["settings"]
+            assert settings["seed"] == seed and settings["lr"] == row["lr"]
+    assert "within the seeds' spread" in (course_copy / "methods.md").read_text() or "apart from every" in \
+        (course_copy / "methods.md").read_text()
 
 
 def test_the_lab_refuses_an_unknown_method_in_one_line(course_copy):
