@@ -456,7 +456,7 @@ def chart(rows, path):
     FLOPs). Each method's point is its mean over seeds, the bars its range."""
     names = [n for n in rows if n in METHODS]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colors = dict(zip(names, plt.get_cmap("tab10").colors))
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     for name, r in rows.items():
         m, lo, hi = r["mean"], r["min"], r["max"]
         style = (dict(marker="*", ms=14, color="black") if name == "teacher" else

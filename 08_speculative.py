@@ -264,7 +264,7 @@ def chart(rows, overlap, gs, path):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     names = list(dict.fromkeys(r["draft"] for r in rows))
-    colors = dict(zip(names, plt.get_cmap("tab10").colors))
+    colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # 11 drafts and more
     width = 0.8 / len(settings)
     for j, setting in enumerate(settings):
         ys = [i + j * width for i in range(len(names))]
