@@ -256,10 +256,10 @@ def tokens_of_step(step_chunks, data, micro, on_policy, procs):
         scored = sum(len(data["train"][k]) - P[k] for k in idx)
         return {"tokens": scored, "student_tokens": scored + sum(P[k] - 1 for k in idx),
                 "sampled_tokens": 0}
-    mine = [(int((y != -100).sum()) + sum(P[k] - 1 for k in ks), own)
+    mine = [(int((y != -100).sum()), sum(P[k] - 1 for k in ks), own)  # (scored, prompts, own?)
             for (ks, own), (_, y, _) in zip(step_chunks[procs.rank], micro)]
-    counts = [sum(int((y != -100).sum()) for _, y, _ in micro), sum(n for n, _ in mine),
-              sum(n for n, own in mine if own)]
+    counts = [sum(n for n, _, _ in mine), sum(n + p for n, p, _ in mine),
+              sum(n + p for n, p, own in mine if own)]
     return dict(zip(["tokens", "student_tokens", "sampled_tokens"],
                     map(int, distributed.all_sum(procs, counts))))
 

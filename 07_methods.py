@@ -541,7 +541,7 @@ def main():
         check_preset(load_artifact(f"{out}/{file}", kind), f"{out}/{file}", args.preset)
     data = load_artifact(f"{out}/generated.pt", "generated",
                          keys=("train", "val", "test", "test_prompt_lens", "val_prompt_lens"))
-    if any(METHODS[m][1] == "soft" for m in chosen) and not data.get("val_topk_ids"):
+    if any(options(METHODS[m])["--kd"] == "soft" for m in chosen) and not data.get("val_topk_ids"):
         raise LessonError("the soft methods need the teacher's top-K log-probs: run "
                           "02_generate.py with --topk-logits 32")
     test, test_P = data["test"], data["test_prompt_lens"]
@@ -568,10 +568,10 @@ def main():
     price["n_never"] = int((~used).sum())
 
     # --- the report ---
+    start_log = load_artifact(f"{out}/methods/start/train_log.pt", "train_log")
     compute = {"writing": writing_flops(data, matmul_params(teacher)),
                "student_N": matmul_params(first), "teacher_N": matmul_params(teacher),
-               "start": load_artifact(f"{out}/methods/start/train_log.pt", "train_log")}
-    compute["start_flops"] = training_flops(compute.pop("start"), compute["student_N"], 0, False)[0]
+               "start_flops": training_flops(start_log, matmul_params(first), 0, False)[0]}
     md = report_lines(args, rows, price, price_of, steps, len(test), enc.n_vocab, compute,
                       teacher_ckpt.get("source") or "see teacher.pt")
     save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "price": price,
