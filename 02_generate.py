@@ -365,4 +365,4 @@ def split_by_opening(kept, plan, args):
 
 
 if __name__ == "__main__":
-    run_lesson(main)
+    run_lesson(main, oom="a smaller --batch-size (texts generated at once)")

@@ -78,7 +78,8 @@ def get_args():
     flag("--dropout", type=cli.unit_float, default=0.0,
          help="dropout in the student while training")
     flag("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-         help="auto: bf16 on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPU")
+         help="auto: bf16 on GPUs with bf16 units (compute capability 8.0+), fp16 + GradScaler "
+              "on older ones (T4, V100), fp32 on the CPU")
     flag("--log-interval", type=cli.positive_int, default=10,
          help="optimizer steps between log lines")
     flag("--seed", type=int, default=1337, help="seed for the data order and dropout")
@@ -367,4 +368,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_lesson(main)
+    run_lesson(main, oom="a smaller --batch-size, a larger --grad-accum (the same effective batch)")

@@ -75,7 +75,8 @@ def perplexity_by_hand(model, tokens, prompt_len):
     common/perplexity.py does the same in batches, and with sliding windows for long texts."""
     logits = logits_fp32(model, tokens[None, :-1])[0]            # (T-1, vocab): each next guess
     log_probs = torch.log_softmax(logits, dim=-1)
-    nll = -log_probs[torch.arange(len(tokens) - 1), tokens[1:]]  # -log p(the token that came next)
+    rows = torch.arange(len(tokens) - 1, device=tokens.device)
+    nll = -log_probs[rows, tokens[1:]]                            # -log p(the token that came next)
     return math.exp(nll[prompt_len - 1:].mean().item())          # from the first sampled token on
 
 
@@ -265,4 +266,4 @@ def print_table(ppl, floor, agreement, kl):
 
 
 if __name__ == "__main__":
-    run_lesson(main)
+    run_lesson(main, oom="a smaller --batch-size (sequences measured at once)")

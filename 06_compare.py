@@ -334,4 +334,4 @@ def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pai
 
 
 if __name__ == "__main__":
-    run_lesson(main)
+    run_lesson(main, oom="a smaller --max-new-tokens")

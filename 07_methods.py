@@ -755,4 +755,4 @@ def price_lines(price, price_of, n_vocab, preset):
 
 
 if __name__ == "__main__":
-    run_lesson(main)
+    run_lesson(main, oom="a smaller --batch-size (sequences measured at once)")

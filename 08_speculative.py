@@ -302,4 +302,4 @@ def chart(rows, overlap, gs, path):
 
 
 if __name__ == "__main__":
-    run_lesson(main)
+    run_lesson(main, oom="a smaller --new-tokens")

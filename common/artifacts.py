@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from common.cli import preset_advice
+from common.errors import LessonError
 from common.model import GPT, GPTConfig
 
 # kind -> (what it is, in words; the lesson that writes it)
@@ -32,17 +33,17 @@ KINDS = {
 MODEL_KINDS = ("teacher", "student_init", "student")
 
 
-class LessonError(Exception):
-    """A problem the learner can fix (a missing file, a bad flag): one line, no traceback."""
-
-
-def run_lesson(main):
-    """Run a lesson's main(); LessonError and Ctrl-C become a one-line message and an exit code."""
+def run_lesson(main, oom="a smaller --batch-size"):
+    """Run a lesson's main(); LessonError, a GPU out of memory and Ctrl-C become a one-line message
+    and an exit code. oom: what to lower in this lesson when the GPU runs out of memory."""
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, one process speaks for all
     code = 0
     try:
         main()
-    except LessonError as e:
+    except (LessonError, torch.cuda.OutOfMemoryError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            e = (f"the GPU ran out of memory: try {oom}, and close other programs on the GPU (in "
+                 f"a notebook, restart the runtime); files already written are kept")
         if not quiet:
             print(f"error: {e}", file=sys.stderr)
         code = 1

@@ -39,11 +39,11 @@ def start():
     processes), else run alone on the best device. In the spirit of nanochat's compute_init()."""
     if "RANK" not in os.environ:
         return Processes(ddp=False, rank=0, world=1, device=get_device())
-    cuda = torch.cuda.is_available()
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    cuda = get_device() == "cuda"  # (a GPU this torch cannot run is refused here)
     device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu"
-    if cuda:
+    if cuda:  # before the process group: NCCL then binds each process to its own GPU
         torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Processes(ddp=True, rank=dist.get_rank(), world=dist.get_world_size(), device=device)
 
 

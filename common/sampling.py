@@ -21,8 +21,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         # random number per entry: over 50,257 entries it is ~40x slower on a CPU.) float64, so that
         # a token of probability 1e-12 still moves the running sum.
         cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)  # (B, vocab)
-        u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device,
-                       dtype=torch.float64) * cdf[:, -1:]
+        u = uniform((cdf.size(0), 1), generator, cdf.device) * cdf[:, -1:]
         return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.size(-1) - 1)
     if top_k is not None:
         cand, cand_ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k), sorted
@@ -35,8 +34,18 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         # always stays). multinomial re-normalises what is left.
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into the candidates
+    # (B, 1) index into the candidates, drawn where the generator lives (CUDA refuses a CPU
+    # generator for GPU tensors, and the reverse)
+    at = generator.device if generator is not None else probs.device
+    choice = torch.multinomial(probs.to(at), 1, generator=generator).to(probs.device)
     return cand_ids.gather(-1, choice).squeeze(1)
+
+
+def uniform(shape, generator, device):
+    """Uniform numbers in [0, 1) (float64) on `device`, drawn with `generator` on its own device: a
+    CPU generator then gives the same numbers whether the model runs on a CPU or a GPU."""
+    at = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=at, dtype=torch.float64).to(device)
 
 
 def linear_weights_in_rows_first_layout(model):

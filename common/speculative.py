@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from common.model import KVCache
+from common.sampling import uniform
 
 
 def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
@@ -46,7 +47,7 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
 def draw(probs, generator=None):
     """One token from probs (V,), by inverting the cumulative distribution (float64)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[-1]
+    u = uniform(1, generator, probs.device) * cdf[-1]
     return int(torch.searchsorted(cdf, u).clamp(max=len(probs) - 1))
 
 
@@ -123,7 +124,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, draft_tokens=4, 
             if greedy:
                 keep = int(p[i].argmax()) == x
             else:
-                u = float(torch.rand(1, generator=generator, dtype=torch.float64))
+                u = float(uniform(1, generator, "cpu"))
                 keep = u < min(1.0, float(p[i][x] / q[i][x]))
             stats["trials"].append((keep, overlap))
             if not keep:
