@@ -67,6 +67,9 @@ def main():
         peak = next((v.get(log["dtype"]) for k, v in PEAKS.items() if k in torch.cuda.get_device_name()), None)
         if peak:
             print(f"training MFU: {flops / log['wall_time'] / 1e12 / peak:.1%} of {peak} TFLOP/s ({log['dtype']})")
+    state_mb = os.path.getsize(f"{out}/train_state.pt") / 1e6
+    print(f"04's saves: train_state.pt {state_mb:,.0f} MB, written {len(log['val']) - 1} times (each epoch end) in "
+          f"{log.get('save_seconds', 0):.1f}s of the {log['wall_time']:.1f}s of training")
     print(f"whole course (02-06): {sum(times.values()):.1f}s")
 
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.artifacts import LessonError, load_artifact, model_checkpoint, save_artifact
+from common.artifacts import (
+    LessonError,
+    load_artifact,
+    model_checkpoint,
+    save_artifact,
+    state_snapshot,
+)
 from common.distributed import gather_rng_states, set_rng_state
 from common.progress import fmt_time
 
@@ -82,13 +88,18 @@ def changed_settings(saved, settings, saved_world, world):
 def save(path, procs, state, model, optimizer, scaler, **meta):
     """Write train_state.pt (every process calls this: each gives its random-number state; rank 0
     writes). meta: total_steps, config, settings."""
-    rng = gather_rng_states(procs)
+    t0, rng = time.time(), gather_rng_states(procs)
+    best = state.best
+    if best is not None and best["step"] == state.step:  # the best IS the current weights: once
+        best = {**best, "model": None}  # (the student's weights are a quarter of the file)
     if procs.master:
         save_artifact({"kind": "train_state", "model": model.state_dict(),
                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                       "step": state.step, "best_val": state.best_val, "best": state.best,
+                       "step": state.step, "best_val": state.best_val, "best": best,
                        "history": state.history, "rng": rng, "world": procs.world,
                        "wall_time": state.wall_time(), **meta}, path)
+    h = state.history  # what saving costs (bench/course_speed.py prints it)
+    h["save_seconds"] = h.get("save_seconds", 0.0) + time.time() - t0
 
 
 def save_results(out, state, model, args, dtype, procs, steps_per_epoch, steps_this_run):
@@ -134,7 +145,10 @@ def load(path, procs, model, optimizer, scaler, settings, config, init_path):
     optimizer.load_state_dict(st["optimizer"])
     scaler.load_state_dict(st["scaler"])
     set_rng_state(st["rng"][procs.rank], procs.device)
-    return TrainState(step=st["step"], best_val=st["best_val"], best=st.get("best"),
+    best = st.get("best")
+    if best is not None and best["model"] is None:  # saved as the weights of the saved step
+        best = {**best, "model": state_snapshot(model)}
+    return TrainState(step=st["step"], best_val=st["best_val"], best=best,
                       history=st["history"], wall_before=st.get("wall_time", 0.0))
 
 

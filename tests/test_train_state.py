@@ -63,6 +63,54 @@ def test_save_then_load_gives_back_the_weights_optimizer_and_history(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
 
 
+def test_an_fp16_gradscalers_scale_and_growth_tracker_come_back(tmp_path):
+    """An enabled scaler with a non-default scale and growth tracker (what fp16 training on a T4
+    leaves in it) through a save and a load: a resumed run must skip and grow as the first would."""
+    model, optimizer, _ = parts()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    for overflow in (False, True, False):  # one growth step counted, one overflow halves the scale
+        loss = model(torch.arange(8)[None] % 16, torch.arange(1, 9)[None] % 16)[1]
+        scaler.scale(loss * (float("inf") if overflow else 1.0)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert scaler.get_scale() == 2.0**9 and scaler._get_growth_tracker() == 1
+    procs = Processes(ddp=False, rank=0, world=1, device="cpu")
+    path = str(tmp_path / "train_state.pt")
+    train_state.save(path, procs, train_state.TrainState(step=3), model, optimizer, scaler,
+                     total_steps=9, config={"n_layer": 1}, settings=SETTINGS)
+    fresh, fresh_opt, _ = parts(seed=1)
+    fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    train_state.load(path, procs, fresh, fresh_opt, fresh_scaler, SETTINGS, {"n_layer": 1}, "x")
+    assert fresh_scaler.get_scale() == 2.0**9 and fresh_scaler._get_growth_tracker() == 1
+    assert fresh_scaler.state_dict() == scaler.state_dict()
+
+
+def test_the_best_weights_are_written_once_when_they_are_the_current_ones(tmp_path):
+    """At an epoch end with a new best, the best IS the current student: train_state.pt holds it once
+    (its size drops by the weights) and a load gives it back exactly; a best from an earlier step is
+    stored whole."""
+    from common.artifacts import model_checkpoint
+    model, optimizer, scaler = parts()
+    one_step(model, optimizer)
+    procs = Processes(ddp=False, rank=0, world=1, device="cpu")
+    sizes = {}
+    for best_step in (2, 3):  # the state is at step 3
+        state = train_state.TrainState(step=3, best_val=1.5)
+        state.best = model_checkpoint(model, "student", val_loss=1.5, step=best_step, preset="tiny")
+        path = str(tmp_path / f"best_at_{best_step}.pt")
+        train_state.save(path, procs, state, model, optimizer, scaler, total_steps=9,
+                         config={"n_layer": 1}, settings=SETTINGS)
+        sizes[best_step] = os.path.getsize(path)
+        fresh, fresh_opt, _ = parts(seed=1)
+        back = train_state.load(path, procs, fresh, fresh_opt, scaler, SETTINGS, {"n_layer": 1}, "x")
+        assert back.best["step"] == best_step and back.best["val_loss"] == 1.5
+        assert back.best["model"].keys() == state.best["model"].keys()
+        assert all(torch.equal(back.best["model"][k], v) for k, v in state.best["model"].items())
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert sizes[2] - sizes[3] >= 0.9 * weights
+
+
 def test_a_changed_flag_is_refused_naming_it_and_its_saved_value(tmp_path):
     path, _, _ = saved_state(tmp_path)
     procs = Processes(ddp=False, rank=0, world=1, device="cpu")
