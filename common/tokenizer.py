@@ -2,7 +2,9 @@
 
 tiktoken.get_encoding("gpt2") would download the vocabulary the first time; we build the same
 Encoding from common/gpt2.tiktoken (OpenAI's GPT-2 byte-pair ranks, MIT licence), so the course
-tokenizes without a network.
+tokenizes without a network. Without that file (course.ipynb uploaded alone to Colab), tiktoken's
+r50k_base gives the same ranks: its file is byte-identical to ours (sha256 306cd27f...dd930),
+downloaded once and cached.
 """
 import base64
 import functools
@@ -20,6 +22,8 @@ PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$
 
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
+    if not os.path.exists(RANKS_FILE):  # the notebook alone: the same ranks, through tiktoken
+        return tiktoken.get_encoding("r50k_base")
     ranks = {}
     with open(RANKS_FILE, "rb") as f:
         for line in f:  # each line: base64 of a byte string, then its rank (= token id)

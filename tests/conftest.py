@@ -56,17 +56,31 @@ def ours_from_hf(ref):
     return m.eval()
 
 
-def run_notebook(nb, env, timeout=900, allow_errors=False):
+def run_notebook(nb, env, timeout=900, allow_errors=False, folder=ROOT):
     """Execute a notebook's cells in order in a fresh headless Jupyter kernel (nbclient + ipykernel),
-    started in the repository folder as on Colab; the outputs are written into nb. A failing cell
-    raises nbclient's CellExecutionError unless allow_errors."""
+    started in `folder` (the repository, or a folder the notebook was uploaded to alone, as on
+    Colab); the outputs are written into nb. A failing cell raises nbclient's CellExecutionError
+    unless allow_errors."""
     import nbclient
     e = {k: v for k, v in os.environ.items() if k not in ("KD_PRESET", "KD_OUT")}
     e.update(PYTHONUNBUFFERED="1", **env)
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
-                                     resources={"metadata": {"path": ROOT}})
+                                     resources={"metadata": {"path": str(folder)}})
     client.execute(env=e)
     return nb
+
+
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+
+
+def tiktoken_cache(folder):
+    """A tiktoken cache holding r50k_base's ranks, as tiktoken leaves it after its one download: the
+    file named by the sha1 of its URL, filled from common/gpt2.tiktoken (the same bytes)."""
+    import hashlib
+    os.makedirs(folder, exist_ok=True)
+    shutil.copyfile(os.path.join(ROOT, "common", "gpt2.tiktoken"),
+                    os.path.join(folder, hashlib.sha1(R50K_URL.encode()).hexdigest()))
+    return str(folder)
 
 
 def cell_text(cell):
@@ -76,17 +90,21 @@ def cell_text(cell):
 
 @pytest.fixture(scope="session")
 def course(tmp_path_factory):
-    """The whole tiny course, run once, the way a learner runs it in Colab: course.ipynb (made by
-    make_notebook.py) executed top to bottom in a headless kernel started with KD_PRESET=tiny. Returns
-    the artifacts folder, everything the cells printed, and the executed notebook."""
+    """The whole tiny course, run once, the way a learner runs it in Colab: the committed
+    course.ipynb, alone in an empty folder (it writes common/ itself; the tokenizer's ranks come
+    from tiktoken's cache, as after its one download), executed top to bottom in a headless kernel
+    started with KD_PRESET=tiny. Returns the artifacts folder, everything the cells printed, the
+    executed notebook (its folder is the artifacts folder's parent)."""
     import nbclient
     import nbformat
-    out = tmp_path_factory.mktemp("course")
-    path = tmp_path_factory.mktemp("notebook") / "course.ipynb"
-    subprocess.run([sys.executable, "make_notebook.py", str(path)], cwd=ROOT, check=True, capture_output=True)
-    nb = nbformat.read(path, as_version=4)
+    folder = tmp_path_factory.mktemp("colab")
+    out = folder / "artifacts"
+    shutil.copyfile(os.path.join(ROOT, "course.ipynb"), folder / "course.ipynb")
+    nb = nbformat.read(folder / "course.ipynb", as_version=4)
+    env = {"KD_PRESET": "tiny", "KD_OUT": str(out), "KD_CACHE": str(folder / "cache"),
+           "TIKTOKEN_CACHE_DIR": tiktoken_cache(folder / "tiktoken")}
     try:
-        run_notebook(nb, {"KD_PRESET": "tiny", "KD_OUT": str(out), "KD_CACHE": str(out / "cache")})
+        run_notebook(nb, env, folder=folder)
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"a cell of course.ipynb failed: {str(e)[-3000:]}")
     return out, "".join(cell_text(c) for c in nb.cells if c.cell_type == "code"), nb

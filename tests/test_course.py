@@ -18,12 +18,17 @@ CHAIN = [("teacher.pt", "teacher"), ("generated.pt", "generated"), ("student_ini
          ("student.pt", "student"), ("train_log.pt", "train_log"), ("eval.pt", "eval")]
 
 
-def test_the_notebook_runs_every_cell_shows_its_charts_and_builds_the_whole_chain(course):
+def test_the_notebook_alone_runs_every_cell_shows_its_charts_and_builds_the_whole_chain(course):
+    """course.ipynb uploaded alone (an empty folder, no network): it writes common/ itself, takes the
+    tokenizer's ranks from tiktoken, and runs the whole tiny course."""
     out, stdout, nb = course
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert len(code) == 1 + len(LESSONS)
+    shared = sorted(f for f in os.listdir(os.path.join(ROOT, "common")) if f.endswith(".py"))
+    assert sorted(os.listdir(out.parent / "common")) == shared  # every module, gpt2.tiktoken not
+    assert len(code) == 1 + (len(shared) - 1) + 1 + len(LESSONS)  # magic, files, setup, lessons
     assert all(c.execution_count for c in code) and not any(o.output_type == "error" for c in code for o in c.outputs)
-    assert "preset: tiny" in cell_text(code[0])  # the kernel's KD_PRESET kept by the setup cell
+    setup = cell_text(code[len(shared)])  # the kernel's KD_PRESET kept; where it will train, and how
+    assert "preset: tiny" in setup and "device: cpu | trains in fp32" in setup, setup
     images = [o for o in code[-1].outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(images) == 3  # 06's three charts, shown under its cell
     for file, kind in CHAIN:
@@ -42,6 +47,37 @@ def test_the_notebook_runs_every_cell_shows_its_charts_and_builds_the_whole_chai
         for seq, ids, lps in zip(gen[split], gen[f"{split}_topk_ids"], gen[f"{split}_topk_logprobs"]):
             assert ids.shape == lps.shape == (len(seq) - 1, 32) and seq[0] == 50256
             assert str(ids.dtype) == "torch.int32" and str(lps.dtype) == "torch.float16"
+
+
+def test_the_committed_notebook_is_make_notebooks_output(tmp_path):
+    r = run_py(["make_notebook.py", str(tmp_path / "course.ipynb")])
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(ROOT, "course.ipynb"), encoding="utf-8") as f:
+        committed = f.read()
+    assert (tmp_path / "course.ipynb").read_text(encoding="utf-8") == committed, \
+        "course.ipynb is out of date: run python make_notebook.py"
+
+
+def test_the_notebooks_shared_code_cells_overwrite_nothing_in_a_course_folder(tmp_path):
+    """Run where common/ exists (the repository), the shared-code cells leave its files as they are,
+    say which differ from the notebook's copy, and write only what is missing."""
+    import nbformat
+    nb = nbformat.read(os.path.join(ROOT, "course.ipynb"), as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    shared = [c for c in cells if c.source.startswith("%%shared_file ")]
+    os.makedirs(tmp_path / "common")
+    (tmp_path / "common" / "model.py").write_text("# this folder's own model\n")
+    (tmp_path / "common" / "cli.py").write_text(open(os.path.join(ROOT, "common", "cli.py")).read())
+    nb.cells = [cells[0], *shared]
+    run_notebook(nb, {}, folder=tmp_path)
+    assert (tmp_path / "common" / "model.py").read_text() == "# this folder's own model\n"
+    printed = "".join(cell_text(c) for c in nb.cells)
+    assert printed.strip() == "common/model.py differs from this notebook's copy: the folder's own is used"
+    for c in shared[:3]:
+        path = c.source.splitlines()[0].split()[1]
+        if path != "common/model.py":
+            assert (tmp_path / path).read_text() == open(os.path.join(ROOT, path)).read()
+    assert (tmp_path / "common" / "__init__.py").exists()
 
 
 def test_a_preset_changed_between_cells_takes_effect_at_once(course_copy):
@@ -157,9 +193,15 @@ def test_make_notebook_holds_every_lesson_unchanged(tmp_path):
     nb = json.loads((tmp_path / "course.ipynb").read_text())
     assert nb["nbformat"] == 4
     code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    assert code[1:] == [open(f"{ROOT}/{lesson}", encoding="utf-8").read() for lesson in LESSONS]
+    assert code[-len(LESSONS):] == [open(f"{ROOT}/{lesson}", encoding="utf-8").read() for lesson in LESSONS]
+    shared = [c for c in code if c.startswith("%%shared_file ")]
+    for c in shared:  # each of common/'s files, unchanged after its magic line
+        path, text = c.split("\n", 1)
+        assert text == open(f"{ROOT}/{path.split()[1]}", encoding="utf-8").read()
+    assert len(shared) == len([f for f in os.listdir(f"{ROOT}/common") if f.endswith(".py")]) - 1
     markdown = [c for c in nb["cells"] if c["cell_type"] == "markdown"]
-    assert len(markdown) == 1 + len(LESSONS) and markdown[1]["source"][0].startswith("## Lesson 01")
+    lessons = [m for m in markdown if m["source"][0].startswith("## Lesson")]
+    assert len(lessons) == len(LESSONS) and lessons[0]["source"][0].startswith("## Lesson 01")
 
 
 @pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py", "08_speculative.py"])

@@ -33,3 +33,23 @@ def test_ranks_file_is_the_published_one():
     with open(RANKS_FILE, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == \
             "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+def test_without_the_ranks_file_tiktokens_r50k_base_gives_the_same_tokenizer(tmp_path, monkeypatch):
+    """course.ipynb uploaded alone has no common/gpt2.tiktoken: tiktoken's r50k_base (from its cache,
+    as after its one download; filled here from our file, the same bytes) must tokenize alike."""
+    from common import tokenizer
+    from conftest import tiktoken_cache
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", tiktoken_cache(tmp_path / "cache"))
+    ours = tokenizer.get_tokenizer()
+    monkeypatch.setattr(tokenizer, "RANKS_FILE", str(tmp_path / "absent.tiktoken"))
+    tokenizer.get_tokenizer.cache_clear()
+    try:
+        theirs = tokenizer.get_tokenizer()
+    finally:
+        tokenizer.get_tokenizer.cache_clear()
+    assert theirs.name == "r50k_base" and theirs is not ours
+    assert theirs._mergeable_ranks == ours._mergeable_ranks and theirs._pat_str == ours._pat_str
+    assert theirs._special_tokens == ours._special_tokens and theirs.n_vocab == ours.n_vocab == 50257
+    text = "Hello world! <|endoftext|> It's 2024: naïve café, 3.14159 ...\n\n  indented"
+    assert theirs.encode(text, allowed_special="all") == ours.encode(text, allowed_special="all")
