@@ -182,8 +182,11 @@ def test_sampled_rkl_gradient_is_the_reverse_kls_in_expectation():
     token_divergence(s_ex, t, "rkl").sum().backward()
     assert (s_ex.grad.abs() > 0.05).any()
     assert ((mc - s_ex.grad).abs() <= 4 * se + 1e-6).all(), (mc, s_ex.grad, se)
-    # the value is the surrogate: reward * log q(y)
-    assert sampled_rkl(s, teacher_token_logprobs[0], tokens[0]).dtype == torch.float32
+    # the value is the surrogate, (log q(y) - log p(y)) * log q(y), per position, in float32
+    value = sampled_rkl(s, teacher_token_logprobs[0], tokens[0])
+    lq = log_q.gather(-1, tokens[0][:, None])[:, 0]
+    assert value.dtype == torch.float32 and value.shape == (L,)
+    assert torch.allclose(value, (lq - teacher_token_logprobs[0]) * lq, rtol=1e-6)
 
 
 def test_distinct_2_counts_distinct_pairs_in_the_sampled_part():

@@ -176,6 +176,14 @@ def test_verdicts_claim_only_what_the_seeds_separate():
     rows["rkl"] = row(3.25, 3.5, 3.9)
     ppl = next(ln for ln in LAB.verdicts(rows, 3) if "ppl on teacher text" in ln)
     assert ppl.endswith("apart from every other method over every seed.")
+    # the runner-up within the best's range, the third apart from it: the runner-up is named
+    rows = {"seq": row(3.0, 3.1, 3.2), "fkl": row(3.1, 3.3, 3.6), "rkl": row(3.3, 3.4, 3.5)}
+    ppl = next(ln for ln in LAB.verdicts(rows, 3) if "ppl on teacher text" in ln)
+    assert ppl.endswith("within the seeds' spread of fkl; not a difference at 3 seeds."), ppl
+    rows["rkl"] = row(3.25, 3.5, 3.9)  # apart from the best again; then only the runner-up is tied
+    rows["fkl"] = row(3.0, 3.3, 3.6)
+    ppl = next(ln for ln in LAB.verdicts(rows, 3) if "ppl on teacher text" in ln)
+    assert ppl.endswith("within the seeds' spread of fkl; not a difference at 3 seeds."), ppl
     acc = next(ln for ln in LAB.verdicts(rows, 3) if "acceptance" in ln)
     assert "(higher is better): rkl" in acc  # the highest mean wins where higher is better
     assert all("one seed" in ln for ln in LAB.verdicts(rows, 1))
@@ -193,6 +201,12 @@ def test_flops_by_hand():
     log = {"student_tokens": 1000, "sampled_tokens": 300}
     assert LAB.training_flops(log, N, 7, online=True) == (6 * N * 1000 + 2 * N * 300, 2 * 7 * 1000)
     assert LAB.training_flops(log, N, 7, online=False)[1] == 0
+    # 02's writing: 2N per position of each kept sample, twice where it stored top-K (one more pass)
+    data = {"train": [torch.zeros(10), torch.zeros(4)], "val": [torch.zeros(6)], "test": [torch.zeros(3)]}
+    positions = 9 + 3 + 5 + 2
+    assert LAB.writing_flops(data, 7) == 2 * 7 * positions
+    data["train_topk_ids"] = [torch.zeros(9, 4), torch.zeros(3, 4)]
+    assert LAB.writing_flops(data, 7) == 2 * 2 * 7 * positions
 
 
 def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(course_copy):
@@ -225,9 +239,14 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(cours
         assert run["student_flops"] == 6 * n_student * log["student_tokens"] + 2 * n_student * log["sampled_tokens"]
         assert (log["sampled_tokens"] > 0) == ("on-policy" in name)
         assert (run["teacher_flops"] > 0) == (name not in ("seq", "soft", "soft (rest bucket)"))
+    # the compute every method shares: the start (seq, 6N per position) and 02's writing, by hand
+    start = load_artifact(str(course_copy / "methods" / "start" / "train_log.pt"), "train_log")
+    assert start["sampled_tokens"] == 0 and res["compute"]["start_flops"] == 6 * n_student * start["student_tokens"]
+    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    positions = sum(len(x) - 1 for split in ("train", "val", "test") for x in gen[split])
+    assert res["compute"]["writing"] == 2 * 2 * res["compute"]["teacher_N"] * positions  # with its top-K pass
     assert res["rows"]["teacher"]["mean"]["fkl"] == 0 and res["rows"]["teacher"]["mean"]["acceptance"] == pytest.approx(1, abs=1e-4)
     # acceptance of one student: sum min(p, q) over the test positions, computed here
-    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
     student, _ = load_model(str(course_copy / res["rows"]["tvd"]["folders"][0] / "student_last.pt"), "student")
     teacher, _ = load_model(str(course_copy / "teacher.pt"), "teacher")
     total, n = 0.0, 0
@@ -262,8 +281,17 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(cours
         for seed, folder in zip((1337, 1338), row["folders"]):
             settings = load_artifact(str(course_copy / folder / "train_log.pt"), "train_log")["settings"]
             assert settings["seed"] == seed and settings["lr"] == row["lr"]
-    assert "within the seeds' spread" in (course_copy / "methods.md").read_text() or "apart from every" in \
-        (course_copy / "methods.md").read_text()
+    # each column's verdict, worked out here from the two methods' seed ranges
+    md = (course_copy / "methods.md").read_text()
+    for column, (key, _, better) in LAB.COLUMNS.items():
+        sign = 1 if better == "lower" else -1
+        best, other = sorted(two, key=lambda n: sign * res["rows"][n]["mean"][key])
+        b, o = res["rows"][best], res["rows"][other]
+        overlap = o["min"][key] <= b["max"][key] and o["max"][key] >= b["min"][key]
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"- **{column}**"))
+        assert f"better): {best} " in line
+        assert line.endswith(f"within the seeds' spread of {other}; not a difference at 2 seeds." if overlap
+                             else "apart from every other method over every seed."), line
 
 
 def test_the_lab_refuses_an_unknown_method_in_one_line(course_copy):

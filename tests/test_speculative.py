@@ -44,12 +44,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def exact_two_tokens(target, temperature, top_k):
+def exact_two_tokens(target, temperature, top_k, top_p=None):
     """The target's exact distribution of its first two new tokens, enumerated: (V, V)."""
     with torch.no_grad():
-        p1 = sampling_probs(target(PROMPT[None])[0][0, -1], temperature, top_k)
+        p1 = sampling_probs(target(PROMPT[None])[0][0, -1], temperature, top_k, top_p)
         rows = [sampling_probs(target(torch.cat([PROMPT, torch.tensor([a])])[None])[0][0, -1],
-                               temperature, top_k) for a in range(V)]
+                               temperature, top_k, top_p) for a in range(V)]
     return p1[:, None] * torch.stack(rows)
 
 
@@ -68,32 +68,34 @@ def chi_square_ok(counts, probs, alpha_z=3.29):
     return stat < crit, stat, crit
 
 
-def empirical_two_tokens(target, draft, runs, draft_tokens, temperature, top_k):
+def empirical_two_tokens(target, draft, runs, draft_tokens, temperature, top_k, top_p=None):
     counts = torch.zeros(V, V, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     accepted = proposed = 0
     for _ in range(runs):
         new, stats = speculative_generate(target, draft, PROMPT, 2, draft_tokens, temperature,
-                                          top_k=top_k, generator=g)
+                                          top_k=top_k, top_p=top_p, generator=g)
         counts[new[0], new[1]] += 1
         accepted, proposed = accepted + stats["accepted"], proposed + stats["proposed"]
     return counts, accepted / proposed
 
 
-@pytest.mark.parametrize("draft_kind, temperature, top_k, draft_tokens", [
-    ("far", 1.0, None, 1),   # every rejection path: residual, then a second round
-    ("far", 0.7, 3, 2),      # both proposals in one round, the bonus token when both pass
+@pytest.mark.parametrize("draft_kind, temperature, top_k, draft_tokens, top_p", [
+    ("far", 1.0, None, 1, None),   # every rejection path: residual, then a second round
+    ("far", 0.7, 3, 2, None),      # both proposals in one round, the bonus token when both pass
     # overlapping top-k sets: a q taken before top-k shows here (off by TVD 0.097 on the first
     # token, worked out exactly; with top-k 3 it would be 0.019, too little for 2,000 runs to see)
-    ("close", 0.7, 2, 1),
+    ("close", 0.7, 2, 1, None),
+    ("far", 1.0, None, 2, 0.6),    # top-p: p and q must be the nucleus each side samples from
 ])
 def test_the_output_is_exactly_the_targets_distribution(draft_kind, temperature, top_k,
-                                                        draft_tokens):
+                                                        draft_tokens, top_p):
     target = tiny_gpt(0)
     draft = tiny_gpt(1) if draft_kind == "far" else near(target, 0.15)
-    counts, acceptance = empirical_two_tokens(target, draft, 2000, draft_tokens, temperature, top_k)
+    counts, acceptance = empirical_two_tokens(target, draft, 2000, draft_tokens, temperature, top_k,
+                                              top_p)
     ok, stat, crit = chi_square_ok(counts.flatten(), exact_two_tokens(target, temperature,
-                                                                      top_k).flatten())
+                                                                      top_k, top_p).flatten())
     assert ok, (stat, crit)
     assert 0.05 < acceptance < 0.98  # proposals were both kept and rejected: every path ran
 
@@ -145,6 +147,63 @@ def test_rolled_back_caches_give_the_logits_of_a_full_forward_pass():
         want = model(torch.tensor([[1, 2, 3, 7, 0]]))[0][0, 3:].float()
     assert torch.allclose(got, want, atol=1e-6)
     assert cached.cache.pos == 5 and cached.calls == 2
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, g", [(1.0, None, None, 2), (0.8, 5, 0.9, 3),
+                                                      (1.0, None, 0.7, 4)])
+def test_every_trials_overlap_is_min_p_q_of_fresh_forward_passes(temperature, top_k, top_p, g):
+    """Each proposal's sum_x min(p, q), recomputed from full forward passes of both models over the
+    tokens before it (after temperature, top-k and top-p): over many rounds, rounds where every
+    proposal was kept among them. A draft cache that claims a position it never computed (after a
+    round kept whole), or p and q taken without the sampler's settings, shows here."""
+    target, draft = tiny_gpt(0), near(tiny_gpt(0), 0.05)
+    gen, all_kept = torch.Generator().manual_seed(5), 0
+    for _ in range(6):
+        new, stats = speculative_generate(target, draft, PROMPT, 12, g, temperature, top_k, top_p,
+                                          generator=gen)
+        tokens, trials, n = PROMPT.tolist(), iter(stats["trials"]), 0
+        while n < len(new):  # replay the rounds: the contexts each proposal was judged in
+            g_r, k = min(g, len(new) - n), 0
+            for i in range(g_r):
+                kept, overlap = next(trials)
+                context = torch.tensor(tokens + new[:n + i])[None]
+                with torch.no_grad():
+                    p = sampling_probs(target(context)[0][0, -1], temperature, top_k, top_p)
+                    q = sampling_probs(draft(context)[0][0, -1], temperature, top_k, top_p)
+                # (CachedModel takes float32 logits of these float64 models: 1e-7 apart)
+                assert overlap == pytest.approx(float(torch.minimum(p, q).sum()), abs=1e-6)
+                if not kept:
+                    break
+                k += 1
+            all_kept += k == g_r
+            n += k + 1  # the kept proposals, then the residual's token or the bonus token
+        assert next(trials, None) is None
+    assert all_kept >= 3  # rounds kept whole, each followed by another round
+
+
+def test_a_rollback_past_the_cache_keeps_what_it_holds():
+    """rollback(n) with n at or beyond the filled positions changes nothing: the slots past them were
+    never computed."""
+    cached = CachedModel(tiny_gpt(0), 16)
+    cached.logits([1, 2, 3, 4])
+    for n in (4, 6, 16):
+        cached.rollback(n)
+        assert cached.cache.pos == 4
+    got = cached.logits([1, 2, 3, 4, 5])
+    with torch.no_grad():
+        want = tiny_gpt(0)(torch.tensor([[1, 2, 3, 4, 5]]))[0][0, 4:].float()
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_sampling_probs_on_an_exact_top_p_boundary():
+    """0.5, 0.25, 0.125, 0.125 are exact in binary: at top_p = 0.75 the first two tokens hold 0.75
+    exactly and the third is out (the nucleus is the smallest set reaching top_p), as sample_next
+    draws it."""
+    logits = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64).log()
+    assert sampling_probs(logits, 1.0, top_p=0.75).tolist() == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert sampling_probs(logits, 1.0, top_p=0.5).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert sampling_probs(logits, 1.0, top_k=3, top_p=0.75).tolist() == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert (sampling_probs(logits, 1.0, top_p=0.875) > 0).tolist() == [True, True, True, False]
 
 
 def test_sampling_probs_are_what_sample_next_draws_from():
