@@ -20,11 +20,11 @@ import time
 import torch
 
 from common import toy_language
-from common.artifacts import model_checkpoint, run_lesson, save_artifact
-from common.cli import existing_path, lesson_parser, parse
 from common.gpt2_weights import SIZES, download_gpt2, load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
 from common.perplexity import perplexity, sequences_perplexity
+from common.plumbing.artifacts import model_checkpoint, run_lesson, save_artifact
+from common.plumbing.cli import existing_path, lesson_parser, parse
 from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
 

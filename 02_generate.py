@@ -22,8 +22,15 @@ import time
 import torch
 
 from common import toy_language
-from common.artifacts import LessonError, check_preset, load_model, run_lesson, save_artifact
-from common.cli import (
+from common.model import logits_fp32
+from common.plumbing.artifacts import (
+    LessonError,
+    check_preset,
+    load_model,
+    run_lesson,
+    save_artifact,
+)
+from common.plumbing.cli import (
     fraction,
     lesson_parser,
     nonneg_float,
@@ -32,8 +39,7 @@ from common.cli import (
     positive_int,
     prob_float,
 )
-from common.device import DTYPES, get_device, pick_dtype, sync
-from common.perplexity import logits_fp32
+from common.plumbing.device import DTYPES, get_device, pick_dtype, sync
 from common.sampling import generate, sample_next
 from common.tokenizer import EOT, get_tokenizer
 

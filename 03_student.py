@@ -11,7 +11,8 @@ Run:    python 03_student.py              (add --preset tiny for the tiny course
 """
 import torch
 
-from common.artifacts import (
+from common.model import GPT, GPTConfig
+from common.plumbing.artifacts import (
     LessonError,
     check_preset,
     load_model,
@@ -19,8 +20,7 @@ from common.artifacts import (
     run_lesson,
     save_artifact,
 )
-from common.cli import lesson_parser, parse, positive_int
-from common.model import GPT, GPTConfig
+from common.plumbing.cli import lesson_parser, parse, positive_int
 from common.tokenizer import get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---

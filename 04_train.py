@@ -23,15 +23,23 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
-from common import cli, distributed, train_state
-from common.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
-from common.device import autocast, keep_freed_memory, needs_scaler, pick_dtype, sync
-from common.distill import make_batch, rest_bucket_kl, sampled_rkl, soft_kd_kl, token_divergence
-from common.perplexity import logits_fp32, mean_nll
-from common.progress import Speedometer, describe_run, show_first_loss
+from common.distill import (
+    ONLINE,
+    make_batch,
+    rest_bucket_kl,
+    sampled_rkl,
+    soft_kd_kl,
+    token_divergence,
+)
+from common.model import logits_fp32
+from common.perplexity import mean_nll
+from common.plumbing import cli, distributed, train_state
+from common.plumbing.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
+from common.plumbing.device import autocast, keep_freed_memory, needs_scaler, pick_dtype, sync
+from common.plumbing.progress import Speedometer, describe_run, show_first_loss
+from common.plumbing.train_inputs import load_inputs
 from common.sampling import continue_each
 from common.tokenizer import EOT
-from common.train_inputs import ONLINE, load_inputs
 
 # --- settings (flags left unset take the preset's values) ---
 # Learning rate: the 6/512 student trains from random weights, so it takes a from-scratch peak
@@ -276,7 +284,7 @@ def main():
     dtype = pick_dtype(device.split(":")[0], args.dtype)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=needs_scaler(dtype))
 
-    # --- data, models, optimizer (each misfit refused in one line: common/train_inputs.py) ---
+    # --- data, models, optimizer (each misfit refused in one line: plumbing/train_inputs.py) ---
     data, raw, init_ckpt, teacher = load_inputs(args, device, dtype)
     model = distributed.wrap(raw.to(device), procs)  # in DDP under torchrun
     optimizer = raw.configure_optimizer(args.lr, args.weight_decay, device)  # AdamW
@@ -290,7 +298,7 @@ def main():
                         on_policy=args.on_policy, world=procs.world, n_micro=micro_per_epoch)
     ga = args.grad_accum
 
-    # --- state: fresh, or from train_state.pt with --resume (common/train_state.py) ---
+    # --- state: fresh, or from train_state.pt with --resume (common/plumbing/train_state.py) ---
     state_path, settings = f"{args.out}/train_state.pt", train_state.settings_of(args, dtype)
     state = train_state.start(state_path, args.resume, procs, raw, optimizer, scaler, settings,
                               init_ckpt["config"], args.init or f"{args.out}/student_init.pt",

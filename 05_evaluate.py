@@ -31,12 +31,19 @@ import zipfile
 import torch
 
 from common import toy_language
-from common.artifacts import LessonError, load_artifact, load_model, run_lesson, save_artifact
-from common.cli import existing_file, lesson_parser, nonneg_int, parse, positive_int
-from common.device import autocast, get_device, pick_dtype
 from common.distill import make_batch, soft_kd_loss
-from common.download import cache_dir, download
-from common.perplexity import logits_fp32, sequences_nll, stream_nll
+from common.model import logits_fp32
+from common.perplexity import sequences_nll, stream_nll
+from common.plumbing.artifacts import (
+    LessonError,
+    load_artifact,
+    load_model,
+    run_lesson,
+    save_artifact,
+)
+from common.plumbing.cli import existing_file, lesson_parser, nonneg_int, parse, positive_int
+from common.plumbing.device import autocast, get_device, pick_dtype
+from common.plumbing.download import cache_dir, download
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---

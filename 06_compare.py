@@ -21,10 +21,11 @@ import matplotlib
 import torch
 
 from common import toy_language
-from common.artifacts import load_artifact, load_model, run_lesson, write_text
-from common.cli import in_notebook, lesson_parser, parse, positive_int
-from common.device import autocast, get_device, pick_dtype, sync
-from common.perplexity import logits_fp32, sequences_nll
+from common.model import logits_fp32
+from common.perplexity import sequences_nll
+from common.plumbing.artifacts import load_artifact, load_model, run_lesson, write_text
+from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_int
+from common.plumbing.device import autocast, get_device, pick_dtype, sync
 from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
 

@@ -69,7 +69,9 @@ import matplotlib.ticker
 import torch
 from torch.nn import functional as F
 
-from common.artifacts import (
+from common.distill import ONLINE, make_batch, rest_bucket_kl, soft_kd_kl, token_divergence
+from common.model import logits_fp32
+from common.plumbing.artifacts import (
     LessonError,
     check_preset,
     load_artifact,
@@ -78,13 +80,10 @@ from common.artifacts import (
     save_artifact,
     write_text,
 )
-from common.cli import in_notebook, lesson_parser, parse, positive_floats, positive_int
-from common.device import autocast, get_device, pick_dtype
-from common.distill import make_batch, rest_bucket_kl, soft_kd_kl, token_divergence
-from common.perplexity import logits_fp32
+from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_floats, positive_int
+from common.plumbing.device import autocast, get_device, pick_dtype
 from common.sampling import continue_each
 from common.tokenizer import EOT, get_tokenizer
-from common.train_inputs import ONLINE
 
 if not in_notebook():
     matplotlib.use("Agg")  # from a shell: draw straight to a file

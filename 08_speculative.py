@@ -26,7 +26,9 @@ import time
 import matplotlib
 import torch
 
-from common.artifacts import (
+from common.distill import make_batch
+from common.model import logits_fp32
+from common.plumbing.artifacts import (
     LessonError,
     check_preset,
     load_artifact,
@@ -35,10 +37,8 @@ from common.artifacts import (
     save_artifact,
     write_text,
 )
-from common.cli import in_notebook, lesson_parser, parse, positive_int
-from common.device import get_device, sync
-from common.distill import make_batch
-from common.perplexity import logits_fp32
+from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_int
+from common.plumbing.device import get_device, sync
 from common.sampling import generate
 from common.speculative import sampling_probs, speculative_generate
 from common.tokenizer import EOT, get_tokenizer

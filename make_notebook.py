@@ -63,7 +63,7 @@ PRESET = "gpt2"  # <- edit
 # a notebook started with KD_PRESET set keeps it; %env KD_PRESET=tiny changes it later
 os.environ.setdefault("KD_PRESET", PRESET)
 os.environ.setdefault("KD_OUT", "artifacts")  # the folder the lessons pass their .pt files through
-from common.device import get_device, needs_scaler, pick_dtype  # noqa: E402
+from common.plumbing.device import get_device, needs_scaler, pick_dtype  # noqa: E402
 
 device = get_device()
 dtype = pick_dtype(device)  # as lesson 04 will choose it
@@ -94,8 +94,9 @@ def read(path):
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else "course.ipynb"
     here = os.path.dirname(os.path.abspath(__file__))
-    shared = sorted(os.path.relpath(f, here) for f in glob.glob(os.path.join(here, "common/*.py"))
-                    if os.path.getsize(f) > 0)  # (__init__.py: written by the magic)
+    files = glob.glob(os.path.join(here, "common", "**", "*.py"), recursive=True)
+    shared = sorted(os.path.relpath(f, here) for f in files
+                    if os.path.getsize(f) > 0)  # (the empty __init__.py: written by the magic)
     cells = [cell("markdown", INTRO),
              cell("markdown", SHARED, {"jp-MarkdownHeadingCollapsed": True}), cell("code", MAGIC)]
     cells += [cell("code", f"%%shared_file {f}\n{read(os.path.join(here, f))}") for f in shared]

@@ -20,9 +20,9 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.device import fused_adamw, keep_freed_memory  # noqa: E402
 from common.model import GPT  # noqa: E402
 from common.perplexity import stream_nll, windows  # noqa: E402
+from common.plumbing.device import fused_adamw, keep_freed_memory  # noqa: E402
 from common.sampling import generate  # noqa: E402
 
 TARGETS = {"train": 1.10, "sample": 1.5, "ppl": 1.0}
@@ -160,7 +160,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each side (medians reported)")
     p.add_argument("--only", default="train,sample,ppl", help="comma-separated subset of train,sample,ppl")
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="set malloc to keep freed memory, as 04_train.py does on the CPU (common/device.py)")
+                   help="set malloc to keep freed memory, as 04_train.py does on the CPU (common/plumbing/device.py)")
     args = p.parse_args()
     which = args.only.split(",")
     # One process times both sides, so the malloc setting applies to both alike.

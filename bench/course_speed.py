@@ -19,8 +19,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common.artifacts import load_artifact, model_checkpoint, save_artifact  # noqa: E402
 from common.model import GPT, GPTConfig  # noqa: E402
+from common.plumbing.artifacts import load_artifact, model_checkpoint, save_artifact  # noqa: E402
 
 # Dense peak TFLOP/s by GPU name and dtype (vendor data sheets, without sparsity).
 PEAKS = {"H200": {"bf16": 989, "fp16": 989}, "H100": {"bf16": 989, "fp16": 989}, "A100": {"bf16": 312, "fp16": 312},

@@ -30,7 +30,7 @@ run() {  # run NAME COMMAND...: time it, keep its output in $out/NAME.log, remem
 
 $PYTHON - <<'EOF'
 import torch
-from common.device import get_device, gpu_has_bf16, pick_dtype
+from common.plumbing.device import get_device, gpu_has_bf16, pick_dtype
 device = get_device()
 print(f"torch {torch.__version__} | device {device}", end="")
 if device == "cuda":
@@ -46,7 +46,7 @@ cat "$out/course_speed.log"
 
 # --- 2. a few steps of 04 in each precision and kind, each in its own folder ---
 dtypes=${DTYPES:-"fp32 fp16"}
-[ -z "${DTYPES:-}" ] && $PYTHON -c "from common.device import get_device, gpu_has_bf16; import sys; \
+[ -z "${DTYPES:-}" ] && $PYTHON -c "from common.plumbing.device import get_device, gpu_has_bf16; import sys; \
 sys.exit(0 if get_device() == 'cuda' and gpu_has_bf16() else 1)" && dtypes="$dtypes bf16"
 step_run() {  # step_run NAME FLAGS...: 04 for 3 steps on the course's files
   local name=$1; shift

@@ -18,9 +18,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common.artifacts import load_artifact, load_model  # noqa: E402
 from common.distill import make_batch  # noqa: E402
 from common.perplexity import logits_fp32  # noqa: E402
+from common.plumbing.artifacts import load_artifact, load_model  # noqa: E402
 from common.sampling import continue_each  # noqa: E402
 from common.tokenizer import EOT  # noqa: E402
 

@@ -13,7 +13,9 @@ import math
 import torch
 from torch.nn import functional as F
 
-from common.perplexity import pad_batch
+# the kinds with the teacher running beside the student (04 --kd)
+ONLINE = ("fkl", "rkl", "jsd", "tvd", "rkl-sampled")
+
 
 
 def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature=1.0):
@@ -136,6 +138,26 @@ def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
     soft_kd_kl)."""
     kl = soft_kd_kl(logits, topk_ids, topk_logprobs, T)
     return T * T * (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def pad_batch(seqs, prompt_lens=None, device="cpu"):
+    """Pad token sequences into inputs x (B, L) and targets y (B, L); y[i, t] = seqs[i][t + 1].
+
+    Padding targets are -100 (cross_entropy skips them). So are the targets inside a prompt: with
+    prompt_lens[i] = P, tokens 0 .. P-1 were given, not predicted, so only targets t >= P - 1
+    (tokens P, P+1, ...) are scored. The <|endoftext|> that ends a sample is a real target: the
+    model must learn when to stop.
+    """
+    B, L = len(seqs), max(len(s) for s in seqs) - 1
+    x = torch.zeros(B, L, dtype=torch.long)
+    y = torch.full((B, L), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = torch.as_tensor(s)
+        x[i, :len(s) - 1] = s[:-1]
+        y[i, :len(s) - 1] = s[1:]
+        if prompt_lens is not None:
+            y[i, :max(0, prompt_lens[i] - 1)] = -100
+    return x.to(device), y.to(device)
 
 
 def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu", prompt_lens=None):

@@ -11,9 +11,9 @@ import re
 
 import torch
 
-from common.artifacts import LessonError
-from common.download import cache_dir, download
 from common.model import GPTConfig
+from common.plumbing.artifacts import LessonError
+from common.plumbing.download import cache_dir, download
 
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Published size and sha256 of gpt2 (124M)'s model.safetensors, to catch a corrupt download.

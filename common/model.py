@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common.device import fused_adamw
+from common.plumbing.device import fused_adamw
 
 
 @dataclass
@@ -206,3 +206,16 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-100)
         return logits, loss
+
+
+def logits_fp32(model, x, positions=None):
+    """model(x)'s logits (B, T, vocab) in float32 whatever the autocast dtype: the transformer body
+    may run in bf16/fp16, the output layer (and so every logit) is computed in float32 (in float64
+    for a float64 model: never less precise than the model). positions, a (B, T) bool mask: only
+    those positions' logits, (n, vocab) (the output layer is most of a small model's work)."""
+    h = model.hidden(x)  # (B, T, C)
+    if positions is not None:
+        h = h[positions]  # (n, C)
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return F.linear(h.to(dtype), model.lm_head.weight.to(dtype))  # (B, T, vocab)

@@ -23,7 +23,9 @@ import math
 import torch
 from torch.nn import functional as F
 
-from common.device import autocast
+from common.distill import pad_batch
+from common.model import logits_fp32
+from common.plumbing.device import autocast
 
 
 def windows(n_tokens, block_size, stride=None):
@@ -40,39 +42,6 @@ def windows(n_tokens, block_size, stride=None):
         scored_to = end
         start += stride
     return out
-
-
-def logits_fp32(model, x, positions=None):
-    """model(x)'s logits (B, T, vocab) in float32 whatever the autocast dtype: the transformer body
-    may run in bf16/fp16, the output layer (and so every logit) is computed in float32 (in float64
-    for a float64 model: never less precise than the model). positions, a (B, T) bool mask: only
-    those positions' logits, (n, vocab) (the output layer is most of a small model's work)."""
-    h = model.hidden(x)  # (B, T, C)
-    if positions is not None:
-        h = h[positions]  # (n, C)
-    dtype = torch.promote_types(h.dtype, torch.float32)
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        return F.linear(h.to(dtype), model.lm_head.weight.to(dtype))  # (B, T, vocab)
-
-
-def pad_batch(seqs, prompt_lens=None, device="cpu"):
-    """Pad token sequences into inputs x (B, L) and targets y (B, L); y[i, t] = seqs[i][t + 1].
-
-    Padding targets are -100 (cross_entropy skips them). So are the targets inside a prompt: with
-    prompt_lens[i] = P, tokens 0 .. P-1 were given, not predicted, so only targets t >= P - 1
-    (tokens P, P+1, ...) are scored. The <|endoftext|> that ends a sample is a real target: the
-    model must learn when to stop.
-    """
-    B, L = len(seqs), max(len(s) for s in seqs) - 1
-    x = torch.zeros(B, L, dtype=torch.long)
-    y = torch.full((B, L), -100, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        s = torch.as_tensor(s)
-        x[i, :len(s) - 1] = s[:-1]
-        y[i, :len(s) - 1] = s[1:]
-        if prompt_lens is not None:
-            y[i, :max(0, prompt_lens[i] - 1)] = -100
-    return x.to(device), y.to(device)
 
 
 @torch.no_grad()

@@ -289,7 +289,7 @@ def train_on_toy_language(model, steps, encode, eot, batch_size=8, lr=3e-3, seed
     with torch.no_grad():
         wte[unused] = 0
     log_n_unused = torch.tensor(math.log(V - len(used)))
-    from common.device import fused_adamw, keep_freed_memory
+    from common.plumbing.device import fused_adamw, keep_freed_memory
     if wte.device.type == "cpu":
         keep_freed_memory()  # 2x faster steps: no fresh pages for the embedding's dense gradient
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from common.artifacts import load_artifact, save_artifact
+from common.plumbing.artifacts import load_artifact, save_artifact
 from conftest import ROOT, run_py
 
 ARTIFACTS = ["teacher.pt", "generated.pt", "student_init.pt", "student.pt", "train_log.pt", "eval.pt"]
@@ -56,8 +56,8 @@ def edit(name, change):
 
 
 def student_init_with_short_context(d):
-    from common.artifacts import model_checkpoint
     from common.model import GPT, GPTConfig
+    from common.plumbing.artifacts import model_checkpoint
     save_artifact(model_checkpoint(GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)), "student_init"),
                   d / "student_init.pt")
 
@@ -187,7 +187,7 @@ def test_run_all_refuses_unknown_options():
 
 
 def test_preset_advice_is_a_flag_in_a_shell_and_env_in_a_notebook(monkeypatch):
-    from common import cli
+    from common.plumbing import cli
     assert cli.preset_advice("tiny") == "add --preset tiny"
     monkeypatch.setattr(sys, "argv", ["/usr/lib/python3/dist-packages/ipykernel_launcher.py", "-f", "k.json"])
     assert cli.preset_advice("tiny") == "run %env KD_PRESET=tiny in a cell"
@@ -237,7 +237,7 @@ def test_ctrl_c_saves_a_resumable_state(course_copy):
 CTRL_C_MID_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
-from common.artifacts import run_lesson, save_artifact
+from common.plumbing.artifacts import run_lesson, save_artifact
 real_save = torch.save
 def save_then_ctrl_c(obj, f):
     real_save(obj, f)
@@ -263,7 +263,7 @@ def test_ctrl_c_during_a_save_finishes_the_save_then_stops_in_one_line(course_co
 SLOW_WRITER = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
-from common.artifacts import save_artifact
+from common.plumbing.artifacts import save_artifact
 real_save = torch.save
 def slow_save(obj, f):
     f.write(b"half a checkpoint" * 1000)

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from common.artifacts import load_artifact, load_model
-from common.perplexity import logits_fp32
+from common.model import logits_fp32
+from common.plumbing.artifacts import load_artifact, load_model
 from common.tokenizer import EOT, get_tokenizer
 from conftest import ROOT, cell_text, run_notebook, run_py
 
@@ -18,16 +18,23 @@ CHAIN = [("teacher.pt", "teacher"), ("generated.pt", "generated"), ("student_ini
          ("student.pt", "student"), ("train_log.pt", "train_log"), ("eval.pt", "eval")]
 
 
+def common_files(folder):
+    """The .py files under folder/common, as paths relative to folder."""
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(os.path.join(folder, "common"))
+                  for f in fs if f.endswith(".py"))
+
+
 def test_the_notebook_alone_runs_every_cell_shows_its_charts_and_builds_the_whole_chain(course):
     """course.ipynb uploaded alone (an empty folder, no network): it writes common/ itself, takes the
     tokenizer's ranks from tiktoken, and runs the whole tiny course."""
     out, stdout, nb = course
     code = [c for c in nb.cells if c.cell_type == "code"]
-    shared = sorted(f for f in os.listdir(os.path.join(ROOT, "common")) if f.endswith(".py"))
-    assert sorted(os.listdir(out.parent / "common")) == shared  # every module, gpt2.tiktoken not
-    assert len(code) == 1 + (len(shared) - 1) + 1 + len(LESSONS)  # magic, files, setup, lessons
+    shared = common_files(ROOT)
+    assert common_files(out.parent) == shared  # every module (and __init__.py), gpt2.tiktoken not
+    written = [f for f in shared if not f.endswith("__init__.py")]
+    assert len(code) == 1 + len(written) + 1 + len(LESSONS)  # the magic, the files, setup, lessons
     assert all(c.execution_count for c in code) and not any(o.output_type == "error" for c in code for o in c.outputs)
-    setup = cell_text(code[len(shared)])  # the kernel's KD_PRESET kept; where it will train, and how
+    setup = cell_text(code[1 + len(written)])  # the kernel's KD_PRESET kept; where it will train, how
     assert "preset: tiny" in setup and "device: cpu | trains in fp32" in setup, setup
     images = [o for o in code[-1].outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(images) == 3  # 06's three charts, shown under its cell
@@ -67,7 +74,7 @@ def test_the_notebooks_shared_code_cells_overwrite_nothing_in_a_course_folder(tm
     shared = [c for c in cells if c.source.startswith("%%shared_file ")]
     os.makedirs(tmp_path / "common")
     (tmp_path / "common" / "model.py").write_text("# this folder's own model\n")
-    (tmp_path / "common" / "cli.py").write_text(open(os.path.join(ROOT, "common", "cli.py")).read())
+    (tmp_path / "common" / "sampling.py").write_text(open(os.path.join(ROOT, "common", "sampling.py")).read())
     nb.cells = [cells[0], *shared]
     run_notebook(nb, {}, folder=tmp_path)
     assert (tmp_path / "common" / "model.py").read_text() == "# this folder's own model\n"
@@ -198,7 +205,7 @@ def test_make_notebook_holds_every_lesson_unchanged(tmp_path):
     for c in shared:  # each of common/'s files, unchanged after its magic line
         path, text = c.split("\n", 1)
         assert text == open(f"{ROOT}/{path.split()[1]}", encoding="utf-8").read()
-    assert len(shared) == len([f for f in os.listdir(f"{ROOT}/common") if f.endswith(".py")]) - 1
+    assert len(shared) == len([f for f in common_files(ROOT) if not f.endswith("__init__.py")])
     markdown = [c for c in nb["cells"] if c["cell_type"] == "markdown"]
     lessons = [m for m in markdown if m["source"][0].startswith("## Lesson")]
     assert len(lessons) == len(LESSONS) and lessons[0]["source"][0].startswith("## Lesson 01")
@@ -211,14 +218,14 @@ def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(les
     import argparse
     import runpy
 
-    import common.cli
+    import common.plumbing.cli
 
     class Caught(Exception):
         pass
 
     def catch(parser, presets=None):
         raise Caught(parser, presets)
-    monkeypatch.setattr(common.cli, "parse", catch)
+    monkeypatch.setattr(common.plumbing.cli, "parse", catch)
     with pytest.raises(Caught) as e:
         runpy.run_path(os.path.join(ROOT, lesson), run_name="__main__")
     parser, presets = e.value.args
@@ -237,7 +244,7 @@ def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(les
 def test_the_report_gives_the_teachers_level_on_the_val_samples(course):
     """The teacher's cross-entropy on the val samples, as drawn on the training chart and written in
     report.md, computed here token by token (prompt targets left out)."""
-    from common.artifacts import load_model
+    from common.plumbing.artifacts import load_model
     out, _, _ = course
     teacher, _ = load_model(str(out / "teacher.pt"), "teacher")
     gen = load_artifact(str(out / "generated.pt"), "generated")

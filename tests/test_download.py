@@ -6,8 +6,8 @@ import threading
 import pytest
 
 import common.gpt2_weights as gw
-from common.artifacts import LessonError
 from common.gpt2_weights import download_gpt2, load_gpt2
+from common.plumbing.artifacts import LessonError
 from conftest import hf_model
 
 

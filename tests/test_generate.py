@@ -3,7 +3,7 @@ import shutil
 
 import torch
 
-from common.artifacts import load_artifact
+from common.plumbing.artifacts import load_artifact
 from conftest import load_lesson, run_py
 
 

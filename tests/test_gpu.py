@@ -16,11 +16,17 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from common.artifacts import run_lesson
-from common.device import check_gpu_supported, get_device, gpu_supported, needs_scaler, pick_dtype
 from common.distill import make_batch
-from common.errors import LessonError
 from common.model import GPT, GPTConfig
+from common.plumbing.artifacts import run_lesson
+from common.plumbing.device import (
+    check_gpu_supported,
+    get_device,
+    gpu_supported,
+    needs_scaler,
+    pick_dtype,
+)
+from common.plumbing.errors import LessonError
 from conftest import ROOT, load_lesson
 
 # name, compute capability; torch 2.13's CUDA 12.8 wheels are built for these (get_arch_list())
@@ -57,8 +63,8 @@ def test_auto_precision_follows_the_gpu_fp16_with_a_scaler_before_ampere(monkeyp
 
 def test_04s_first_log_line_on_a_t4_says_fp16_with_a_gradscaler(monkeypatch):
     mock_gpu(monkeypatch, "T4")
-    from common.distributed import Processes
-    from common.progress import describe_run
+    from common.plumbing.distributed import Processes
+    from common.plumbing.progress import describe_run
     train = load_lesson("04_train.py")
     monkeypatch.setattr(sys, "argv", ["04_train.py", "--preset", "gpt2"])
     args = train.get_args()
@@ -228,7 +234,7 @@ def test_each_gpu_lessons_out_of_memory_advice_names_its_own_flags(lesson, monke
 def test_under_torchrun_each_process_takes_its_gpu_before_joining_the_group(monkeypatch):
     """NCCL binds a process to the current GPU when the group starts: set_device must come first
     (else every process of a machine starts on GPU 0)."""
-    from common import distributed
+    from common.plumbing import distributed
     mock_gpu(monkeypatch, "A100")
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.artifacts import load_artifact, load_model
 from common.distill import make_batch
 from common.model import GPT, GPTConfig
+from common.plumbing.artifacts import load_artifact, load_model
 from conftest import load_lesson, run_py
 from test_train import keep_train_samples
 

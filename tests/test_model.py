@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from common import toy_language
-from common.artifacts import LessonError, load_model
 from common.gpt2_weights import load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
+from common.plumbing.artifacts import LessonError, load_model
 from conftest import hf_model, load_lesson, run_py
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.model import GPT, GPTConfig
-from common.perplexity import logits_fp32, perplexity, sequences_nll, sequences_perplexity, windows
+from common.model import GPT, GPTConfig, logits_fp32
+from common.perplexity import perplexity, sequences_nll, sequences_perplexity, windows
 from conftest import hf_model, ours_from_hf
 
 
@@ -160,8 +160,8 @@ def test_logits_are_float32_under_autocast():
 def test_the_perplexity_written_out_in_lesson_05_equals_common_perplexity(course):
     """05's perplexity_by_hand (one sample, plain code) equals sequences_perplexity on the first 8 test
     samples, for the teacher and the trained student, the prompt left out in both."""
-    from common.artifacts import load_artifact, load_model
     from common.perplexity import sequences_perplexity
+    from common.plumbing.artifacts import load_artifact, load_model
     from conftest import load_lesson
     lesson = load_lesson("05_evaluate.py")
     out = course[0]

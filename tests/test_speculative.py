@@ -223,8 +223,8 @@ def test_lesson_08_end_to_end_on_the_course(course_copy):
     its expectation, valid files; the held-out score is 1 - TVD computed independently."""
     import matplotlib.image
 
-    from common.artifacts import load_artifact, load_model
-    from common.perplexity import logits_fp32
+    from common.model import logits_fp32
+    from common.plumbing.artifacts import load_artifact, load_model
     from conftest import load_lesson, run_py
     r = run_py(["08_speculative.py", "--preset", "tiny", "--out", str(course_copy), "--prompts", "2",
                 "--new-tokens", "24", "--draft-tokens", "1,4"])

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from common import toy_language as tl
-from common.artifacts import load_artifact
+from common.plumbing.artifacts import load_artifact
 from common.tokenizer import get_tokenizer
 
 

@@ -8,11 +8,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.artifacts import load_artifact, save_artifact
-from common.device import autocast, fused_adamw, keep_freed_memory, needs_scaler, pick_dtype
 from common.distill import make_batch, soft_kd_loss, token_divergence
-from common.model import GPT, GPTConfig
-from common.perplexity import logits_fp32
+from common.model import GPT, GPTConfig, logits_fp32
+from common.plumbing.artifacts import load_artifact, save_artifact
+from common.plumbing.device import (
+    autocast,
+    fused_adamw,
+    keep_freed_memory,
+    needs_scaler,
+    pick_dtype,
+)
 from conftest import load_lesson, run_py
 
 L04 = load_lesson("04_train.py")
@@ -573,7 +578,7 @@ def test_03_from_teacher_copies_every_other_block_and_the_embeddings(course_copy
 def test_04_starts_from_any_gpt_with_gpt2s_vocabulary_and_refuses_another(course_copy):
     """--init takes a teacher checkpoint (a pretrained GPT-2 written by 01); a model over another
     vocabulary is refused in one line, before any training."""
-    from common.artifacts import model_checkpoint
+    from common.plumbing.artifacts import model_checkpoint
     keep_train_samples(course_copy, 8, n_val=2)
     r = run_py(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--epochs", "1",
                 "--init", str(course_copy / "teacher.pt")])
@@ -590,7 +595,7 @@ def test_a_steps_token_counts_split_own_and_teacher_text():
     and one of the teacher's samples; the scored tokens of both, the positions the student trained on
     (prompts after their first token, and every scored target), and those it ran while writing (only
     its own micro-batch's)."""
-    from common.distributed import Processes
+    from common.plumbing.distributed import Processes
     teacher = [torch.arange(10), torch.arange(8), torch.arange(12), torch.arange(6)]
     P = [3, 2, 4, 1]
     data = {"train": teacher, "train_prompt_lens": P}

@@ -1,6 +1,6 @@
-"""The plumbing lesson 04 calls: common/train_state.py (saving, resuming, refusals, .prev) and
-common/distributed.py (process start, sums and random-number states across processes), and the
-Ctrl-C context manager in common/artifacts.py."""
+"""The plumbing lesson 04 calls: common/plumbing/train_state.py (saving, resuming, refusals, .prev) and
+common/plumbing/distributed.py (process start, sums and random-number states across processes), and the
+Ctrl-C context manager in common/plumbing/artifacts.py."""
 import os
 import signal
 import socket
@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common import distributed, train_state
-from common.artifacts import LessonError, ctrl_c_finishes_the_step
-from common.distributed import Processes
 from common.model import GPT, GPTConfig
+from common.plumbing import distributed, train_state
+from common.plumbing.artifacts import LessonError, ctrl_c_finishes_the_step
+from common.plumbing.distributed import Processes
 
 
 def parts(seed=0):
@@ -90,7 +90,7 @@ def test_the_best_weights_are_written_once_when_they_are_the_current_ones(tmp_pa
     """At an epoch end with a new best, the best IS the current student: train_state.pt holds it once
     (its size drops by the weights) and a load gives it back exactly; a best from an earlier step is
     stored whole."""
-    from common.artifacts import model_checkpoint
+    from common.plumbing.artifacts import model_checkpoint
     model, optimizer, scaler = parts()
     one_step(model, optimizer)
     procs = Processes(ddp=False, rank=0, world=1, device="cpu")

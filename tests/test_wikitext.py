@@ -58,7 +58,7 @@ def test_wikitext_is_downloaded_checked_and_cached(tmp_path, monkeypatch):
 def test_offline_lesson_05_says_wikitext_was_skipped_and_goes_on(course_copy, tmp_path):
     """No network (an address nobody listens on): 05 with --wikitext says in one line that WikiText-2
     could not be downloaded, evaluates the other sets, and records the skip in eval.pt."""
-    from common.artifacts import load_artifact
+    from common.plumbing.artifacts import load_artifact
     from conftest import run_py
     r = run_py(["05_evaluate.py", "--preset", "tiny", "--out", str(course_copy), "--wikitext"],
                env={"KD_WIKITEXT_URL": "http://127.0.0.1:9/none.zip", "KD_CACHE": str(tmp_path / "cache")})

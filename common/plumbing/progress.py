@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.device import autocast
-from common.perplexity import logits_fp32
+from common.model import logits_fp32
+from common.plumbing.device import autocast
 
 
 def fmt_time(s):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.device import get_device
+from common.plumbing.device import get_device
 
 
 @dataclass

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import torch
 
-from common.cli import preset_advice
-from common.errors import LessonError
 from common.model import GPT, GPTConfig
+from common.plumbing.cli import preset_advice
+from common.plumbing.errors import LessonError
 
 # kind -> (what it is, in words; the lesson that writes it)
 KINDS = {

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from common.errors import LessonError
+from common.plumbing.errors import LessonError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
-from common.artifacts import LessonError
+from common.plumbing.artifacts import LessonError
 
 # Some hosts refuse Python's default User-Agent; this one reads like a browser.
 USER_AGENT = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "

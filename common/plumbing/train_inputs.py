@@ -3,12 +3,12 @@ starting student and, for the online kinds of KD, the teacher itself. Whatever d
 flags is refused in one line that says what to do."""
 import torch
 
-from common.artifacts import LessonError, check_preset, load_artifact, load_model
+from common.distill import ONLINE
 from common.model import GPT, GPTConfig
+from common.plumbing.artifacts import LessonError, check_preset, load_artifact, load_model
 from common.tokenizer import get_tokenizer
 
 # the kinds that need the teacher online (its full distributions; rkl-sampled: one log-prob a token)
-ONLINE = ("fkl", "rkl", "jsd", "tvd", "rkl-sampled")
 
 
 def load_inputs(args, device, dtype):

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.artifacts import (
+from common.plumbing.artifacts import (
     LessonError,
     load_artifact,
     model_checkpoint,
     save_artifact,
     state_snapshot,
 )
-from common.distributed import gather_rng_states, set_rng_state
-from common.progress import fmt_time
+from common.plumbing.distributed import gather_rng_states, set_rng_state
+from common.plumbing.progress import fmt_time
 
 # Flags that cannot change the trained weights: they may differ between a run and its --resume.
 # Every other flag must be the same, or the resumed run would not be the run that was started.
