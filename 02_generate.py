@@ -126,78 +126,6 @@ def get_args():
     return parse(p, PRESETS)
 
 
-def main():
-    args = get_args()
-    enc = get_tokenizer()
-    device = get_device()
-
-    # --- the teacher, in half precision on a GPU (inference needs no fp32 master weights) ---
-    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
-    check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
-    dtype = pick_dtype(device)
-    teacher.to(device=device, dtype=DTYPES[dtype])
-    print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | "
-          f"{device} {dtype}")
-
-    # --- prompts ---
-    topics = toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS
-    plan = plan_openings(args, read_openings(args.prompts_file) if args.prompts_file else topics)
-    prompts = [[EOT] + enc.encode(text) for text in plan]
-    if args.val_fraction + args.test_fraction >= 1:
-        raise LessonError("--val-fraction plus --test-fraction must leave some samples for "
-                          "training (sum < 1)")
-    longest, context = max(len(t) for t in prompts), teacher.config.block_size
-    if longest + args.max_new_tokens > context:
-        raise LessonError(f"--max-new-tokens {args.max_new_tokens} plus a {longest}-token prompt "
-                          f"exceeds the teacher's context of {context}: use --max-new-tokens "
-                          f"{context - longest} or less")
-    print(f"prompts: {args.prompts} ({len(set(plan) - {''})} topic openings) | {args.num_samples} "
-          f"samples x {args.max_new_tokens} new tokens | T={args.temperature} top-k={args.top_k} "
-          f"top-p={args.top_p}")
-
-    # --- one sampling step, by hand, on the teacher's real next-token logits after one opening ---
-    opening, logits = show_one_step(teacher, prompts, args, enc, device)
-    # --- soft targets: the teacher's whole distribution at that position, at T = 1 and T = 2 ---
-    soft = soft_targets(opening, logits, enc)
-
-    # --- generate, then drop empty, degenerate and duplicate samples ---
-    samples, tokens_per_second = generate_samples(teacher, prompts, args, device)
-    kept, dropped = keep_good(samples, args.max_repeat)
-    print(f"kept {len(kept)} of {len(samples)} | dropped: "
-          + ", ".join(f"{v} {k}" for k, v in dropped.items()))
-    if len(kept) < 2:
-        raise LessonError("fewer than 2 usable samples: raise --num-samples or --temperature")
-
-    # --- the teacher's top-K next-token log-probabilities at every position, for soft KD ---
-    topk_ids, topk_logprobs = teacher_topk(teacher, [t for t, _, _ in kept], args.topk_logits,
-                                           device) if args.topk_logits else ([], [])
-
-    # --- train / val / test, split by opening ---
-    splits = split_by_opening(kept, plan, args)
-    data = {"kind": "generated", "preset": args.preset, "teacher_config": ckpt["config"],
-            "settings": dict(vars(args)), "dropped": dropped,
-            "tokens_per_second": tokens_per_second, "soft_targets": soft}
-    for name, rows in splits.items():
-        data[name] = [kept[j][0] for j in rows]
-        data[f"{name}_prompt_lens"] = [kept[j][1] for j in rows]
-        data[f"{name}_openings"] = sorted(set(plan[kept[j][2]] for j in rows if plan[kept[j][2]]))
-        data[f"{name}_texts"] = [enc.decode(kept[j][0].tolist()) for j in rows]
-        data[f"{name}_topk_ids"] = [topk_ids[j] for j in rows] if topk_ids else []
-        data[f"{name}_topk_logprobs"] = [topk_logprobs[j] for j in rows] if topk_ids else []
-    n_tok = sum(len(t) for t, _, _ in kept)
-    n_new = sum(len(t) - P for t, P, _ in kept)
-    print(" | ".join(f"{name} {len(rows)} samples ({len(data[f'{name}_openings'])} openings)"
-                     for name, rows in splits.items())
-          + f" | {n_tok:,} tokens, {n_new:,} of them sampled (mean {n_tok / len(kept):.0f} per "
-            f"sample)")
-    for text in data["train_texts"][:3]:
-        print("  ---\n  " + text.replace("<|endoftext|>", "").strip()[:300].replace("\n", "\n  "))
-
-    path = f"{args.out}/generated.pt"
-    save_artifact(data, path)
-    print(f"wrote {path}")
-
-
 # --- the steps of main, in the order they run ---
 def read_openings(path):
     """The openings in a text file, one a line, empty lines skipped; refused in one line if the
@@ -368,6 +296,78 @@ def split_by_opening(kept, plan, args):
             raise LessonError(f"the {name} split is empty ({len(kept)} samples kept): raise "
                               f"--num-samples{more}")
     return splits
+
+
+def main():
+    args = get_args()
+    enc = get_tokenizer()
+    device = get_device()
+
+    # --- the teacher, in half precision on a GPU (inference needs no fp32 master weights) ---
+    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
+    check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
+    dtype = pick_dtype(device)
+    teacher.to(device=device, dtype=DTYPES[dtype])
+    print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | "
+          f"{device} {dtype}")
+
+    # --- prompts ---
+    topics = toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS
+    plan = plan_openings(args, read_openings(args.prompts_file) if args.prompts_file else topics)
+    prompts = [[EOT] + enc.encode(text) for text in plan]
+    if args.val_fraction + args.test_fraction >= 1:
+        raise LessonError("--val-fraction plus --test-fraction must leave some samples for "
+                          "training (sum < 1)")
+    longest, context = max(len(t) for t in prompts), teacher.config.block_size
+    if longest + args.max_new_tokens > context:
+        raise LessonError(f"--max-new-tokens {args.max_new_tokens} plus a {longest}-token prompt "
+                          f"exceeds the teacher's context of {context}: use --max-new-tokens "
+                          f"{context - longest} or less")
+    print(f"prompts: {args.prompts} ({len(set(plan) - {''})} topic openings) | {args.num_samples} "
+          f"samples x {args.max_new_tokens} new tokens | T={args.temperature} top-k={args.top_k} "
+          f"top-p={args.top_p}")
+
+    # --- one sampling step, by hand, on the teacher's real next-token logits after one opening ---
+    opening, logits = show_one_step(teacher, prompts, args, enc, device)
+    # --- soft targets: the teacher's whole distribution at that position, at T = 1 and T = 2 ---
+    soft = soft_targets(opening, logits, enc)
+
+    # --- generate, then drop empty, degenerate and duplicate samples ---
+    samples, tokens_per_second = generate_samples(teacher, prompts, args, device)
+    kept, dropped = keep_good(samples, args.max_repeat)
+    print(f"kept {len(kept)} of {len(samples)} | dropped: "
+          + ", ".join(f"{v} {k}" for k, v in dropped.items()))
+    if len(kept) < 2:
+        raise LessonError("fewer than 2 usable samples: raise --num-samples or --temperature")
+
+    # --- the teacher's top-K next-token log-probabilities at every position, for soft KD ---
+    topk_ids, topk_logprobs = teacher_topk(teacher, [t for t, _, _ in kept], args.topk_logits,
+                                           device) if args.topk_logits else ([], [])
+
+    # --- train / val / test, split by opening ---
+    splits = split_by_opening(kept, plan, args)
+    data = {"kind": "generated", "preset": args.preset, "teacher_config": ckpt["config"],
+            "settings": dict(vars(args)), "dropped": dropped,
+            "tokens_per_second": tokens_per_second, "soft_targets": soft}
+    for name, rows in splits.items():
+        data[name] = [kept[j][0] for j in rows]
+        data[f"{name}_prompt_lens"] = [kept[j][1] for j in rows]
+        data[f"{name}_openings"] = sorted(set(plan[kept[j][2]] for j in rows if plan[kept[j][2]]))
+        data[f"{name}_texts"] = [enc.decode(kept[j][0].tolist()) for j in rows]
+        data[f"{name}_topk_ids"] = [topk_ids[j] for j in rows] if topk_ids else []
+        data[f"{name}_topk_logprobs"] = [topk_logprobs[j] for j in rows] if topk_ids else []
+    n_tok = sum(len(t) for t, _, _ in kept)
+    n_new = sum(len(t) - P for t, P, _ in kept)
+    print(" | ".join(f"{name} {len(rows)} samples ({len(data[f'{name}_openings'])} openings)"
+                     for name, rows in splits.items())
+          + f" | {n_tok:,} tokens, {n_new:,} of them sampled (mean {n_tok / len(kept):.0f} per "
+            f"sample)")
+    for text in data["train_texts"][:3]:
+        print("  ---\n  " + text.replace("<|endoftext|>", "").strip()[:300].replace("\n", "\n  "))
+
+    path = f"{args.out}/generated.pt"
+    save_artifact(data, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

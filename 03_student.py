@@ -30,6 +30,23 @@ PRESETS = {
 }
 
 
+def every_other_block(teacher):
+    """A student of the teacher's width with blocks 0, 2, 4, ... of the teacher, and its token and
+    position embeddings and final LayerNorm: the DistilBERT initialisation."""
+    t = teacher.config
+    config = GPTConfig(**{**t.__dict__, "n_layer": max(1, t.n_layer // 2)})
+    student = GPT(config)
+    ours = student.state_dict()
+    for name, value in teacher.state_dict().items():
+        if name.startswith("transformer.h."):  # transformer.h.<i>.…: block i goes to i // 2
+            _, _, i, rest = name.split(".", 3)
+            if int(i) % 2 == 0 and int(i) // 2 < config.n_layer:
+                ours[f"transformer.h.{int(i) // 2}.{rest}"].copy_(value)
+        else:
+            ours[name].copy_(value)
+    return student
+
+
 def main():
     p = lesson_parser(__doc__)
     p.add_argument("--n-layer", type=positive_int, help="transformer blocks (gpt2: 6, tiny: 2)")
@@ -84,23 +101,6 @@ def main():
                                    teacher_source=ckpt.get("source"),
                                    from_teacher=args.from_teacher), path)
     print(f"wrote {path}")
-
-
-def every_other_block(teacher):
-    """A student of the teacher's width with blocks 0, 2, 4, ... of the teacher, and its token and
-    position embeddings and final LayerNorm: the DistilBERT initialisation."""
-    t = teacher.config
-    config = GPTConfig(**{**t.__dict__, "n_layer": max(1, t.n_layer // 2)})
-    student = GPT(config)
-    ours = student.state_dict()
-    for name, value in teacher.state_dict().items():
-        if name.startswith("transformer.h."):  # transformer.h.<i>.…: block i goes to i // 2
-            _, _, i, rest = name.split(".", 3)
-            if int(i) % 2 == 0 and int(i) // 2 < config.n_layer:
-                ours[f"transformer.h.{int(i) // 2}.{rest}"].copy_(value)
-        else:
-            ours[name].copy_(value)
-    return student
 
 
 if __name__ == "__main__":

@@ -23,28 +23,20 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
-from common.distill import (
-    ONLINE,
-    make_batch,
-    rest_bucket_kl,
-    sampled_rkl,
-    soft_kd_kl,
-    token_divergence,
-)
+from common.distill import KD, ONLINE, loss_sums, make_batch
 from common.model import logits_fp32
 from common.perplexity import mean_nll
 from common.plumbing import cli, distributed, train_state
 from common.plumbing.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
-from common.plumbing.device import autocast, keep_freed_memory, needs_scaler, pick_dtype, sync
+from common.plumbing.device import autocast, keep_freed_memory, precision, sync
 from common.plumbing.progress import Speedometer, describe_run, show_first_loss
 from common.plumbing.train_inputs import load_inputs
 from common.sampling import continue_each
 from common.tokenizer import EOT
 
 # --- settings (flags left unset take the preset's values) ---
-# Learning rate: the 6/512 student trains from random weights, so it takes a from-scratch peak
-# rate, 1e-3 (GPT-3 paper, table 2.1: 6e-4 at 125M, higher below), not a fine-tuning 5e-5; the
-# tiny 2/32 one 1e-2 ("Choosing the learning rate" in the README has the measured val ppl).
+# Learning rate: from random weights the 6/512 student takes a from-scratch peak, 1e-3 (GPT-3, table
+# 2.1: 6e-4 at 125M), not a fine-tuning 5e-5; the tiny 2/32 one 1e-2 (measured: docs/results.md).
 PRESETS = {"gpt2": dict(epochs=3, lr=1e-3, batch_size=8),
            "tiny": dict(epochs=6, lr=1e-2, batch_size=4)}
 
@@ -100,39 +92,38 @@ def get_args():
 
 
 # --- the losses, written out ---
-def loss_by_hand(logits, y, kd, topk=None, alpha=0.5, T=2.0, teacher_logits=None, beta=0.5,
-                 tail="renorm"):
+def loss_by_hand(logits, y, kd, topk=None, teacher_logits=None):
     """The mean loss per scored token, each kind's formula written out plainly (a test checks it
-    against loss_sums, which the loop trains on)."""
+    against common/distill.py's loss_sums, which the loop trains on)."""
     scored = y != -100
     log_q = F.log_softmax(logits.float(), dim=-1)                  # the student's log-probs
     ce = -log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0][scored].mean()  # -log q(teacher's)
-    if kd == "seq":
+    if kd.kind == "seq":
         return ce
-    if kd == "soft" and tail == "rest":  # at T = 1: the K tokens, and the rest as one bucket
+    if kd.kind == "soft" and kd.tail == "rest":  # at T = 1: the K tokens, the rest as one bucket
         ids, lps = topk
         p, q_k = lps.float().exp(), log_q.exp().gather(-1, ids.long())
         p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)                 # K + 1 buckets
         q = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
         kl = (p * (p.clamp(min=1e-30).log() - q.log())).sum(-1)
-        return alpha * kl[scored].mean() + (1 - alpha) * ce
-    if kd == "soft":  # Hinton: both sides softened by T, the teacher known over its top K only
+        return kd.alpha * kl[scored].mean() + (1 - kd.alpha) * ce
+    if kd.kind == "soft":  # Hinton: both sides softened by T, the teacher known over its top K
         ids, lps = topk
-        p = F.softmax(lps.float() / T, dim=-1)                     # teacher, renormalised over K
-        log_q_T = F.log_softmax(logits.float() / T, dim=-1)
+        p = F.softmax(lps.float() / kd.T, dim=-1)                  # teacher, renormalised over K
+        log_q_T = F.log_softmax(logits.float() / kd.T, dim=-1)
         log_q_T = log_q_T.gather(-1, ids.long())                   # student, read at those K
         kl = (p * (p.log() - log_q_T)).sum(-1)
-        return alpha * T * T * kl[scored].mean() + (1 - alpha) * ce
+        return kd.alpha * kd.T * kd.T * kl[scored].mean() + (1 - kd.alpha) * ce
     p = F.softmax(teacher_logits.float(), dim=-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     q = log_q.exp()
-    if kd == "fkl":                                                # sum p (log p - log q)
+    if kd.kind == "fkl":                                           # sum p (log p - log q)
         return (p * (log_p - log_q)).sum(-1)[scored].mean()
-    if kd == "rkl":                                                # sum q (log q - log p)
+    if kd.kind == "rkl":                                           # sum q (log q - log p)
         return (q * (log_q - log_p)).sum(-1)[scored].mean()
-    if kd == "tvd":                                                # (1/2) sum |p - q|
+    if kd.kind == "tvd":                                           # (1/2) sum |p - q|
         return 0.5 * (p - q).abs().sum(-1)[scored].mean()
-    if kd == "rkl-sampled":  # y: the tokens the student wrote; the teacher's log p of each only
+    if kd.kind == "rkl-sampled":  # y: the tokens the student wrote; the teacher's log p of each
         log_q_y = log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0]
         log_p_y = log_p.gather(-1, y.clamp(min=0)[..., None])[..., 0]
         reward = (log_q_y - log_p_y).detach()
@@ -140,43 +131,17 @@ def loss_by_hand(logits, y, kd, topk=None, alpha=0.5, T=2.0, teacher_logits=None
         # the value shown is the reverse-KL estimate (reward); the gradient is the surrogate's
         return (surrogate - surrogate.detach() + reward)[scored].mean()
     # jsd: the mixture m, and log(m) of a sum (token_divergence keeps it in log space)
-    log_m = (beta * p + (1 - beta) * q).log()
-    jsd = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+    log_m = (kd.beta * p + (1 - kd.beta) * q).log()
+    jsd = kd.beta * (p * (log_p - log_m)).sum(-1) + (1 - kd.beta) * (q * (log_q - log_m)).sum(-1)
     return jsd[scored].mean()
 
 
-def loss_sums(logits, y, kd="seq", topk=None, alpha=0.5, T=2.0, teacher_logits=None, beta=0.5,
-              tail="renorm"):
-    """(training loss, cross-entropy), each SUMMED over the scored tokens (y != -100): the caller
-    divides by the scored tokens of the whole step. The same formulas as loss_by_hand, through
-    common/distill.py; for the online kinds the cross-entropy is only reported."""
-    # for the online kinds the cross-entropy is only reported: no graph (it would keep its tensors)
-    with torch.no_grad() if kd in ONLINE else nullcontext():
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                             ignore_index=-100, reduction="sum")
-    if kd == "seq":
-        return ce, ce
-    if kd == "rkl-sampled":  # the teacher's log-prob of each token the student wrote, and no more
-        log_p_y = F.log_softmax(teacher_logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
-        surrogate = sampled_rkl(logits, log_p_y, y)[y != -100].sum()
-        estimate = -ce - log_p_y[y != -100].sum()  # sum of log q(y) - log p(y): the KL shown
-        return surrogate - surrogate.detach() + estimate, ce  # its value, the surrogate's gradient
-    if kd in ONLINE:
-        # float32 (B, L, V) tensors at the peak of forward + backward, beyond the two logits: 5.3
-        # for fkl, 6.3 for rkl, 10.5 for jsd (python bench/divergence_memory.py; README: T4 sums)
-        return token_divergence(logits, teacher_logits, kd, beta=beta)[y != -100].sum(), ce
-    kl = (rest_bucket_kl(logits, *topk) if tail == "rest" else soft_kd_kl(logits, *topk, T))
-    return alpha * T * T * kl[y != -100].sum() + (1 - alpha) * ce, ce
-
-
 # --- one optimizer step ---
-def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad_clip, kd="seq",
-               alpha=0.5, T=2.0, world=1, teacher=None, beta=0.5, tail="renorm"):
-    """One optimizer step over this process's micro-batches [(x, y, topk or None), ...]. The loss
-    is the mean over the step_tokens scored tokens of the WHOLE step (all micro-batches, all
-    processes), however they are split: each micro-batch adds its loss sum / step_tokens (its own
-    mean would weigh a token of a short micro-batch more). Returns this process's (loss sum,
-    cross-entropy sum) and the gradient norm before clipping."""
+def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad_clip, kd,
+               world=1, teacher=None):
+    """One optimizer step over this process's micro-batches [(x, y, topk or None), ...], its loss
+    the mean over the step_tokens scored tokens of the WHOLE step (all micro-batches, processes).
+    Returns this process's (loss sum, cross-entropy sum) and the gradient norm before clipping."""
     loss_sum = ce_sum = 0.0
     for j, (x, y, topk) in enumerate(micro):
         # DDP averages gradients across processes on every backward; during accumulation only the
@@ -186,10 +151,11 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
             with autocast(device, dtype):
                 logits, _ = model(x)
                 with torch.no_grad():  # (B, L, V) in float32 whatever the autocast dtype
-                    teacher_logits = logits_fp32(teacher, x) if kd in ONLINE else None
-            loss, ce = loss_sums(logits, y, kd, topk, alpha, T, teacher_logits, beta, tail)
-            # DDP averages over the world processes: times world keeps the sum. scaler.scale
-            # multiplies the loss (fp16 only) so that small gradients don't underflow.
+                    teacher_logits = logits_fp32(teacher, x) if kd.kind in ONLINE else None
+            loss, ce = loss_sums(logits, y, kd, topk, teacher_logits)
+            # / step_tokens, not this micro-batch's own mean (a short one's tokens weigh more);
+            # times world: DDP averages over the processes. scaler.scale multiplies the loss (fp16
+            # only) so that small gradients don't underflow.
             scaler.scale(loss * world / step_tokens).backward()
         loss_sum = loss_sum + loss.detach()  # kept on the device: reading it now waits for the GPU
         ce_sum = ce_sum + ce.detach()
@@ -204,15 +170,12 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
 
 # --- on-policy: the student writes the sampled part itself ---
 def student_samples(student, seqs, prompt_lens, temperature):
-    """The student continues each prompt itself (KV cache, no gradients) for as many tokens as the
-    teacher's sample, stopping after an <|endoftext|> (kept: a token to learn). Same layout as the
-    teacher's samples, so the same batching and loss apply. It draws from the global random
-    stream, so a resumed run draws the same samples."""
-    was_training = student.training
-    prompts = [s[:P] for s, P in zip(seqs, prompt_lens)]
-    lengths = [len(s) - P for s, P in zip(seqs, prompt_lens)]
-    # fast_layout=False: the optimizer's state is laid out like the weights: keep them
-    samples = continue_each(student, prompts, lengths, EOT, temperature, fast_layout=False)
+    """The student continues each prompt (no gradients) for as many tokens as the teacher's sample,
+    stopping after an <|endoftext|> (kept); from the global random stream: a resume draws alike."""
+    was_training = student.training  # (generate leaves it in eval mode)
+    samples = continue_each(student, [s[:P] for s, P in zip(seqs, prompt_lens)],
+                            [len(s) - P for s, P in zip(seqs, prompt_lens)], EOT, temperature,
+                            fast_layout=False)  # AdamW's state is laid out like the weights: keep
     student.train(was_training)
     return samples
 
@@ -228,14 +191,12 @@ def lr_at(step, total, warmup, lr, min_lr):
 
 # --- the epoch's batches ---
 def chunks_of_epoch(n, batch_size, seed, epoch, on_policy, world, n_micro):
-    """Every rank's micro-batches of an epoch, each (sample indices, on-policy?): a seeded shuffle
-    cut into batches, rank r taking every world-th from r (each rank computes all, to count the
-    step's tokens), n_micro of them. The on-policy draws come after the shuffle: --on-policy 0
-    keeps the order."""
+    """Every rank's n_micro micro-batches of an epoch, each (sample indices, on-policy?): a seeded
+    shuffle cut into batches, rank r taking every world-th from r (all ranks computed, to count)."""
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=g).tolist()
     chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    own = (torch.rand(len(chunks), generator=g) < on_policy).tolist()
+    own = (torch.rand(len(chunks), generator=g) < on_policy).tolist()  # after it: 0 keeps the order
     return [list(zip(chunks[r::world], own[r::world]))[:n_micro] for r in range(world)]
 
 
@@ -254,13 +215,10 @@ def micro_batch(idx, data, kd, device, student=None, temperature=1.0, speed=None
 
 
 def tokens_of_step(step_chunks, data, micro, on_policy, procs):
-    """The whole step's token counts, all processes: "tokens", the scored ones (the loss's
-    denominator); "student_tokens", the positions the student trained on (prompts too); and
-    "sampled_tokens", the positions it ran through while writing on-policy text (its prompt, then
-    one per token it wrote). Known from the teacher's samples; when the student writes, its samples
-    have lengths of their own: each process counts its own, then they are summed."""
+    """The whole step's token counts, all processes: "tokens" scored (the loss's denominator),
+    "student_tokens" trained on (prompts too), "sampled_tokens" run while writing on-policy text."""
     P = data["train_prompt_lens"]
-    if not on_policy:
+    if not on_policy:  # known from the teacher's samples; the student's own have their own lengths
         idx = [k for chunks in step_chunks for ks, _ in chunks for k in ks]
         scored = sum(len(data["train"][k]) - P[k] for k in idx)
         return {"tokens": scored, "student_tokens": scored + sum(P[k] - 1 for k in idx),
@@ -280,9 +238,7 @@ def main():
     if device == "cpu":
         keep_freed_memory()  # each step makes tensors of hundreds of MB: reuse their pages
     torch.manual_seed(args.seed + procs.rank)  # dropout (the data order has its own generator)
-    # precision, in one place: bf16 or fp16 autocast on a GPU (fp16 with a GradScaler), fp32 on CPU
-    dtype = pick_dtype(device.split(":")[0], args.dtype)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=needs_scaler(dtype))
+    dtype, scaler = precision(device, args.dtype)  # bf16, fp16 + GradScaler, fp32: by the device
 
     # --- data, models, optimizer (each misfit refused in one line: plumbing/train_inputs.py) ---
     data, raw, init_ckpt, teacher = load_inputs(args, device, dtype)
@@ -307,8 +263,7 @@ def main():
                    total_steps=total_steps, config=init_ckpt["config"], settings=settings)
     evaluate = partial(mean_nll, raw, data["val"], data["val_prompt_lens"], args.batch_size,
                        device, dtype)
-    loss_kw = dict(kd=args.kd, alpha=args.kd_alpha, T=args.kd_temperature, beta=args.jsd_beta,
-                   tail=args.soft_tail)
+    kd = KD.from_args(args)  # the distillation flags, as one object
     log(describe_run(args, raw, data, procs, dtype, scaler, teacher, steps_per_epoch, warmup))
 
     # --- the training loop ---
@@ -322,7 +277,7 @@ def main():
             state.history["val"].append((0, evaluate()))
             first = micro_batch(chunks_of(0)[0][0][0], data, args.kd, device)
             show_first_loss(state.history, first, raw, teacher, procs, dtype, loss_by_hand,
-                            loss_sums, loss_kw)
+                            loss_sums, kd)
         while state.step < total_steps:
             # --- one step: this process's micro-batches (on-policy: the student writes them) ---
             epoch, i = divmod(state.step, steps_per_epoch)
@@ -335,8 +290,8 @@ def main():
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, ce_sum, norm = train_step(model, optimizer, scaler, micro, counts["tokens"],
-                                                device, dtype, args.grad_clip, world=procs.world,
-                                                teacher=teacher, **loss_kw)
+                                                device, dtype, args.grad_clip, kd, procs.world,
+                                                teacher)
             # the step's mean loss over all its tokens (all processes); did anyone hit Ctrl-C?
             loss_sum, ce_sum, stop = distributed.all_sum(procs, [loss_sum, ce_sum,
                                                                  ctrl_c.requested])

@@ -122,85 +122,6 @@ def get_args():
     return parse(p, PRESETS)
 
 
-def main():
-    args = get_args()
-    enc = get_tokenizer()
-    device = get_device()
-    dtype = pick_dtype(device)
-
-    # --- the three models ---
-    models = {}
-    for name, file in MODELS.items():
-        # the start may be a pretrained GPT-2 written by 01 (see "Your own models" in the README)
-        kinds = ("student_init", "teacher") if name == "student_init" else name
-        models[name], ckpt = load_model(f"{args.out}/{file}", kinds, vocab_size=enc.n_vocab)
-        if name == "teacher":
-            ckpt_teacher = ckpt
-        models[name].to(device)
-        if name == "student" and ckpt["config"] != models["student_init"].config.__dict__:
-            raise LessonError(f"{args.out}/student.pt does not match {args.out}/student_init.pt "
-                              f"(different config): run 04_train.py again after 03_student.py")
-    window = min(m.config.block_size for m in models.values())
-    if args.stride and args.stride > window:
-        raise LessonError(f"--stride {args.stride} is larger than the window ({window} tokens)")
-
-    # --- the evaluation sets ---
-    data = load_artifact(f"{args.out}/generated.pt", "generated", keys=("test", "test_prompt_lens"))
-    test, test_P = data["test"], data["test_prompt_lens"]
-    s = data.get("settings", {})
-    sampling = (f"T={s.get('temperature', '?')}, top-k {s.get('top_k', '?')}, "
-                f"top-p {s.get('top_p', '?')}")
-    streams, skipped = long_texts(args, enc)
-    toy_docs, floor = None, {}
-    if ckpt_teacher.get("language") == "toy":
-        toy_docs = toy_language.documents(TOY_DOCUMENTS, TOY_SEED)
-        floor["toy-language"] = math.exp(toy_language.entropy_per_token(toy_docs, enc.encode))
-        # each document read after <|endoftext|>, as the teacher was trained
-        toy_docs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in toy_docs]
-    print(f"sets: generated-test ({len(test)} samples, "
-          f"{sum(len(s) - P for s, P in zip(test, test_P)):,} sampled tokens)"
-          + (f", toy-language ({len(toy_docs)} documents)" if toy_docs else "")
-          + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
-          + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
-
-    # --- perplexity, by hand, of the teacher on one test sample; then with common/perplexity.py ---
-    one = test[0].to(device)
-    nll, n = sequences_nll(models["teacher"], [one], prompt_lens=test_P[:1])
-    print(f"by hand, the teacher on test sample 0 ({n} sampled tokens): perplexity "
-          f"{perplexity_by_hand(models['teacher'], one, test_P[0]):.3f}; common/perplexity.py: "
-          f"{math.exp(nll / n):.3f}")
-    sets = {"generated-test": (test, test_P)}
-    if toy_docs:
-        sets["toy-language"] = (toy_docs, [1] * len(toy_docs))
-    ppl = perplexities(models, {**sets, **streams}, args, device, dtype)
-
-    # --- imitation: top-1 agreement and KL on the teacher's own held-out samples ---
-    agreement, kl = {}, {}
-    if data.get("test_topk_ids"):
-        for name in ("student_init", "student", "teacher"):
-            agreement[name], kl[name] = agreement_and_kl(
-                models[name], test, test_P, data["test_topk_ids"], data["test_topk_logprobs"],
-                args.batch_size, device, dtype)
-    else:
-        print("  generated.pt has no top-K data (--topk-logits 0): agreement and KL skipped")
-
-    # --- the table ---
-    print_table(ppl, floor, agreement, kl)
-    print(f"(the teacher's generated-test perplexity is low partly by construction: it sampled "
-          f"those tokens with {sampling}; compare models on text nobody sampled from them: "
-          f"wikitext2, or toy-language)")
-    for set_name, why in skipped.items():
-        print(f"skipped {set_name}: {why}")
-
-    path = f"{args.out}/eval.pt"
-    save_artifact({"kind": "eval", "preset": args.preset, "perplexity": ppl, "floor": floor,
-                   "agreement": agreement, "kl": kl, "skipped": skipped,
-                   "teacher_source": ckpt_teacher.get("source"), "sampling": sampling,
-                   "stride": args.stride or window, "window": window, "device": device,
-                   "dtype": dtype}, path)
-    print(f"wrote {path}")
-
-
 # --- the steps of main ---
 def long_texts(args, enc):
     """The long texts to score with sliding windows ({name: 1-D tokens}: WikiText-2, --eval-text
@@ -270,6 +191,85 @@ def print_table(ppl, floor, agreement, kl):
             note = ("  (the teacher itself: 100%, and not 0: the cost of keeping only its top K)"
                     if name == "teacher" else "")
             print(f"  {name:<16}{agreement[name]:>14.1%}{kl[name]:>28.4f}{note}")
+
+
+def main():
+    args = get_args()
+    enc = get_tokenizer()
+    device = get_device()
+    dtype = pick_dtype(device)
+
+    # --- the three models ---
+    models = {}
+    for name, file in MODELS.items():
+        # the start may be a pretrained GPT-2 written by 01 (docs/your-models.md)
+        kinds = ("student_init", "teacher") if name == "student_init" else name
+        models[name], ckpt = load_model(f"{args.out}/{file}", kinds, vocab_size=enc.n_vocab)
+        if name == "teacher":
+            ckpt_teacher = ckpt
+        models[name].to(device)
+        if name == "student" and ckpt["config"] != models["student_init"].config.__dict__:
+            raise LessonError(f"{args.out}/student.pt does not match {args.out}/student_init.pt "
+                              f"(different config): run 04_train.py again after 03_student.py")
+    window = min(m.config.block_size for m in models.values())
+    if args.stride and args.stride > window:
+        raise LessonError(f"--stride {args.stride} is larger than the window ({window} tokens)")
+
+    # --- the evaluation sets ---
+    data = load_artifact(f"{args.out}/generated.pt", "generated", keys=("test", "test_prompt_lens"))
+    test, test_P = data["test"], data["test_prompt_lens"]
+    s = data.get("settings", {})
+    sampling = (f"T={s.get('temperature', '?')}, top-k {s.get('top_k', '?')}, "
+                f"top-p {s.get('top_p', '?')}")
+    streams, skipped = long_texts(args, enc)
+    toy_docs, floor = None, {}
+    if ckpt_teacher.get("language") == "toy":
+        toy_docs = toy_language.documents(TOY_DOCUMENTS, TOY_SEED)
+        floor["toy-language"] = math.exp(toy_language.entropy_per_token(toy_docs, enc.encode))
+        # each document read after <|endoftext|>, as the teacher was trained
+        toy_docs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in toy_docs]
+    print(f"sets: generated-test ({len(test)} samples, "
+          f"{sum(len(s) - P for s, P in zip(test, test_P)):,} sampled tokens)"
+          + (f", toy-language ({len(toy_docs)} documents)" if toy_docs else "")
+          + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
+          + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
+
+    # --- perplexity, by hand, of the teacher on one test sample; then with common/perplexity.py ---
+    one = test[0].to(device)
+    nll, n = sequences_nll(models["teacher"], [one], prompt_lens=test_P[:1])
+    print(f"by hand, the teacher on test sample 0 ({n} sampled tokens): perplexity "
+          f"{perplexity_by_hand(models['teacher'], one, test_P[0]):.3f}; common/perplexity.py: "
+          f"{math.exp(nll / n):.3f}")
+    sets = {"generated-test": (test, test_P)}
+    if toy_docs:
+        sets["toy-language"] = (toy_docs, [1] * len(toy_docs))
+    ppl = perplexities(models, {**sets, **streams}, args, device, dtype)
+
+    # --- imitation: top-1 agreement and KL on the teacher's own held-out samples ---
+    agreement, kl = {}, {}
+    if data.get("test_topk_ids"):
+        for name in ("student_init", "student", "teacher"):
+            agreement[name], kl[name] = agreement_and_kl(
+                models[name], test, test_P, data["test_topk_ids"], data["test_topk_logprobs"],
+                args.batch_size, device, dtype)
+    else:
+        print("  generated.pt has no top-K data (--topk-logits 0): agreement and KL skipped")
+
+    # --- the table ---
+    print_table(ppl, floor, agreement, kl)
+    print(f"(the teacher's generated-test perplexity is low partly by construction: it sampled "
+          f"those tokens with {sampling}; compare models on text nobody sampled from them: "
+          f"wikitext2, or toy-language)")
+    for set_name, why in skipped.items():
+        print(f"skipped {set_name}: {why}")
+
+    path = f"{args.out}/eval.pt"
+    save_artifact({"kind": "eval", "preset": args.preset, "perplexity": ppl, "floor": floor,
+                   "agreement": agreement, "kl": kl, "skipped": skipped,
+                   "teacher_source": ckpt_teacher.get("source"), "sampling": sampling,
+                   "stride": args.stride or window, "window": window, "device": device,
+                   "dtype": dtype}, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,78 @@ def tokens_per_second(model, device, n_new=48, batch=1, runs=5):
     return sorted(rates)[len(rates) // 2]
 
 
+def gap_closed(r):
+    """The share of the log-perplexity gap between the untrained student and the teacher that
+    training closed: 0 for no progress, 1 for the teacher's level (above 1: better than it)."""
+    before, after, teacher = (math.log(r[k]) for k in ("student_init", "student", "teacher"))
+    return (before - after) / (before - teacher)
+
+
+def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pairs):
+    """report.md, line by line: perplexities and rates, training, the two models, side by side."""
+    ppl, st = ev["perplexity"], log["settings"]
+    L = ["# Distillation report", "",
+         f"Teacher: {ev.get('teacher_source') or 'see teacher.pt'}.", ""]
+    L += [f"Student trained with {st['kd']} KD, {st['epochs']} epochs, {log['tokens']:,} sampled "
+          f"tokens seen, {log['wall_time']:.0f}s of training (all parts of a resumed run) on "
+          f"{log.get('world', 1)} process(es), {log['dtype']}. Perplexity window "
+          f"{ev.get('window')}, stride {ev.get('stride')}.", ""]
+    L += ["## Perplexity", "",
+          "| set | teacher | student (init) | student (trained) | improvement | achievement | "
+          "gap closed |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    for set_name, r in ppl.items():
+        L.append(f"| {set_name} | {r['teacher']:,.2f} | {r['student_init']:,.2f} | "
+                 f"{r['student']:,.2f} | {rates[set_name]['improvement']:.1%} | "
+                 f"{rates[set_name]['achievement']:.1%} | {rates[set_name]['gap_closed']:.1%} |")
+    L += ["", "improvement = (student init − student) / student init; achievement = teacher ppl / "
+          "student ppl (100% = as good as the teacher); gap closed = (log student init − log "
+          "student) / (log student init − log teacher), the share of the way to the teacher in "
+          "nats per token (improvement is ~100% for any student that learned anything; the gap "
+          "closed says how far it got).", ""]
+    for set_name, f in floor.items():
+        L += [f"{set_name}: documents written by the toy language itself (the offline stand-in for "
+              f"WikiText-2). Its floor, exp of the language's own -log p per token on these "
+              f"documents, is {f:.2f}: what a model knowing the language exactly would score (no "
+              f"model beats it in expectation; the language's entropy rate, over 2,000 "
+              f"documents, is {math.exp(toy_language.ENTROPY_RATE):.2f}). The teacher is at "
+              f"{ppl[set_name]['teacher'] / f:.2f}x the floor, the student at "
+              f"{ppl[set_name]['student'] / f:.2f}x.", ""]
+    if "generated-test" in ppl:
+        L += ["generated-test is the teacher's held-out samples (openings never used in training), "
+              "scored on the tokens the teacher sampled, not on its prompts. The teacher's own "
+              "perplexity there is low partly by construction: it chose those tokens with "
+              f"{ev.get('sampling', 'its sampling settings')}, which favour the tokens it finds "
+              "likely. Human-written text (wikitext2) is the fair comparison of the teacher with "
+              "anything else" + (" (here toy-language)." if floor else "."), ""]
+    for set_name, why in ev.get("skipped", {}).items():
+        L.append(f"Not evaluated: {set_name} ({why}).")
+    L += ["", "![perplexity](perplexity.png)", ""]
+    if ev.get("agreement"):
+        L += ["On the teacher's held-out test samples (sampled tokens only):", "",
+              "| model | top-1 agreement with teacher | top-K truncated KL(teacher ‖ model) |",
+              "|---|---:|---:|"]
+        L += [f"| {LABELS[n]} | {ev['agreement'][n]:.1%} | {ev['kl'][n]:.4f} |"
+              for n in ev["agreement"]]
+        L += ["", "The truncated KL compares each model with the teacher's stored top K, "
+              "renormalised (what --kd soft trains on); it is not the KL to the teacher's whole "
+              "distribution: the teacher's own row is not 0 but the cost of keeping only its top "
+              "K.", ""]
+    L += ["## Training", "", "![training](training.png)", "",
+          f"The teacher's cross-entropy on the same val samples (sampled tokens only): "
+          f"{teacher_ce:.4f} nats per token, the level a perfect imitation would reach; the "
+          f"student's best: {log['best_val']:.4f}.", ""]
+    L += ["## The two models", "", "| | teacher | student |", "|---|---:|---:|"]
+    L += [f"| {a.strip()} | {b} | {c} |" for a, b, c in spec]
+    L += [f"| compression | | {compression:.1f}x fewer parameters |", ""]
+    L += ["## Side by side", "",
+          f"Same prompt, same seed ({args.seed}), temperature 0.9, top-k 50, top-p 0.95.", ""]
+    for prompt, row in pairs:
+        L += [f"**{prompt}**", "", f"- teacher: {prompt} {row['teacher']}",
+              f"- student: {prompt} {row['student']}", ""]
+    return L
+
+
 def main():
     p = lesson_parser(__doc__)
     p.add_argument("--max-new-tokens", type=positive_int, default=48,
@@ -260,78 +332,6 @@ def main():
           f"{speed['student']:,.0f} tok/s (teacher vs student, {device})")
     print(f"wrote {out}/perplexity.png, {out}/training.png, "
           + (f"{out}/soft_targets.png, " if soft else "") + f"{out}/report.md")
-
-
-def gap_closed(r):
-    """The share of the log-perplexity gap between the untrained student and the teacher that
-    training closed: 0 for no progress, 1 for the teacher's level (above 1: better than it)."""
-    before, after, teacher = (math.log(r[k]) for k in ("student_init", "student", "teacher"))
-    return (before - after) / (before - teacher)
-
-
-def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pairs):
-    """report.md, line by line: perplexities and rates, training, the two models, side by side."""
-    ppl, st = ev["perplexity"], log["settings"]
-    L = ["# Distillation report", "",
-         f"Teacher: {ev.get('teacher_source') or 'see teacher.pt'}.", ""]
-    L += [f"Student trained with {st['kd']} KD, {st['epochs']} epochs, {log['tokens']:,} sampled "
-          f"tokens seen, {log['wall_time']:.0f}s of training (all parts of a resumed run) on "
-          f"{log.get('world', 1)} process(es), {log['dtype']}. Perplexity window "
-          f"{ev.get('window')}, stride {ev.get('stride')}.", ""]
-    L += ["## Perplexity", "",
-          "| set | teacher | student (init) | student (trained) | improvement | achievement | "
-          "gap closed |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
-    for set_name, r in ppl.items():
-        L.append(f"| {set_name} | {r['teacher']:,.2f} | {r['student_init']:,.2f} | "
-                 f"{r['student']:,.2f} | {rates[set_name]['improvement']:.1%} | "
-                 f"{rates[set_name]['achievement']:.1%} | {rates[set_name]['gap_closed']:.1%} |")
-    L += ["", "improvement = (student init − student) / student init; achievement = teacher ppl / "
-          "student ppl (100% = as good as the teacher); gap closed = (log student init − log "
-          "student) / (log student init − log teacher), the share of the way to the teacher in "
-          "nats per token (improvement is ~100% for any student that learned anything; the gap "
-          "closed says how far it got).", ""]
-    for set_name, f in floor.items():
-        L += [f"{set_name}: documents written by the toy language itself (the offline stand-in for "
-              f"WikiText-2). Its floor, exp of the language's own -log p per token on these "
-              f"documents, is {f:.2f}: what a model knowing the language exactly would score (no "
-              f"model beats it in expectation; the language's entropy rate, over 2,000 "
-              f"documents, is {math.exp(toy_language.ENTROPY_RATE):.2f}). The teacher is at "
-              f"{ppl[set_name]['teacher'] / f:.2f}x the floor, the student at "
-              f"{ppl[set_name]['student'] / f:.2f}x.", ""]
-    if "generated-test" in ppl:
-        L += ["generated-test is the teacher's held-out samples (openings never used in training), "
-              "scored on the tokens the teacher sampled, not on its prompts. The teacher's own "
-              "perplexity there is low partly by construction: it chose those tokens with "
-              f"{ev.get('sampling', 'its sampling settings')}, which favour the tokens it finds "
-              "likely. Human-written text (wikitext2) is the fair comparison of the teacher with "
-              "anything else" + (" (here toy-language)." if floor else "."), ""]
-    for set_name, why in ev.get("skipped", {}).items():
-        L.append(f"Not evaluated: {set_name} ({why}).")
-    L += ["", "![perplexity](perplexity.png)", ""]
-    if ev.get("agreement"):
-        L += ["On the teacher's held-out test samples (sampled tokens only):", "",
-              "| model | top-1 agreement with teacher | top-K truncated KL(teacher ‖ model) |",
-              "|---|---:|---:|"]
-        L += [f"| {LABELS[n]} | {ev['agreement'][n]:.1%} | {ev['kl'][n]:.4f} |"
-              for n in ev["agreement"]]
-        L += ["", "The truncated KL compares each model with the teacher's stored top K, "
-              "renormalised (what --kd soft trains on); it is not the KL to the teacher's whole "
-              "distribution: the teacher's own row is not 0 but the cost of keeping only its top "
-              "K.", ""]
-    L += ["## Training", "", "![training](training.png)", "",
-          f"The teacher's cross-entropy on the same val samples (sampled tokens only): "
-          f"{teacher_ce:.4f} nats per token, the level a perfect imitation would reach; the "
-          f"student's best: {log['best_val']:.4f}.", ""]
-    L += ["## The two models", "", "| | teacher | student |", "|---|---:|---:|"]
-    L += [f"| {a.strip()} | {b} | {c} |" for a, b, c in spec]
-    L += [f"| compression | | {compression:.1f}x fewer parameters |", ""]
-    L += ["## Side by side", "",
-          f"Same prompt, same seed ({args.seed}), temperature 0.9, top-k 50, top-p 0.95.", ""]
-    for prompt, row in pairs:
-        L += [f"**{prompt}**", "", f"- teacher: {prompt} {row['teacher']}",
-              f"- student: {prompt} {row['student']}", ""]
-    return L
 
 
 if __name__ == "__main__":

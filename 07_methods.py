@@ -69,7 +69,15 @@ import matplotlib.ticker
 import torch
 from torch.nn import functional as F
 
-from common.distill import ONLINE, make_batch, rest_bucket_kl, soft_kd_kl, token_divergence
+from common.distill import (
+    KD,
+    ONLINE,
+    loss_sums,
+    make_batch,
+    rest_bucket_kl,
+    soft_kd_kl,
+    token_divergence,
+)
 from common.model import logits_fp32
 from common.plumbing.artifacts import (
     LessonError,
@@ -252,8 +260,10 @@ def val_objective(flags, student, teacher, data, args, device, dtype):
     student's own continuations of the val prompts, or both in its --on-policy share). rkl-sampled
     is scored by the exact reverse KL, of which its loss is an estimate. Lower is better."""
     o = options(flags)
-    kd, share = o["--kd"], float(o.get("--on-policy", 0))
-    T, alpha = float(o.get("--kd-temperature", 2.0)), float(o.get("--kd-alpha", 0.5))
+    share = float(o.get("--on-policy", 0))
+    kd = KD("rkl" if o["--kd"] == "rkl-sampled" else o["--kd"],  # the loss 04 trains on, exactly
+            float(o.get("--kd-alpha", 0.5)), float(o.get("--kd-temperature", 2.0)),
+            float(o.get("--jsd-beta", 0.5)), o.get("--soft-tail", "renorm"))
     val, P = data["val"], data["val_prompt_lens"]
     own, _ = own_text(student, val, P, device, 1, seed=SAMPLE_SEED + 1) if share else (None, None)
     total = 0.0
@@ -265,23 +275,15 @@ def val_objective(flags, student, teacher, data, args, device, dtype):
             scored = y != -100
             with autocast(device, dtype):  # (n, V): the scored positions only
                 s = logits_fp32(student, x, scored)
-                t = logits_fp32(teacher, x, scored) if kd in ONLINE else None
-            ce = F.cross_entropy(s, y[scored], reduction="none")
-            if kd == "seq":
-                per = ce
-            elif kd == "soft":
+                t = logits_fp32(teacher, x, scored) if kd.kind in ONLINE else None
+            topk = None
+            if kd.kind == "soft":
                 rows = slice(i * args.batch_size, (i + 1) * args.batch_size)
                 _, _, ids, lps = make_batch(text[rows], data["val_topk_ids"][rows],
                                             data["val_topk_logprobs"][rows], device=device)
-                ids, lps = ids[scored], lps[scored]
-                kl = (rest_bucket_kl(s, ids, lps) if o.get("--soft-tail") == "rest" else
-                      soft_kd_kl(s, ids, lps, T))
-                per = alpha * T * T * kl + (1 - alpha) * ce
-            else:
-                kind = "rkl" if kd == "rkl-sampled" else kd
-                per = token_divergence(s, t, kind, beta=float(o.get("--jsd-beta", 0.5)))
-            loss += per.sum().item()
-            n += len(per)
+                topk = (ids[scored], lps[scored])
+            loss += loss_sums(s, y[scored], kd, topk, t)[0].item()  # common/distill.py, as in 04
+            n += int(scored.sum())
         total += weight * loss / n
     return total
 
@@ -523,69 +525,6 @@ def get_args():
     return parse(p, PRESETS)
 
 
-def main():
-    args = get_args()
-    out = args.out
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown or not chosen:
-        raise LessonError(f"unknown method {', '.join(unknown) or '(none)'}: choose among "
-                          f"{', '.join(METHODS)}")
-    enc = get_tokenizer()
-    device = get_device()
-    dtype = pick_dtype(device)
-
-    # --- inputs: checked here once, so that a problem is one line, not many failed runs ---
-    for file, kind in INPUTS.items():
-        check_preset(load_artifact(f"{out}/{file}", kind), f"{out}/{file}", args.preset)
-    data = load_artifact(f"{out}/generated.pt", "generated",
-                         keys=("train", "val", "test", "test_prompt_lens", "val_prompt_lens"))
-    if any(options(METHODS[m])["--kd"] == "soft" for m in chosen) and not data.get("val_topk_ids"):
-        raise LessonError("the soft methods need the teacher's top-K log-probs: run "
-                          "02_generate.py with --topk-logits 32")
-    test, test_P = data["test"], data["test_prompt_lens"]
-    teacher, teacher_ckpt = load_model(f"{out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
-    teacher.to(device)
-
-    # --- training: the start, then each method's grid of rates and its seeds ---
-    t_lab = time.time()
-    trained = train_all(args, chosen, data, teacher, device, dtype)
-
-    # --- measuring: every student after the same number of steps, on the same held-out samples ---
-    n_tokens = sum(len(s) - P for s, P in zip(test, test_P))
-    print(f"\nmeasuring on generated-test ({len(test)} samples, {n_tokens:,} sampled tokens; each "
-          f"model writes {args.own_samples} texts per prompt) | {device} {dtype}")
-    rows, steps = measure_all(args, trained, teacher, test, test_P, device, dtype)
-    used = torch.zeros(enc.n_vocab, dtype=torch.bool)
-    for s in data["train"]:
-        used[s] = True  # the tokens the teacher's training text uses
-    price_of = "soft" if "soft" in trained else chosen[0]
-    first = load_model(f"{trained[price_of]['runs'][0][1]}/student_last.pt", "student")[0]
-    price = price_of_top_k(first.to(device), teacher, test, test_P, args.batch_size, device,
-                           dtype, used)
-    price["never_zero"] = bool(teacher.transformer.wte.weight[~used.to(device)].abs().max() == 0)
-    price["n_never"] = int((~used).sum())
-
-    # --- the report ---
-    start_log = load_artifact(f"{out}/methods/start/train_log.pt", "train_log")
-    compute = {"writing": writing_flops(data, matmul_params(teacher)),
-               "student_N": matmul_params(first), "teacher_N": matmul_params(teacher),
-               "start_flops": training_flops(start_log, matmul_params(first), 0, False)[0]}
-    md = report_lines(args, rows, price, price_of, steps, len(test), enc.n_vocab, compute,
-                      teacher_ckpt.get("source") or "see teacher.pt")
-    save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "price": price,
-                   "price_of": price_of, "steps": steps, "epochs": args.epochs,
-                   "warm_epochs": args.warm_epochs, "lr_grid": args.lr_grid, "seeds": args.seeds,
-                   "compute": compute}, f"{out}/methods.pt")
-    write_text("\n".join(md) + "\n", f"{out}/methods.md")
-    chart(rows, f"{out}/methods.png")
-    print(f"\nprice of top-K ({price_of} student): exact KL {price['exact']:.4f}; "
-          + ", ".join(f"K={k}: {price['renorm'][k]:.4f} renormalised, {price['rest'][k]:.4f} "
-                      f"with rest" for k in TOPK))
-    print(f"lab finished in {time.time() - t_lab:.0f}s | wrote {out}/methods.md, methods.png, "
-          f"methods.pt")
-
-
 # --- bookkeeping: which runs are done, and the report ---
 INPUTS = {"teacher.pt": "teacher", "generated.pt": "generated", "student_init.pt": "student_init"}
 
@@ -751,6 +690,69 @@ def price_lines(price, price_of, n_vocab, preset):
                    "trained them), so each has logit 0 at every position: that share is the "
                    f"{preset} teacher's artefact, not something a real teacher's tail does.")
     return md
+
+
+def main():
+    args = get_args()
+    out = args.out
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise LessonError(f"unknown method {', '.join(unknown) or '(none)'}: choose among "
+                          f"{', '.join(METHODS)}")
+    enc = get_tokenizer()
+    device = get_device()
+    dtype = pick_dtype(device)
+
+    # --- inputs: checked here once, so that a problem is one line, not many failed runs ---
+    for file, kind in INPUTS.items():
+        check_preset(load_artifact(f"{out}/{file}", kind), f"{out}/{file}", args.preset)
+    data = load_artifact(f"{out}/generated.pt", "generated",
+                         keys=("train", "val", "test", "test_prompt_lens", "val_prompt_lens"))
+    if any(options(METHODS[m])["--kd"] == "soft" for m in chosen) and not data.get("val_topk_ids"):
+        raise LessonError("the soft methods need the teacher's top-K log-probs: run "
+                          "02_generate.py with --topk-logits 32")
+    test, test_P = data["test"], data["test_prompt_lens"]
+    teacher, teacher_ckpt = load_model(f"{out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
+    teacher.to(device)
+
+    # --- training: the start, then each method's grid of rates and its seeds ---
+    t_lab = time.time()
+    trained = train_all(args, chosen, data, teacher, device, dtype)
+
+    # --- measuring: every student after the same number of steps, on the same held-out samples ---
+    n_tokens = sum(len(s) - P for s, P in zip(test, test_P))
+    print(f"\nmeasuring on generated-test ({len(test)} samples, {n_tokens:,} sampled tokens; each "
+          f"model writes {args.own_samples} texts per prompt) | {device} {dtype}")
+    rows, steps = measure_all(args, trained, teacher, test, test_P, device, dtype)
+    used = torch.zeros(enc.n_vocab, dtype=torch.bool)
+    for s in data["train"]:
+        used[s] = True  # the tokens the teacher's training text uses
+    price_of = "soft" if "soft" in trained else chosen[0]
+    first = load_model(f"{trained[price_of]['runs'][0][1]}/student_last.pt", "student")[0]
+    price = price_of_top_k(first.to(device), teacher, test, test_P, args.batch_size, device,
+                           dtype, used)
+    price["never_zero"] = bool(teacher.transformer.wte.weight[~used.to(device)].abs().max() == 0)
+    price["n_never"] = int((~used).sum())
+
+    # --- the report ---
+    start_log = load_artifact(f"{out}/methods/start/train_log.pt", "train_log")
+    compute = {"writing": writing_flops(data, matmul_params(teacher)),
+               "student_N": matmul_params(first), "teacher_N": matmul_params(teacher),
+               "start_flops": training_flops(start_log, matmul_params(first), 0, False)[0]}
+    md = report_lines(args, rows, price, price_of, steps, len(test), enc.n_vocab, compute,
+                      teacher_ckpt.get("source") or "see teacher.pt")
+    save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "price": price,
+                   "price_of": price_of, "steps": steps, "epochs": args.epochs,
+                   "warm_epochs": args.warm_epochs, "lr_grid": args.lr_grid, "seeds": args.seeds,
+                   "compute": compute}, f"{out}/methods.pt")
+    write_text("\n".join(md) + "\n", f"{out}/methods.md")
+    chart(rows, f"{out}/methods.png")
+    print(f"\nprice of top-K ({price_of} student): exact KL {price['exact']:.4f}; "
+          + ", ".join(f"K={k}: {price['renorm'][k]:.4f} renormalised, {price['rest'][k]:.4f} "
+                      f"with rest" for k in TOPK))
+    print(f"lab finished in {time.time() - t_lab:.0f}s | wrote {out}/methods.md, methods.png, "
+          f"methods.pt")
 
 
 if __name__ == "__main__":

@@ -64,77 +64,6 @@ def get_args():
     return parse(p, PRESETS)
 
 
-def main():
-    args = get_args()
-    device = get_device()
-    enc = get_tokenizer()
-    try:
-        gs = sorted({int(g) for g in args.draft_tokens.split(",") if g.strip()})
-    except ValueError:
-        gs = []
-    if not gs or gs[0] < 1:
-        raise LessonError(f"--draft-tokens {args.draft_tokens!r}: give whole numbers >= 1, e.g. "
-                          f"1,2,4")
-
-    # --- the teacher, the drafts, the held-out prompts ---
-    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
-    check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
-    teacher.to(device)
-    drafts = {}
-    for name, path in draft_files(args.out).items():
-        drafts[name], _ = load_model(path, ("student_init", "student"), vocab_size=enc.n_vocab)
-        drafts[name].to(device)
-    data = load_artifact(f"{args.out}/generated.pt", "generated",
-                         keys=("test", "test_prompt_lens", "settings"))
-    test, test_P = data["test"], data["test_prompt_lens"]
-    prompts = [s[:P] for s, P in zip(test, test_P)][:args.prompts]
-    longest = max(len(p) for p in prompts) + args.new_tokens
-    if longest > min(m.config.block_size for m in [teacher, *drafts.values()]):
-        raise LessonError(f"a prompt plus --new-tokens {args.new_tokens} is longer than the "
-                          f"models' context: use a smaller --new-tokens")
-    s = data["settings"]
-    settings = {"T=1": dict(temperature=1.0),
-                "02's sampling": dict(temperature=s["temperature"], top_k=s["top_k"],
-                                      top_p=s["top_p"])}
-    print(f"teacher: {ckpt.get('source', '?')} | drafts: {', '.join(drafts)} | {len(prompts)} "
-          f"test prompts x {args.new_tokens} new tokens | g in {gs} | {device}")
-
-    # --- what each draft is worth, without sampling: sum_x min(p, q) on held-out positions ---
-    overlap = {name: {k: held_out_overlap(teacher, d, test, test_P, v, device)
-                      for k, v in settings.items()} for name, d in drafts.items()}
-
-    # --- the cost of one step: plain sampling, batch 1, teacher and each draft ---
-    step = {name: step_time(m, prompts, args.new_tokens, device)
-            for name, m in {"teacher": teacher, **drafts}.items()}
-    print("one decoding step (plain sampling, batch 1): " + ", ".join(
-        f"{n} {1e3 * t:.2f} ms" for n, t in step.items()))
-
-    # --- speculative decoding: every draft, setting and g, on the same prompts ---
-    rows = []
-    for setting, kw in settings.items():
-        plain = plain_speed(teacher, prompts, args.new_tokens, kw, device)
-        for name, draft in drafts.items():
-            for g in gs:
-                r = run(teacher, draft, prompts, args.new_tokens, g, kw, device)
-                c = step[name] / step["teacher"]
-                a = r["acceptance"]
-                r.update(setting=setting, draft=name, g=g, c=c, plain=plain,
-                         speedup=r["tok_s"] / plain,
-                         closed_form=(1 - a ** (g + 1)) / (1 - a) if a < 1 else g + 1.0,
-                         held_out=overlap[name][setting])
-                r["predicted"] = r["tokens_per_call"] / (g * c + 1)
-                rows.append(r)
-                print(line(r))
-
-    # --- the report ---
-    md = report(rows, overlap, step, args, len(prompts), ckpt.get("source", "?"))
-    save_artifact({"kind": "speculative", "preset": args.preset, "rows": rows,
-                   "overlap": overlap, "step": step}, f"{args.out}/speculative.pt")
-    write_text("\n".join(md) + "\n", f"{args.out}/speculative.md")
-    chart(rows, overlap, gs, f"{args.out}/speculative.png")
-    print(f"wrote {args.out}/speculative.md, speculative.png, speculative.pt")
-
-
 # --- the measurements ---
 def draft_files(out):
     """The drafts: the untrained student, the course's student, and each of lesson 07's students
@@ -299,6 +228,77 @@ def chart(rows, overlap, gs, path):
     if in_notebook():
         plt.show()
     plt.close(fig)
+
+
+def main():
+    args = get_args()
+    device = get_device()
+    enc = get_tokenizer()
+    try:
+        gs = sorted({int(g) for g in args.draft_tokens.split(",") if g.strip()})
+    except ValueError:
+        gs = []
+    if not gs or gs[0] < 1:
+        raise LessonError(f"--draft-tokens {args.draft_tokens!r}: give whole numbers >= 1, e.g. "
+                          f"1,2,4")
+
+    # --- the teacher, the drafts, the held-out prompts ---
+    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
+    check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
+    teacher.to(device)
+    drafts = {}
+    for name, path in draft_files(args.out).items():
+        drafts[name], _ = load_model(path, ("student_init", "student"), vocab_size=enc.n_vocab)
+        drafts[name].to(device)
+    data = load_artifact(f"{args.out}/generated.pt", "generated",
+                         keys=("test", "test_prompt_lens", "settings"))
+    test, test_P = data["test"], data["test_prompt_lens"]
+    prompts = [s[:P] for s, P in zip(test, test_P)][:args.prompts]
+    longest = max(len(p) for p in prompts) + args.new_tokens
+    if longest > min(m.config.block_size for m in [teacher, *drafts.values()]):
+        raise LessonError(f"a prompt plus --new-tokens {args.new_tokens} is longer than the "
+                          f"models' context: use a smaller --new-tokens")
+    s = data["settings"]
+    settings = {"T=1": dict(temperature=1.0),
+                "02's sampling": dict(temperature=s["temperature"], top_k=s["top_k"],
+                                      top_p=s["top_p"])}
+    print(f"teacher: {ckpt.get('source', '?')} | drafts: {', '.join(drafts)} | {len(prompts)} "
+          f"test prompts x {args.new_tokens} new tokens | g in {gs} | {device}")
+
+    # --- what each draft is worth, without sampling: sum_x min(p, q) on held-out positions ---
+    overlap = {name: {k: held_out_overlap(teacher, d, test, test_P, v, device)
+                      for k, v in settings.items()} for name, d in drafts.items()}
+
+    # --- the cost of one step: plain sampling, batch 1, teacher and each draft ---
+    step = {name: step_time(m, prompts, args.new_tokens, device)
+            for name, m in {"teacher": teacher, **drafts}.items()}
+    print("one decoding step (plain sampling, batch 1): " + ", ".join(
+        f"{n} {1e3 * t:.2f} ms" for n, t in step.items()))
+
+    # --- speculative decoding: every draft, setting and g, on the same prompts ---
+    rows = []
+    for setting, kw in settings.items():
+        plain = plain_speed(teacher, prompts, args.new_tokens, kw, device)
+        for name, draft in drafts.items():
+            for g in gs:
+                r = run(teacher, draft, prompts, args.new_tokens, g, kw, device)
+                c = step[name] / step["teacher"]
+                a = r["acceptance"]
+                r.update(setting=setting, draft=name, g=g, c=c, plain=plain,
+                         speedup=r["tok_s"] / plain,
+                         closed_form=(1 - a ** (g + 1)) / (1 - a) if a < 1 else g + 1.0,
+                         held_out=overlap[name][setting])
+                r["predicted"] = r["tokens_per_call"] / (g * c + 1)
+                rows.append(r)
+                print(line(r))
+
+    # --- the report ---
+    md = report(rows, overlap, step, args, len(prompts), ckpt.get("source", "?"))
+    save_artifact({"kind": "speculative", "preset": args.preset, "rows": rows,
+                   "overlap": overlap, "step": step}, f"{args.out}/speculative.pt")
+    write_text("\n".join(md) + "\n", f"{args.out}/speculative.md")
+    chart(rows, overlap, gs, f"{args.out}/speculative.png")
+    print(f"wrote {args.out}/speculative.md, speculative.png, speculative.pt")
 
 
 if __name__ == "__main__":

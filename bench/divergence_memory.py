@@ -3,7 +3,7 @@
 The online kinds hold the student's and the teacher's logits for one micro-batch, (B, L, V) each,
 and token_divergence works on them in float32. This measures, in a fresh process per kind, how much
 the forward and backward of the loss add at their peak, in units of one float32 (B, L, V) tensor,
-for the gpt2 preset's batch (8 x 256 x 50,257: 412 MB a tensor), so the T4 arithmetic in the README
+for the gpt2 preset's batch (8 x 256 x 50,257: 412 MB a tensor), so the T4 arithmetic in docs/lab.md
 rests on a measurement, not a guess. Logits come in as float16 (autocast on a T4) and float32.
 
 Run:    python bench/divergence_memory.py [--batch 8 --length 256]   (needs ~10 GB of RAM)

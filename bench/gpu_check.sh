@@ -10,11 +10,13 @@
 #   bash bench/gpu_check.sh [OUT]          (OUT: a folder for the artifacts; default: a temporary one)
 #   SCALE=0.02 DTYPES=fp32 bash bench/gpu_check.sh   (a share of the 500 samples, these precisions
 #                                                     only: a quick run, or a rehearsal on a CPU)
+#   COURSE=artifacts PRESET=tiny bash bench/gpu_check.sh   (steps 2-4 on a finished course's folder)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-$(mktemp -d -t gpu_check.XXXX)}
-course="$out/course"
+course=${COURSE:-"$out/course"}
 mkdir -p "$course"
+preset=(${PRESET:+--preset "$PRESET"})
 PYTHON=${PYTHON:-python}
 results=()
 
@@ -41,8 +43,10 @@ print(f" | 04 --dtype auto trains in {pick_dtype(device)}")
 EOF
 
 # --- 1. the seed-scale course ---
-run course_speed $PYTHON bench/course_speed.py --out "$course" ${SCALE:+--scale "$SCALE"}
-cat "$out/course_speed.log"
+if [ -z "${COURSE:-}" ]; then
+  run course_speed $PYTHON bench/course_speed.py --out "$course" ${SCALE:+--scale "$SCALE"}
+  cat "$out/course_speed.log"
+fi
 
 # --- 2. a few steps of 04 in each precision and kind, each in its own folder ---
 dtypes=${DTYPES:-"fp32 fp16"}
@@ -52,7 +56,7 @@ step_run() {  # step_run NAME FLAGS...: 04 for 3 steps on the course's files
   local name=$1; shift
   mkdir -p "$out/$name"
   for f in teacher.pt generated.pt student_init.pt; do ln -sf "$(cd "$course" && pwd)/$f" "$out/$name/$f"; done
-  run "$name" $PYTHON 04_train.py --out "$out/$name" --stop-after 3 --log-interval 1 "$@"
+  run "$name" $PYTHON 04_train.py --out "$out/$name" "${preset[@]}" --stop-after 3 --log-interval 1 "$@"
 }
 for dtype in $dtypes; do
   for kd in seq soft fkl rkl jsd tvd; do
@@ -63,13 +67,13 @@ for dtype in $dtypes; do
 done
 
 # --- 3. lesson 08 on the course's students ---
-run 08_speculative $PYTHON 08_speculative.py --out "$course" --prompts 8
+run 08_speculative $PYTHON 08_speculative.py --out "$course" "${preset[@]}" --prompts 8
 
 # --- 4. 04 under torchrun, one process on one GPU ---
 mkdir -p "$out/torchrun"
 for f in teacher.pt generated.pt student_init.pt; do ln -sf "$(cd "$course" && pwd)/$f" "$out/torchrun/$f"; done
 run torchrun-1-process $PYTHON -m torch.distributed.run --standalone --nproc_per_node=1 04_train.py \
-  --out "$out/torchrun" --stop-after 3 --log-interval 1
+  --out "$out/torchrun" "${preset[@]}" --stop-after 3 --log-interval 1
 
 echo
 echo "=== gpu_check: $(date +%F) | artifacts and logs in $out ==="

@@ -18,8 +18,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common.distill import make_batch  # noqa: E402
-from common.perplexity import logits_fp32  # noqa: E402
+from common.distill import KD, loss_sums, make_batch  # noqa: E402
+from common.model import logits_fp32  # noqa: E402
 from common.plumbing.artifacts import load_artifact, load_model  # noqa: E402
 from common.sampling import continue_each  # noqa: E402
 from common.tokenizer import EOT  # noqa: E402
@@ -34,7 +34,7 @@ def lesson(file):
 
 def main():
     out, students = sys.argv[1], sys.argv[2:]
-    L04, L07 = lesson("04_train.py"), lesson("07_methods.py")
+    L07 = lesson("07_methods.py")
     teacher, _ = load_model(f"{out}/teacher.pt", "teacher")
     data = load_artifact(f"{out}/generated.pt", "generated")
     start = f"{out}/methods/start/student_last.pt"
@@ -54,7 +54,7 @@ def main():
             grads = []
             for kd in ("rkl", "rkl-sampled"):
                 student.zero_grad()
-                loss, _ = L04.loss_sums(student(x)[0], y, kd, teacher_logits=teacher_logits)
+                loss, _ = loss_sums(student(x)[0], y, KD(kd), teacher_logits=teacher_logits)
                 loss.backward()
                 grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
             cosines.append(torch.nn.functional.cosine_similarity(*grads, dim=0).item())

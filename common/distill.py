@@ -9,12 +9,52 @@ reverse KL, GKD's generalized Jensen-Shannon, total variation). sampled_rkl: on-
 when the teacher gives only the log-probability of each token the student wrote.
 """
 import math
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 # the kinds with the teacher running beside the student (04 --kd)
 ONLINE = ("fkl", "rkl", "jsd", "tvd", "rkl-sampled")
+
+
+@dataclass
+class KD:
+    """How the student learns from the teacher: 04's distillation flags in one object."""
+    kind: str = "seq"      # seq, soft, or an ONLINE kind (--kd)
+    alpha: float = 0.5     # soft: the weight of the KL term; 1 - alpha: cross-entropy (--kd-alpha)
+    T: float = 2.0         # soft: the softening temperature (--kd-temperature)
+    beta: float = 0.5      # jsd: the mixture's weight (--jsd-beta)
+    tail: str = "renorm"   # soft: the top K renormalised, or "rest": a rest bucket (--soft-tail)
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.kd, args.kd_alpha, args.kd_temperature, args.jsd_beta, args.soft_tail)
+
+
+def loss_sums(logits, y, kd, topk=None, teacher_logits=None):
+    """(training loss, cross-entropy), each SUMMED over the scored tokens (y != -100): the caller
+    divides by the scored tokens of the whole step. logits (..., V), y (...), kd a KD; topk the
+    teacher's (ids, log-probs) (..., K) for soft, teacher_logits (..., V) for the online kinds."""
+    scored = y != -100
+    # for the online kinds the cross-entropy is only reported: no graph (it would keep its tensors)
+    with torch.no_grad() if kd.kind in ONLINE else nullcontext():
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                             ignore_index=-100, reduction="sum")
+    if kd.kind == "seq":
+        return ce, ce
+    if kd.kind == "rkl-sampled":  # the teacher's log-prob of each token the student wrote, no more
+        log_p_y = F.log_softmax(teacher_logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        surrogate = sampled_rkl(logits, log_p_y, y)[scored].sum()
+        estimate = -ce - log_p_y[scored].sum()  # sum of log q(y) - log p(y): the KL shown
+        return surrogate - surrogate.detach() + estimate, ce  # its value, the surrogate's gradient
+    if kd.kind in ONLINE:
+        # float32 (B, L, V) tensors at the peak of forward + backward, beyond the two logits: 5.3
+        # for fkl, 6.3 for rkl, 10.5 for jsd (python bench/divergence_memory.py; docs/lab.md)
+        return token_divergence(logits, teacher_logits, kd.kind, beta=kd.beta)[scored].sum(), ce
+    kl = rest_bucket_kl(logits, *topk) if kd.tail == "rest" else soft_kd_kl(logits, *topk, kd.T)
+    return kd.alpha * kd.T * kd.T * kl[scored].sum() + (1 - kd.alpha) * ce, ce
 
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.plumbing.artifacts import load_artifact, save_artifact
-from conftest import ROOT, run_py
+from conftest import ROOT, run_here, run_py
 
 ARTIFACTS = ["teacher.pt", "generated.pt", "student_init.pt", "student.pt", "train_log.pt", "eval.pt"]
 
@@ -63,7 +63,7 @@ def student_init_with_short_context(d):
 
 
 def other_student_init(d):
-    r = run_py(["03_student.py", "--out", str(d), "--preset", "tiny", "--n-embd", "64"])
+    r = run_here(["03_student.py", "--out", str(d), "--preset", "tiny", "--n-embd", "64"])
     assert r.returncode == 0, r.stderr
 
 
@@ -121,7 +121,7 @@ CASES = [
 def test_bad_artifact(course_copy, name, damage, cmd, words):
     damage(course_copy)
     before = digests(course_copy)
-    r = run_py([cmd[0], "--out", str(course_copy), "--preset", "tiny", *cmd[1:]])
+    r = run_here([cmd[0], "--out", str(course_copy), "--preset", "tiny", *cmd[1:]])
     check_refused(r, *words, code=1)
     assert digests(course_copy) == before  # nothing overwritten, nothing half-written left behind
 
@@ -132,15 +132,15 @@ def test_weights_broken_header_missing_key_and_missing_path(tmp_path):
     from safetensors.torch import save_file
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((123456789).to_bytes(8, "little") + b'{"a": 1}')
-    check_refused(run_py(["01_teacher.py", "--weights", str(bad), "--out", str(tmp_path)]),
+    check_refused(run_here(["01_teacher.py", "--weights", str(bad), "--out", str(tmp_path)]),
                   "not a valid safetensors file", code=1)
     from conftest import hf_model
     sd = dict(hf_model(n_embd=128, n_head=2).transformer.state_dict())
     del sd["h.0.mlp.c_fc.weight"]
     save_file(sd, tmp_path / "partial.safetensors")
-    check_refused(run_py(["01_teacher.py", "--weights", str(tmp_path / "partial.safetensors"), "--out", str(tmp_path)]),
+    check_refused(run_here(["01_teacher.py", "--weights", str(tmp_path / "partial.safetensors"), "--out", str(tmp_path)]),
                   "missing h.0.mlp.c_fc.weight", code=1)
-    check_refused(run_py(["01_teacher.py", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path)]),
+    check_refused(run_here(["01_teacher.py", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path)]),
                   "does not exist", code=2)
     assert not (tmp_path / "teacher.pt").exists()
 
@@ -206,7 +206,7 @@ def test_flag_abbreviations_are_refused(tmp_path, monkeypatch, capsys):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(course_copy):
     before = digests(course_copy)
-    r = run_py(["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--lr", "1e30", "--warmup-steps", "0"])
+    r = run_here(["04_train.py", "--out", str(course_copy), "--preset", "tiny", "--lr", "1e30", "--warmup-steps", "0"])
     check_refused(r, "loss became nan", "--lr", code=1)
     assert digests(course_copy) == before
 

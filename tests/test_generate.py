@@ -4,7 +4,7 @@ import shutil
 import torch
 
 from common.plumbing.artifacts import load_artifact
-from conftest import load_lesson, run_py
+from conftest import load_lesson, run_here, run_py
 
 
 def test_repeated_ngram_fraction():
@@ -74,6 +74,6 @@ def test_your_own_openings_from_a_file_are_used_and_split_by_opening(course, tmp
     before = (tmp_path / "generated.pt").read_bytes()
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     for bad, said in [("missing.txt", "not found"), ("empty.txt", "holds no openings")]:
-        r = run_py(flags + ["--prompts-file", str(tmp_path / bad)])
+        r = run_here(flags + ["--prompts-file", str(tmp_path / bad)])
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and said in r.stderr, r.stderr
     assert (tmp_path / "generated.pt").read_bytes() == before

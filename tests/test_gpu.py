@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from common.distill import make_batch
+from common.distill import KD, make_batch
 from common.model import GPT, GPTConfig
 from common.plumbing.artifacts import run_lesson
 from common.plumbing.device import (
@@ -196,9 +196,9 @@ def test_every_loss_and_its_backward_stay_on_the_models_device(kd, monkeypatch):
     with torch.no_grad():  # (logits_fp32's autocast(enabled=False) does not take "meta")
         t_logits = teacher(x)[0].float()
     name, tail = ("soft", "rest") if kd == "soft-rest" else (kd, "renorm")
+    kd = KD(name, T=1.0 if tail == "rest" else 2.0, tail=tail)
     for loss_fn in (train.loss_sums, train.loss_by_hand):
-        loss = loss_fn(logits, y, name, (ids, lps), 0.5, 1.0 if tail == "rest" else 2.0, t_logits,
-                       0.5, tail)
+        loss = loss_fn(logits, y, kd, (ids, lps), t_logits)
         loss = loss[0] if isinstance(loss, tuple) else loss
         assert loss.device.type == "meta"
         loss.backward(retain_graph=True)

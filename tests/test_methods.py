@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from common.distill import make_batch
 from common.model import GPT, GPTConfig
 from common.plumbing.artifacts import load_artifact, load_model
-from conftest import load_lesson, run_py
+from conftest import load_lesson, run_here, run_py
 from test_train import keep_train_samples
 
 LAB = load_lesson("07_methods.py")
@@ -295,5 +295,5 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(cours
 
 
 def test_the_lab_refuses_an_unknown_method_in_one_line(course_copy):
-    r = run_py(["07_methods.py", "--preset", "tiny", "--out", str(course_copy), "--methods", "seq,kl"])
+    r = run_here(["07_methods.py", "--preset", "tiny", "--out", str(course_copy), "--methods", "seq,kl"])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown method kl" in r.stderr

@@ -263,6 +263,6 @@ def test_lesson_08_end_to_end_on_the_course(course_copy):
 
 
 def test_lesson_08_refuses_bad_draft_tokens_in_one_line(course_copy):
-    from conftest import run_py
-    r = run_py(["08_speculative.py", "--preset", "tiny", "--out", str(course_copy), "--draft-tokens", "0,x"])
+    from conftest import run_here
+    r = run_here(["08_speculative.py", "--preset", "tiny", "--out", str(course_copy), "--draft-tokens", "0,x"])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--draft-tokens" in r.stderr

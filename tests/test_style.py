@@ -4,6 +4,7 @@ checks the lines too (.ci/run); this keeps the shape of the code, which no linte
 import ast
 import glob
 import os
+import re
 
 import pytest
 
@@ -55,4 +56,6 @@ def test_every_lesson_has_the_parts_a_reader_expects():
         doc = ast.get_docstring(tree)
         assert doc and doc.startswith(f"Lesson {path[:2]}:"), path
         assert "Reads:" in doc and "Writes:" in doc and "Run:" in doc, path
-        assert source.rstrip().endswith('if __name__ == "__main__":\n    run_lesson(main)'), path
+        assert re.search(r'if __name__ == "__main__":\n    run_lesson\(main(, oom="[^"]+")?\)$', source.rstrip()), path
+        functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+        assert functions[-1] == "main", (path, "after main:", functions[functions.index("main") + 1:])

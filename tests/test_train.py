@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.distill import make_batch, soft_kd_loss, token_divergence
+from common.distill import KD, make_batch, soft_kd_loss, token_divergence
 from common.model import GPT, GPTConfig, logits_fp32
 from common.plumbing.artifacts import load_artifact, save_artifact
 from common.plumbing.device import (
@@ -18,7 +18,7 @@ from common.plumbing.device import (
     needs_scaler,
     pick_dtype,
 )
-from conftest import load_lesson, run_py
+from conftest import load_lesson, run_here, run_py
 
 L04 = load_lesson("04_train.py")
 
@@ -88,19 +88,19 @@ def test_loss_sums_score_sampled_tokens_only_and_alpha_mixes_ce_and_kl():
     x, y, ids, lps = make_batch(seqs, [a for a, _ in topk], [b for _, b in topk], prompt_lens=P)
     assert int((y != -100).sum()) == sum(len(s) - p for s, p in zip(seqs, P))  # sampled tokens, <|endoftext|> too
     logits, _ = m(x)
-    loss, ce = L04.loss_sums(logits, y, "seq")
+    loss, ce = L04.loss_sums(logits, y, KD("seq"))
     direct = sum(F.cross_entropy(m(s[None, :-1])[0][0][p - 1:], s[p:], reduction="sum") for s, p in zip(seqs, P))
     assert loss is ce and ce.item() == pytest.approx(direct.item(), rel=1e-5)
     mask = y != -100
     for alpha in (0.0, 0.3, 1.0):
-        loss, ce2 = L04.loss_sums(logits, y, "soft", (ids, lps), alpha=alpha, T=2.0)
+        loss, ce2 = L04.loss_sums(logits, y, KD("soft", alpha=alpha, T=2.0), (ids, lps))
         kl_mean = soft_kd_loss(logits, ids, lps, mask, T=2.0)  # T^2 * KL, averaged
         want = alpha * kl_mean * mask.sum() + (1 - alpha) * ce
         assert ce2.item() == pytest.approx(ce.item()) and loss.item() == pytest.approx(want.item(), rel=1e-5)
     # online: the divergence to the teacher's full distribution, summed over the sampled positions only
     teacher_logits = small()(x)[0] * 2
     for kind in ("fkl", "rkl", "jsd"):
-        loss, _ = L04.loss_sums(logits, y, kind, teacher_logits=teacher_logits, beta=0.3)
+        loss, _ = L04.loss_sums(logits, y, KD(kind, beta=0.3), teacher_logits=teacher_logits)
         want = token_divergence(logits, teacher_logits, kind, beta=0.3)[mask].sum()
         assert loss.item() == pytest.approx(want.item(), rel=1e-6) and loss.item() > 0
 
@@ -126,7 +126,7 @@ def one_step_change(splits, kd="seq", dtype=torch.float64, grad_clip=1e9, scaler
         micro.append((x, y, (ids, lps) if kd == "soft" else None))
     step_tokens = sum(len(s) - p for s, p in zip(seqs, P))
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    L04.train_step(m, opt, scaler, micro, step_tokens, "cpu", train_dtype, grad_clip, kd=kd, teacher=teacher, beta=0.3)
+    L04.train_step(m, opt, scaler, micro, step_tokens, "cpu", train_dtype, grad_clip, KD(kd, beta=0.3), teacher=teacher)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)])
 
 
@@ -483,8 +483,9 @@ def test_the_loss_written_out_in_lesson_04_equals_the_loss_it_trains_on(kd):
     topk = (ids.int(), lps.half())
     kd, T, tail = ("soft", 1.0, "rest") if kd == "soft-rest" else (kd, 2.5, "renorm")
     logits.requires_grad_()
-    plain = L04.loss_by_hand(logits, y, kd, topk, 0.3, T, teacher, 0.7, tail)
-    total, _ = L04.loss_sums(logits, y, kd, topk, 0.3, T, teacher, 0.7, tail)
+    kd = KD(kd, alpha=0.3, T=T, beta=0.7, tail=tail)
+    plain = L04.loss_by_hand(logits, y, kd, topk, teacher)
+    total, _ = L04.loss_sums(logits, y, kd, topk, teacher)
     assert plain.item() == pytest.approx((total / (y != -100).sum()).item(), rel=1e-5)
     assert abs(plain.item()) > 1e-2
     # and the same gradient (for rkl-sampled the value and the gradient come from different terms)
@@ -503,7 +504,7 @@ def test_rkl_sampled_in_04_has_the_reverse_kls_gradient_in_expectation():
     s, t = torch.randn(1, L, V, generator=g), torch.randn(1, L, V, generator=g) * 2
     y = torch.multinomial(torch.softmax(s[0], -1), N, replacement=True, generator=g).T.contiguous()  # (N, L) y ~ q
     logits = s.expand(N, L, V).clone().requires_grad_()
-    loss, _ = L04.loss_sums(logits, y, "rkl-sampled", teacher_logits=t.expand(N, L, V))
+    loss, _ = L04.loss_sums(logits, y, KD("rkl-sampled"), teacher_logits=t.expand(N, L, V))
     (loss / N).backward()
     exact = token_divergence(s, t, "rkl")
     assert (loss / N).item() == pytest.approx(exact.sum().item(), rel=0.02)
@@ -522,7 +523,7 @@ def test_the_teachers_logits_are_float32_under_bf16_autocast(monkeypatch):
     teacher's float32 output layer applied to its hidden states."""
     seen = []
     real = L04.loss_sums
-    monkeypatch.setattr(L04, "loss_sums", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    monkeypatch.setattr(L04, "loss_sums", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
     one_step_change(1, "fkl", dtype=torch.float32, train_dtype="bf16")
     assert seen and all(t.dtype == torch.float32 for t in seen)
     seqs, P, _ = mixed_samples(8)
@@ -567,7 +568,7 @@ def test_03_from_teacher_copies_every_other_block_and_the_embeddings(course_copy
     x = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(student.eval()(x)[0], by_hand.eval()(x)[0])
-    r = run_py(["03_student.py", "--preset", "tiny", "--out", str(course_copy), "--from-teacher"])
+    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(course_copy), "--from-teacher"])
     assert r.returncode == 0, r.stderr
     init = load_artifact(str(course_copy / "student_init.pt"), "student_init")
     tiny = load_artifact(str(course_copy / "teacher.pt"), "teacher")
@@ -585,7 +586,7 @@ def test_04_starts_from_any_gpt_with_gpt2s_vocabulary_and_refuses_another(course
     assert r.returncode == 0 and "trained in" in r.stdout, r.stderr
     other = GPT(GPTConfig(block_size=128, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))
     save_artifact(model_checkpoint(other, "teacher", preset="tiny"), str(course_copy / "other.pt"))
-    r = run_py(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--init", str(course_copy / "other.pt")])
+    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--init", str(course_copy / "other.pt")])
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "vocabulary of 1000 tokens" in r.stderr and "GPT-2's 50257" in r.stderr
 

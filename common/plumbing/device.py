@@ -88,6 +88,14 @@ def needs_scaler(dtype):
     return dtype == "fp16"
 
 
+def precision(device, requested="auto"):
+    """What lesson 04 trains in on `device` ("cuda:1" too): (dtype, its GradScaler, enabled only
+    for fp16)."""
+    kind = device.split(":")[0]
+    dtype = pick_dtype(kind, requested)
+    return dtype, torch.amp.GradScaler(kind, enabled=needs_scaler(dtype))
+
+
 def autocast(device, dtype):
     """Mixed-precision context: matmuls in dtype, reductions in fp32; a no-op for fp32."""
     if dtype == "fp32":

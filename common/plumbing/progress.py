@@ -32,7 +32,7 @@ def describe_run(args, model, data, procs, dtype, scaler, online, steps_per_epoc
             f"x {procs.world} | lr {args.lr:.1e}, warmup {warmup}")
 
 
-def show_first_loss(history, batch, model, teacher, procs, dtype, by_hand, sums, kw):
+def show_first_loss(history, batch, model, teacher, procs, dtype, by_hand, sums, kd):
     """Print the val loss before training, and the first batch's loss written out (by_hand: 04's
     loss_by_hand) beside the loss the loop trains on (sums: its loss_sums): the same number."""
     v = history["val"][-1][1]
@@ -45,9 +45,8 @@ def show_first_loss(history, batch, model, teacher, procs, dtype, by_hand, sums,
         logits = model(x)[0]
         t_logits = logits_fp32(teacher, x) if teacher is not None else None
     model.train()
-    rest = (topk or [], kw["alpha"], kw["T"], t_logits, kw["beta"], kw["tail"])
-    plain = by_hand(logits, y, kw["kd"], *rest)
-    trained = sums(logits, y, kw["kd"], *rest)[0] / (y != -100).sum()
+    plain = by_hand(logits, y, kd, topk, t_logits)
+    trained = sums(logits, y, kd, topk, t_logits)[0] / (y != -100).sum()
     procs.print(f"the first batch's loss written out (loss_by_hand): {float(plain):.4f}; "
                 f"as the loop computes it (loss_sums): {float(trained):.4f}")
 
