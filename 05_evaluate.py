@@ -1,25 +1,16 @@
 """Lesson 05: how close did the student get? Perplexity, exp(mean negative log-likelihood per
 token), written out for one sample here (perplexity_by_hand) and in batches with sliding windows in
-common/perplexity.py, of the teacher, the untrained student and the trained student on these sets:
-  generated-test the teacher's held-out test samples (openings never seen in training, and not
-                 the val set 04 picked the student on): how well the student imitates the
-                 teacher. Only the tokens the teacher sampled are scored, not its prompts.
-  wikitext2      human-written Wikipedia text (WikiText-2 test split): whether it learned English
-  toy-language   for the tiny preset's teacher, the offline stand-in for WikiText-2: held-out
-                 documents written by the toy language itself, with the language's entropy, the
-                 floor no model can beat, beside the three models
+common/perplexity.py, of the teacher, the untrained and the trained student, on:
+  generated-test the teacher's held-out samples (openings never trained on): only the tokens it
+                 sampled are scored, not its prompts (its own score is low by construction: it
+                 chose likely tokens when it wrote them; docs/results.md)
+  wikitext2      human-written Wikipedia text: did the student learn English?
+  toy-language   the tiny preset's stand-in: held-out documents of the toy language, with its floor
   --eval-text    any text file of yours
-plus, on generated-test, how often the student's top token is the teacher's (top-1 agreement) and
-the mean KL(teacher || student) over the teacher's stored top-K tokens.
-
-The teacher's own perplexity on generated-test is low partly by construction: it wrote those
-samples with the sampling settings of lesson 02 (by default temperature 0.9, top-k 50, top-p 0.95),
-which pick the tokens it finds likely. Human-written text (WikiText-2) is the fair comparison
-between the teacher and anything else.
+and, on generated-test, top-1 agreement with the teacher and the KL over its stored top-K tokens.
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, generated.pt (downloads WikiText-2 once)
-Writes: artifacts/eval.pt  ({"kind": "eval", "perplexity": {set: {"teacher": .., "student_init": ..,
-        "student": ..}}, ...})
+Writes: artifacts/eval.pt
 Run:    python 05_evaluate.py             (add --preset tiny to skip WikiText-2 by default)
 """
 import argparse

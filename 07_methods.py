@@ -1,59 +1,16 @@
 """Lesson 07: the divergence lab. One teacher, one data set, one starting student and the same
-number of optimizer steps, trained nine ways, then measured the same way:
-  seq                 sequence-level KD: cross-entropy on the teacher's samples (Kim & Rush, 2016)
-  soft                plus the teacher's stored top-32 distributions at T=2, renormalised over the
-                      32 (Hinton et al., 2015)
-  soft (rest bucket)  the same 32, with the rest of the vocabulary as one bucket, at T=1 (the rest
-                      mass is known only at T=1; TRL's loss_add_tail)
-  fkl, rkl            forward KL(teacher || student), reverse KL(student || teacher), token by
-                      token, to the full distribution of the teacher online, on the teacher's text
-  tvd                 total variation (1/2) sum |p - q|: 1 - TVD is the chance that the teacher
-                      accepts the student's token in speculative decoding (DistillSpec, Zhou et
-                      al., 2024; lesson 08)
-  jsd+on-policy 0.5   GKD's recipe (Agarwal et al., 2024): generalized JSD with beta 0.5, half of
-                      the micro-batches written by the student itself, then graded by the teacher
-  rkl+on-policy 1     the token-level reverse KL, exact (full vocabulary), on the student's own text
-  rkl-sampled+on-policy 1
-                      the same objective in expectation, from one sampled token a position: the
-                      teacher's log-prob of each token the student wrote, (log q - log p).detach()
-                      * log q. The family of MiniLLM (Gu et al., 2024: a sequence-level reverse KL
-                      by policy gradient) and of on-policy distillation as Thinking Machines (2025)
-                      and Qwen3 use it; it needs no more from the teacher than one log-prob a token.
-Token-level rkl on the teacher's text is not MiniLLM: same divergence, other text, no sampling.
-
-A fair budget. Every method continues from the same start (student_init.pt after --warm-epochs of
-seq, as MiniLLM and GKD start from a supervised student) for the same number of steps, at a learning
-rate chosen for it from --lr-grid: the rate whose student scores best on the val split by that
-method's own objective (its own loss, on the text it trains on: no method is judged by another's).
-Then --seeds runs at that rate, the seed changing the data order, dropout and the student's
-sampling; every column is the mean over seeds with the seeds' range (min-max).
-
-The table (on the teacher's held-out test samples, prompts not scored):
-  ppl on teacher text     the student's perplexity on the teacher's tokens
-  KL(t||s), KL(s||t)      the exact forward and reverse KL, full vocabulary, at those positions
-  acceptance              the mean of sum_x min(p, q): the chance a teacher accepts the student's
-                          token as a speculative-decoding draft, at T=1 (1 - TVD; exact)
-  teacher ppl of own text the teacher's perplexity on text the student writes itself (temperature
-                          1, untruncated: the student's real distribution), continuing the same
-                          prompts: is what it writes what the teacher would write?
-  distinct-2              the share of distinct token pairs in that text (low: it repeats itself)
-  compute                 training FLOPs, student + teacher (6N a token the student trains on, 2N
-                          a token of a teacher forward or of the student's sampling), the start
-                          and 02's writing counted apart; and wall time on this machine
-and the price of a top-K cache: the KL that soft KD computes from K stored tokens beside the exact
-one, and the exact KL split by token group, measured on the soft student.
-
-Why 07 runs 04 as a subprocess, once per run: the project keeps one training loop, and 04 stays the
-lesson that shows it; each run here is exactly a command you could type (07 prints it), with its
-own folder, log and resumable state. Every student is compared after the same number of steps
-(student_last.pt, not the checkpoint 04 picked on val cross-entropy).
+number of optimizer steps, trained nine ways (METHODS below), each at the learning rate its own
+objective picks on val from --lr-grid, then over --seeds; every student measured alike on the
+teacher's held-out samples: perplexity, the exact KL both ways, acceptance (1 - TVD, the chance a
+teacher keeps its speculative-decoding draft), the teacher's perplexity of the student's own text,
+distinct-2, and training FLOPs. Each run is lesson 04 itself, a command 07 prints, in its own
+folder. docs/lab.md explains the methods, the fair budget, the columns and the measured table.
 
 Reads:  artifacts/teacher.pt, generated.pt, student_init.pt
-Writes: artifacts/methods/start/ (the starting student), methods/<method>/lr<rate>-seed<seed>/ (each
-        04 run), artifacts/methods.pt, methods.md, methods.png
-Run:    python 07_methods.py                (add --preset tiny for a CPU run of about ten minutes)
-        a second run skips the runs already trained with the same settings, and resumes one that
-        was interrupted
+Writes: artifacts/methods/start/, methods/<method>/lr<rate>-seed<seed>/ (each 04 run),
+        methods.pt, methods.md, methods.png
+Run:    python 07_methods.py          (add --preset tiny for a CPU run of about ten minutes; a
+        second run keeps the runs already trained and resumes an interrupted one)
 """
 import json
 import math
@@ -99,15 +56,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # --- settings ---
 # name -> the flags 04 gets (besides --preset, --out, --epochs, --init, --lr and --seed)
-METHODS = {
-    "seq": ["--kd", "seq"],
-    "soft": ["--kd", "soft"],
+METHODS = {  # name: 04's flags
+    "seq": ["--kd", "seq"],  # cross-entropy on the teacher's samples (Kim & Rush, 2016)
+    "soft": ["--kd", "soft"],  # + its stored top 32 at T=2, renormalised (Hinton et al., 2015)
+    # the same 32, the rest of the vocabulary as one bucket, at T=1 (TRL's loss_add_tail)
     "soft (rest bucket)": ["--kd", "soft", "--soft-tail", "rest", "--kd-temperature", "1"],
-    "fkl": ["--kd", "fkl"],
-    "rkl": ["--kd", "rkl"],
-    "tvd": ["--kd", "tvd"],
+    "fkl": ["--kd", "fkl"],  # KL(teacher || student), full vocabulary, on the teacher's text
+    "rkl": ["--kd", "rkl"],  # KL(student || teacher): token-level, not MiniLLM (no sampling)
+    "tvd": ["--kd", "tvd"],  # (1/2) sum |p - q|: 1 - TVD is the acceptance (DistillSpec)
+    # GKD (Agarwal et al., 2024): generalized JSD, half the batches written by the student
     "jsd+on-policy 0.5": ["--kd", "jsd", "--jsd-beta", "0.5", "--on-policy", "0.5"],
-    "rkl+on-policy 1": ["--kd", "rkl", "--on-policy", "1"],
+    "rkl+on-policy 1": ["--kd", "rkl", "--on-policy", "1"],  # exact reverse KL, the student's text
+    # the same in expectation from one sampled token a position (MiniLLM's family; on-policy
+    # distillation as Thinking Machines and Qwen3 use it, 2025): one teacher log-prob a token
     "rkl-sampled+on-policy 1": ["--kd", "rkl-sampled", "--on-policy", "1"],
 }
 # The budget: epochs of sequence-level KD for the start (from student_init.pt, at 04's from-scratch

@@ -1,18 +1,11 @@
-"""Lesson 08: the student at work. A distilled student is smaller and faster on its own (lesson 06
-shows it); here it is the draft in speculative decoding (Leviathan et al., 2023; Chen et al.,
-2023): it proposes a few tokens, the teacher checks them all in one forward pass, and a rejection
-rule keeps the output exactly the teacher's distribution (common/speculative.py, written out). The
-better the student imitates the teacher, the more proposals survive: at temperature 1 a proposal
-is accepted with chance sum_x min(p(x), q(x)) = 1 - TVD(p, q), which distillation can train for
-(DistillSpec, Zhou et al., 2024). For each draft, each sampling setting and each number of draft
-tokens g, the lesson measures:
-  acceptance        the share of proposals kept, beside the mean of sum_x min(p, q) at the contexts
-                    where they were made (equal in expectation: a check of the rule)
-  1 - TVD held out  sum_x min(p, q) on the teacher's held-out test samples, without sampling
-  tokens per call   new tokens per teacher forward pass, beside the closed form
-                    (1 - a^(g+1)) / (1 - a), which assumes every proposal has the same chance a
-  speedup           tokens/s against plain teacher sampling, measured in the same run, beside the
-                    prediction tokens per call / (g c + 1), c = one draft step / one teacher step
+"""Lesson 08: the student at work, as the draft in speculative decoding (Leviathan et al., 2023;
+Chen et al., 2023): it proposes a few tokens, the teacher checks them all in one forward pass, and
+a rejection rule keeps the output exactly the teacher's distribution (common/speculative.py). A
+proposal survives with chance sum_x min(p, q) = 1 - TVD(p, q) at temperature 1, which distillation
+can train for (DistillSpec, Zhou et al., 2024). For each draft, sampling setting and number of
+draft tokens g: the acceptance beside its expectation, 1 - TVD held out, tokens per teacher call
+beside the closed form (1 - a^(g+1)) / (1 - a), and the speedup beside its prediction (the columns:
+docs/speculative.md).
 
 Reads:  artifacts/teacher.pt, student_init.pt, student.pt, generated.pt (and, where lesson 07 ran,
         methods.pt and each method's student_last.pt: more drafts)

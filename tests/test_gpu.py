@@ -23,8 +23,8 @@ from common.plumbing.device import (
     check_gpu_supported,
     get_device,
     gpu_supported,
-    needs_scaler,
     pick_dtype,
+    precision,
 )
 from common.plumbing.errors import LessonError
 from conftest import ROOT, load_lesson
@@ -56,8 +56,8 @@ def test_auto_precision_follows_the_gpu_fp16_with_a_scaler_before_ampere(monkeyp
     mock_gpu(monkeypatch, gpu)
     assert get_device() == "cuda"
     assert pick_dtype("cuda") == pick_dtype("cuda:0") == dtype
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler(dtype))
-    assert scaler.is_enabled() == (dtype == "fp16")  # the mocked GPU keeps an fp16 scaler on
+    got, scaler = precision("cuda:0")  # what 04 trains in
+    assert got == dtype and scaler.is_enabled() == (dtype == "fp16")  # (the mock keeps it on)
     assert pick_dtype("cpu") == "fp32"
 
 
@@ -69,8 +69,7 @@ def test_04s_first_log_line_on_a_t4_says_fp16_with_a_gradscaler(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["04_train.py", "--preset", "gpt2"])
     args = train.get_args()
     procs = Processes(ddp=False, rank=0, world=1, device="cuda")
-    dtype = pick_dtype(procs.device, args.dtype)  # as 04's main
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler(dtype))
+    dtype, scaler = precision(procs.device, args.dtype)  # as 04's main
     data = {"train": [torch.zeros(9)] * 3, "train_prompt_lens": [1] * 3, "val": [torch.zeros(9)]}
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=50257))
     first = describe_run(args, model, data, procs, dtype, scaler, None, 1, 1).splitlines()[0]
