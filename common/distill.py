@@ -60,39 +60,26 @@ def loss_sums(logits, y, kd, topk=None, teacher_logits=None):
 
 def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature=1.0):
     """A divergence between the teacher's next-token distribution p and the student's q at every
-    position: logits (..., V) of any float dtype -> (...) in float32, no reduction.
-
-    "fkl", forward KL(p || q) = sum p (log p - log q): the student pays wherever the teacher puts
-      mass and it does not, so it must cover every token the teacher allows (mode-covering). Where
-      the teacher's mass is spread over many continuations, a small student spreads itself thin.
-    "rkl", reverse KL(q || p) = sum q (log q - log p): the student pays for mass where the teacher
-      has little, so it may drop some of the teacher's modes but must not invent any
-      (mode-seeking). This is the per-token reverse KL, on whatever text it is given; MiniLLM (Gu
-      et al., 2024) minimises a reverse KL over whole sequences, by policy gradient on the
-      student's own samples (sampled_rkl is the per-token form of that family).
-    "jsd", GKD's generalized Jensen-Shannon (Agarwal et al., 2024): with m = beta p + (1 - beta) q,
-      beta KL(p || m) + (1 - beta) KL(q || m). It is bounded, and it moves between the two: divided
-      by beta it tends to KL(p || q) as beta -> 0, divided by 1 - beta to KL(q || p) as beta -> 1.
-      log m is taken in log space (logsumexp of log p + log beta and log q + log(1 - beta)), never
-      as the log of a sum of probabilities, which underflows for unlikely tokens.
-    "tvd", total variation (1/2) sum |p - q|, between 0 and 1: 1 - TVD = sum min(p, q) is the chance
-      that a teacher accepts the student's token in speculative decoding (lesson 08), so a draft
-      model can be trained on it directly (DistillSpec, Zhou et al., 2024).
-    All of it in float32, from log-softmax at the given temperature.
-    """
+    position: logits (..., V) of any float dtype -> (...) in float32, no reduction."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V) student
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V) teacher
+    # fkl, sum p (log p - log q): pays where the teacher has mass and the student has not, so it
+    # covers every token the teacher allows (mode-covering). rkl, sum q (log q - log p): pays for
+    # mass where the teacher has little, so it may drop modes but invents none (mode-seeking);
+    # per token, on any text: not MiniLLM, which samples whole sequences
     if kind == "fkl":
         return _kl(log_p, log_q)
     if kind == "rkl":
         return _kl(log_q, log_p)
-    if kind == "jsd":
+    if kind == "jsd":  # GKD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q;
+        # bounded; / beta it tends to KL(p || q) as beta -> 0, / (1 - beta) to KL(q || p) as -> 1
         if not 0 < beta < 1:
             raise ValueError(f"the JSD's beta must be strictly between 0 and 1, got {beta}")
+        # log m in log space: the log of a sum of probabilities underflows for unlikely tokens
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))  # (..., V)
         return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    if kind == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if kind == "tvd":  # (1/2) sum |p - q|: 1 - TVD = sum min(p, q), the chance the teacher keeps
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # the student's draft (DistillSpec)
     raise ValueError(f"unknown divergence {kind!r}: fkl, rkl, jsd or tvd")
 
 
@@ -126,24 +113,14 @@ def _kl(log_a, log_b):
 
 
 def soft_kd_kl(logits, topk_ids, topk_logprobs, T=2.0):
-    """KL(teacher_T || student_T) at every position -> (B, L), over the teacher's stored top K.
-    The loss of soft-target KD is T^2 times this, averaged over the scored positions.
-
-    logits (B, L, V): the student's. topk_ids, topk_logprobs (B, L, K): the teacher's K most likely
-    next tokens and their log-probabilities, stored by lesson 02.
-
-    The approximation: we kept only the teacher's top K tokens, so its softened distribution is
-    re-normalised over those K (softmax(logprob / T) over K; log-probs differ from logits by a
-    constant per position, which softmax ignores). For GPT-2 the top 32 tokens usually hold most of
-    the mass; the tail we drop is what the student is not asked to match. The student's side is its
-    full distribution at temperature T, read at the K ids: sum_k p_k (log p_k - log q_k) is then >=
-    0 and zero only when the student puts exactly the teacher's (re-normalised) mass on those K
-    tokens, so it also learns to leave the other tokens out.
-
-    Why T^2 (applied by the caller): the gradient of the softened KL shrinks like 1/T^2, so scaling
-    by T^2 keeps its size comparable to the cross-entropy term whatever T is (Hinton et al., 2.).
-    """
+    """KL(teacher_T || student_T) over the teacher's stored top K: the student's logits (B, L, V),
+    the teacher's ids and log-probs (B, L, K) from lesson 02 -> (B, L). Soft KD's loss is T^2 times
+    this (the softened gradient shrinks like 1/T^2: Hinton et al., section 2)."""
+    # the teacher renormalised over its K (log-probs differ from logits by a constant: softmax
+    # ignores it); the tail it drops is what the student is not asked to match
     p_log = F.log_softmax(topk_logprobs.float() / T, dim=-1)     # (B, L, K) teacher, over the K
+    # the student's full distribution at T, read at the K: the KL is 0 only when it puts exactly
+    # the teacher's renormalised mass there, so it also learns to leave the other tokens out
     q_log = F.log_softmax(logits.float() / T, dim=-1)            # (B, L, V) student
     q_log = q_log.gather(-1, topk_ids.long())                    # (B, L, K) read at the K ids
     return _kl(p_log, q_log)                                     # (B, L)
