@@ -77,3 +77,16 @@ def test_your_own_openings_from_a_file_are_used_and_split_by_opening(course, tmp
         r = run_here(flags + ["--prompts-file", str(tmp_path / bad)])
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and said in r.stderr, r.stderr
     assert (tmp_path / "generated.pt").read_bytes() == before
+
+
+def test_keep_good_drops_texts_under_8_new_tokens_the_ending_not_counted():
+    """7 new tokens (+ <|endoftext|>) are dropped, 8 are kept; a repeat of a kept text is a
+    duplicate; the prompt never counts."""
+    L02 = load_lesson("02_generate.py")
+    EOT = 50256
+    prompt = [EOT, 11, 12]
+    seven = torch.tensor(prompt + list(range(100, 107)) + [EOT])
+    eight = torch.tensor(prompt + list(range(200, 208)) + [EOT])
+    kept, dropped = L02.keep_good([(seven, 3, 0), (eight, 3, 1), (eight.clone(), 3, 2)], max_repeat=0.5)
+    assert [n for _, _, n in kept] == [1]
+    assert dropped == {"empty or under 8 new tokens": 1, "repetitive": 0, "duplicate": 1}

@@ -171,3 +171,40 @@ def test_the_perplexity_written_out_in_lesson_05_equals_common_perplexity(course
         for seq, P in list(zip(gen["test"], gen["test_prompt_lens"]))[:8]:
             want = sequences_perplexity(model, [seq], prompt_lens=[P])
             assert lesson.perplexity_by_hand(model, seq, P) == pytest.approx(want, rel=1e-5)
+
+
+def test_mean_nll_scores_in_eval_mode_and_hands_the_model_back_training():
+    """04 validates between training steps: dropout off while scoring, back on afterwards (a
+    student left in eval mode would train without its --dropout from the first epoch end on)."""
+    from common.perplexity import mean_nll
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, dropout=0.5)).train()
+    seqs = [torch.randint(0, 50, (9,)), torch.randint(0, 50, (6,))]
+    a = mean_nll(m, seqs, [2, 1], 2, "cpu", "fp32")
+    assert m.training and a == mean_nll(m, seqs, [2, 1], 2, "cpu", "fp32")  # no dropout inside
+
+
+def test_agreement_counts_only_the_positions_the_teacher_sampled():
+    """05's top-1 agreement and top-K KL against a position-by-position count, on a batch with
+    prompts and padding: prompt and padding positions never count."""
+    from common.distill import make_batch
+    from conftest import load_lesson
+    L05 = load_lesson("05_evaluate.py")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=1, n_head=2, n_embd=16)).eval()
+    seqs = [torch.randint(0, 30, (n,)) for n in (9, 5, 7)]
+    P = [3, 1, 4]
+    with torch.no_grad():
+        teacher = [torch.log_softmax(torch.randn(len(s) - 1, 30), -1).topk(4, -1) for s in seqs]
+    ids = [t.indices.int() for t in teacher]
+    lps = [t.values.half() for t in teacher]
+    agree, kl = L05.agreement_and_kl(m, seqs, P, ids, lps, 2, "cpu", "fp32")
+    hits = n = 0
+    for s, p, i in zip(seqs, P, ids):
+        with torch.no_grad():
+            top = m(s[None, :-1])[0][0].argmax(-1)  # (len - 1,)
+        hits += int((top[p - 1:] == i[p - 1:, 0].long()).sum())
+        n += len(s) - p
+    assert agree == pytest.approx(hits / n)
+    x, y, bi, bl = make_batch(seqs, ids, lps, prompt_lens=P)
+    assert n == int((y != -100).sum()) and 0 < kl

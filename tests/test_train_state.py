@@ -221,3 +221,19 @@ def test_two_processes_sum_and_gather_their_random_states_in_rank_order():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_all_sum_keeps_every_token_count_exact():
+    """Token counts pass through all_sum: in float32 a count above 2^24 would lose its last units."""
+    procs = Processes(ddp=False, rank=0, world=1, device="cpu")
+    assert distributed.all_sum(procs, [2**24 + 1, 2**40 + 3, 0.5]) == [2**24 + 1, 2**40 + 3, 0.5]
+
+
+def test_the_log_lines_eta_is_the_time_per_step_times_the_steps_left(monkeypatch):
+    from common.plumbing import progress
+    monkeypatch.setattr(progress.time, "time", lambda: 130.0)  # the line at 130 s
+    speed = progress.Speedometer(started=100.0, last=100.0)
+    state = train_state.TrainState(step=10)
+    state.history.update(loss=[2.0], ce=[2.0], lr=[1e-3], grad_norm=[1.0])
+    line = speed.line(state, 40, 0, 10, 0)  # 10 steps in 30 s, 30 steps left: 90 s
+    assert line.endswith("| eta 1m30s"), line
