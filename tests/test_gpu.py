@@ -27,7 +27,7 @@ from common.plumbing.device import (
     precision,
 )
 from common.plumbing.errors import LessonError
-from conftest import ROOT, load_lesson
+from conftest import ROOT, load_lesson, run_here
 
 # name, compute capability; torch 2.13's CUDA 12.8 wheels are built for these (get_arch_list())
 GPUS = {"T4": ("Tesla T4", (7, 5)), "V100": ("Tesla V100-SXM2-16GB", (7, 0)),
@@ -217,15 +217,12 @@ def test_a_gpu_out_of_memory_is_one_line_that_says_what_to_lower(capsys):
 
 @pytest.mark.parametrize("lesson", ["02_generate.py", "04_train.py", "05_evaluate.py", "06_compare.py",
                                     "07_methods.py", "08_speculative.py"])
-def test_each_gpu_lessons_out_of_memory_advice_names_its_own_flags(lesson, monkeypatch, capsys):
+def test_each_gpu_lessons_out_of_memory_advice_names_its_own_flags(lesson):
     source = open(os.path.join(ROOT, lesson), encoding="utf-8").read()
     call, = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)
              and getattr(n.func, "id", None) == "run_lesson"]
     advice = {k.arg: ast.literal_eval(k.value) for k in call.keywords}["oom"]
-    monkeypatch.setattr(sys, "argv", [lesson, "--help"])
-    with pytest.raises(SystemExit):
-        load_lesson(lesson).get_args() if lesson not in ("06_compare.py",) else load_lesson(lesson).main()
-    flags = capsys.readouterr().out
+    flags = run_here([lesson, "--help"]).stdout
     named = [w.strip("(),") for w in advice.split() if w.startswith("--")]
     assert named and all(f in flags for f in named), (advice, named)
 
