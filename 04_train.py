@@ -1,13 +1,11 @@
 """Lesson 04: distillation. Train the student on the teacher's texts with a training loop written
 out by hand: mixed precision (bf16, or fp16 with a GradScaler), AdamW, warmup then cosine decay,
-gradient clipping and accumulation, and optionally several GPUs. The kinds of distillation (--kd):
-seq (Kim & Rush, 2016), soft (Hinton et al., 2015), or fkl, rkl, jsd, tvd to the teacher's full
-distribution (GKD), on the teacher's text or, with --on-policy, the student's own; rkl-sampled, the
-reverse KL from the teacher's log-prob of each token the student wrote (on-policy distillation as
-Thinking Machines and Qwen3 use it, 2025) (see --help).
-Each loss is written out plainly in loss_by_hand (printed for the first batch beside the loss the
-loop trains on), one training step in train_step. A sample's prompt is context, never a target;
-the <|endoftext|> that ends it is a target (the student must learn to stop).
+gradient clipping and accumulation, and optionally several GPUs. --kd picks the kind: seq (Kim &
+Rush, 2016), soft (Hinton et al., 2015), fkl/rkl/jsd/tvd to the teacher's full distribution (GKD)
+on its text or, with --on-policy, the student's own; rkl-sampled (on-policy distillation, 2025).
+Each loss is written out in loss_by_hand (printed for the first batch beside the loss the loop
+trains on), one step in train_step. A prompt is context, never a target; the <|endoftext|> that
+ends a sample is one (the student must learn to stop).
 
 Reads:  artifacts/student_init.pt, generated.pt (teacher.pt for the online kinds; train_state.pt)
 Writes: artifacts/student.pt (the lowest val loss), student_last.pt, train_log.pt at the end;
@@ -153,12 +151,10 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
                 with torch.no_grad():  # (B, L, V) in float32 whatever the autocast dtype
                     teacher_logits = logits_fp32(teacher, x) if kd.kind in ONLINE else None
             loss, ce = loss_sums(logits, y, kd, topk, teacher_logits)
-            # / step_tokens, not this micro-batch's own mean (a short one's tokens weigh more);
-            # times world: DDP averages over the processes. scaler.scale multiplies the loss (fp16
-            # only) so that small gradients don't underflow.
+            # / step_tokens, not this micro-batch's mean (a short one's tokens weigh more); * world:
+            # DDP averages over processes; scaler.scale: fp16's small gradients must not underflow
             scaler.scale(loss * world / step_tokens).backward()
-        loss_sum = loss_sum + loss.detach()  # kept on the device: reading it now waits for the GPU
-        ce_sum = ce_sum + ce.detach()
+        loss_sum, ce_sum = loss_sum + loss.detach(), ce_sum + ce.detach()  # no wait for the GPU
     scaler.unscale_(optimizer)  # true gradients again before clipping (a no-op without fp16)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
