@@ -12,29 +12,14 @@ Writes: artifacts/methods/start/, methods/<method>/lr<rate>-seed<seed>/ (each 04
 Run:    python 07_methods.py          (add --preset tiny for a CPU run of about ten minutes; a
         second run keeps the runs already trained and resumes an interrupted one)
 """
-import json
 import math
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 
-import matplotlib
-import matplotlib.ticker
 import torch
 from torch.nn import functional as F
 
-from common.distill import (
-    KD,
-    ONLINE,
-    loss_sums,
-    make_batch,
-    rest_bucket_kl,
-    soft_kd_kl,
-    token_divergence,
-)
+from common.distill import KD, ONLINE, loss_sums, make_batch
 from common.model import logits_fp32
 from common.plumbing.artifacts import (
     LessonError,
@@ -45,14 +30,12 @@ from common.plumbing.artifacts import (
     save_artifact,
     write_text,
 )
-from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_floats, positive_int
+from common.plumbing.cli import lesson_parser, parse, positive_floats, positive_int
 from common.plumbing.device import autocast, get_device, pick_dtype
+from common.plumbing.lab_report import chart, report_lines
+from common.plumbing.runs import train
 from common.sampling import continue_each
 from common.tokenizer import EOT, get_tokenizer
-
-if not in_notebook():
-    matplotlib.use("Agg")  # from a shell: draw straight to a file
-import matplotlib.pyplot as plt  # noqa: E402
 
 # --- settings ---
 # name -> the flags 04 gets (besides --preset, --out, --epochs, --init, --lr and --seed)
@@ -78,38 +61,8 @@ PRESETS = {"gpt2": dict(warm_epochs=3, epochs=1, lr_grid=[1e-4, 3e-4, 1e-3], see
            "tiny": dict(warm_epochs=6, epochs=1, lr_grid=[1e-3, 3e-3, 1e-2], seeds=3,
                         own_samples=2)}
 SEED = 1337                 # 04's default: the grid runs use it, further seeds count up from it
-TOPK = (1, 8, 32, 128)      # cache sizes for the price-of-top-K table
 SAMPLE_SEED = 1234          # every model writes its own text with the same seeded generator
-HERE = os.path.dirname(os.path.abspath(globals().get("__file__", "04_train.py")))
-LESSON_04 = os.path.join(HERE, "04_train.py")
-COLUMNS = {  # table column -> (the row's key, format, which way is better)
-    "ppl on teacher text": ("ppl", "{:.2f}", "lower"),
-    "KL(t‖s)": ("fkl", "{:.3f}", "lower"),
-    "KL(s‖t)": ("rkl", "{:.3f}", "lower"),
-    "acceptance": ("acceptance", "{:.3f}", "higher"),
-    "teacher ppl of own text": ("teacher_ppl_own", "{:.2f}", "lower"),
-    "distinct-2": ("distinct_2", "{:.3f}", "higher"),
-}
-
-
-def run_04(flags):
-    """Run lesson 04 with these flags, its output shown here line by line. It runs in its own
-    process group, so a Ctrl-C reaches it once, from us: it then finishes its step, saves, and
-    stops."""
-    proc = subprocess.Popen([sys.executable, "-u", LESSON_04, *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            print("    " + line, end="")
-            lines.append(line)
-        return proc.wait(), lines
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        for line in proc.stdout:  # let it save, and show what it says
-            print("    " + line, end="")
-        proc.wait()
-        raise
+INPUTS = {"teacher.pt": "teacher", "generated.pt": "generated", "student_init.pt": "student_init"}
 
 
 def batches(seqs, prompt_lens, batch_size, device):
@@ -249,44 +202,6 @@ def val_objective(flags, student, teacher, data, args, device, dtype):
     return total
 
 
-@torch.no_grad()
-def price_of_top_k(student, teacher, seqs, prompt_lens, batch_size, device, dtype, used,
-                   ks=TOPK, group_k=32):
-    """The mean forward KL(teacher || student) on held-out positions: exact (full vocabulary), and
-    as a top-K cache gives it for each K in ks: renormalised over the K (soft_kd_kl at T = 1, the KL
-    04 --kd soft takes) or with a rest bucket (rest_bucket_kl). The teacher's log-probs are rounded
-    to float16, as 02 stores them. And the exact KL split by token group, sum_x p (log p - log q)
-    over: the teacher's top group_k at the position, the other tokens of `used` (a (V,) bool: the
-    tokens the data uses), the tokens never used; with the mass each side puts on the never-used."""
-    exact, n = 0.0, 0
-    renorm, rest = {k: 0.0 for k in ks}, {k: 0.0 for k in ks}
-    groups = dict(top=0.0, never=0.0, p_never=0.0, q_never=0.0)
-    for x, y in batches(seqs, prompt_lens, batch_size, device):
-        scored = y != -100
-        with autocast(device, dtype):  # (n, V): the scored positions only
-            s, t = logits_fp32(student, x, scored), logits_fp32(teacher, x, scored)
-        exact += token_divergence(s, t, "fkl").sum().item()
-        log_p = F.log_softmax(t, -1)
-        for k in ks:
-            lp, ids = log_p.topk(k, dim=-1)
-            lp = lp.half().float()  # what the cache keeps
-            renorm[k] += soft_kd_kl(s, ids, lp, T=1.0).sum().item()
-            rest[k] += rest_bucket_kl(s, ids, lp).sum().item()
-        p, log_q = log_p.exp(), F.log_softmax(s, -1)
-        term = torch.where(p > 0, p * (log_p - log_q), 0.0)       # (n, V): each token's share
-        top = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, log_p.topk(group_k).indices, True)
-        never = ~used.to(p.device) & ~top
-        groups["top"] += term[top].sum().item()
-        groups["never"] += term[never].sum().item()
-        groups["p_never"] += (p * never).sum().item()
-        groups["q_never"] += (log_q.exp() * never).sum().item()
-        n += int(scored.sum())
-    groups = {k: v / n for k, v in groups.items()}
-    groups["used_rest"] = exact / n - groups["top"] - groups["never"]
-    return {"exact": exact / n, "renorm": {k: v / n for k, v in renorm.items()},
-            "rest": {k: v / n for k, v in rest.items()}, "groups": groups, "group_k": group_k}
-
-
 # --- the compute: FLOPs from the tokens 04 processed (Kaplan et al., 2020's 6N and 2N) ---
 def matmul_params(model):
     """N: the weights a token is multiplied by, the blocks and the output layer (tied to the token
@@ -312,35 +227,14 @@ def writing_flops(data, n_teacher):
 
 
 # --- training: one 04 run per (method, rate, seed), each in its own folder ---
-def train(label, sub, flags, out, start, fresh):
-    """Train (or keep, or resume) the 04 run in folder `sub`; returns its train_log."""
-    plan = plan_run(out, sub, flags, start, fresh)
-    if plan == "done":
-        print(f"=== {label}: trained earlier with the same settings, kept ({sub})")
-        return load_artifact(f"{sub}/train_log.pt", "train_log")
-    resume = ["--resume"] if plan == "resume" else []
-    print(f"=== {label}: python 04_train.py {' '.join(flags + resume)}")
-    try:
-        code, lines = run_04(flags + resume)
-    except KeyboardInterrupt:
-        raise LessonError(f"interrupted while training {label}: run 07 again to go on (finished "
-                          f"runs are kept; this one resumes from its saved state, if it saved "
-                          f"one)") from None
-    if code:
-        said = next((ln.strip() for ln in reversed(lines) if ln.startswith("error:")),
-                    f"exit code {code}")
-        raise LessonError(f"04_train.py failed for {label} ({said}); the runs trained before it "
-                          f"are kept")
-    return load_artifact(f"{sub}/train_log.pt", "train_log")
-
-
 def method_run(args, name, lr, seed):
     """One 04 run of a method from the start, at this rate and seed: (its folder, its train_log)."""
     start = f"{args.out}/methods/start/student_last.pt"
     sub = f"{args.out}/methods/{name.replace(' ', '_')}/lr{lr:g}-seed{seed}"
     flags = ["--preset", args.preset, "--out", sub, "--epochs", str(args.epochs), "--init", start,
              "--lr", f"{lr:g}", "--seed", str(seed), *METHODS[name]]
-    return sub, train(f"{name}, lr {lr:g}, seed {seed}", sub, flags, args.out, start, args.fresh)
+    return sub, train(f"{name}, lr {lr:g}, seed {seed}", sub, flags, args.out, start, args.fresh,
+                      INPUTS)
 
 
 def train_all(args, chosen, data, teacher, device, dtype):
@@ -349,7 +243,7 @@ def train_all(args, chosen, data, teacher, device, dtype):
     {method: {"lr": chosen rate, "grid": {rate: val objective}, "runs": [(seed, folder, log)]}}."""
     start = f"{args.out}/methods/start"
     train("start", start, ["--preset", args.preset, "--out", start, "--kd", "seq", "--epochs",
-                           str(args.warm_epochs)], args.out, None, args.fresh)
+                           str(args.warm_epochs)], args.out, None, args.fresh, INPUTS)
     result = {}
     for name in chosen:
         grid, runs = {}, {}
@@ -412,55 +306,6 @@ def summarise(runs):
                                             ("max", max))}}
 
 
-def chart(rows, path):
-    """Left: what each method traded (coverage of the teacher's text against how plausible its own
-    text is to the teacher); right: what it bought for its compute (acceptance against the training
-    FLOPs). Each method's point is its mean over seeds, the bars its range."""
-    names = [n for n in rows if n in METHODS]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    for name, r in rows.items():
-        m, lo, hi = r["mean"], r["min"], r["max"]
-        style = (dict(marker="*", ms=14, color="black") if name == "teacher" else
-                 dict(marker="s", ms=7, color="#999999") if name == "start" else
-                 dict(marker="o", ms=7, color=colors[name]))
-        ax.errorbar(m["ppl"], m["teacher_ppl_own"], zorder=3, capsize=2, **style,
-                    xerr=[[m["ppl"] - lo["ppl"]], [hi["ppl"] - m["ppl"]]],
-                    yerr=[[m["teacher_ppl_own"] - lo["teacher_ppl_own"]],
-                          [hi["teacher_ppl_own"] - m["teacher_ppl_own"]]])
-        ax.annotate(name, (m["ppl"], m["teacher_ppl_own"]), xytext=(5, 4),
-                    textcoords="offset points", fontsize=7)
-        if name in METHODS:
-            flops = m["student_flops"] + m["teacher_flops"]
-            bx.errorbar(flops, m["acceptance"], capsize=2, **style,
-                        yerr=[[m["acceptance"] - lo["acceptance"]],
-                              [hi["acceptance"] - m["acceptance"]]])
-            bx.annotate(name, (flops, m["acceptance"]), xytext=(5, 4),
-                        textcoords="offset points", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 3, 4, 5 rather than 3x10^0
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(plain)
-    ax.set_xlabel("student's perplexity on the teacher's text\n"
-                  "(lower: covers what the teacher says)")
-    ax.set_ylabel("teacher's perplexity on the student's own text\n"
-                  "(lower: writes what the teacher would)")
-    ax.set_title("What each method trades (lower left is better)")
-    ax.grid(alpha=0.3, which="both")
-    bx.set_xscale("log")
-    bx.set_xlabel("training FLOPs, student + teacher (the start and 02 not counted)")
-    bx.set_ylabel("acceptance: mean sum min(p, q)\n(higher: a better draft for the teacher)")
-    bx.set_title("What it bought for its compute (upper left is better)")
-    bx.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    if in_notebook():
-        plt.show()  # in a notebook: shown under the cell, and saved
-    plt.close(fig)
-
-
 def get_args():
     p = lesson_parser(__doc__)
     flag = p.add_argument
@@ -484,173 +329,6 @@ def get_args():
     flag("--fresh", action="store_true",
          help="train every run again, even those already trained")
     return parse(p, PRESETS)
-
-
-# --- bookkeeping: which runs are done, and the report ---
-INPUTS = {"teacher.pt": "teacher", "generated.pt": "generated", "student_init.pt": "student_init"}
-
-
-def link(src, dst):
-    """dst points at src (a symbolic link, or a copy where links are not allowed)."""
-    if os.path.lexists(dst):
-        os.remove(dst)
-    try:
-        os.symlink(os.path.abspath(src), dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def plan_run(out, sub, flags, start, fresh):
-    """"done", "resume" or "fresh" for the 04 run in folder `sub`. Its recipe (the flags, and the
-    size and time of each input file and of the start) is written to method.json when it begins:
-    a run counts as done if its train_log.pt is newer than the same recipe, and resumes only from a
-    train_state.pt saved under that same recipe (an older recipe's state is never resumed)."""
-    os.makedirs(sub, exist_ok=True)
-    recipe = {"flags": flags, "inputs": {f: stamp(f"{out}/{f}") for f in INPUTS}}
-    if start is not None:
-        recipe["start"] = stamp(start)
-    done, log, state = f"{sub}/method.json", f"{sub}/train_log.pt", f"{sub}/train_state.pt"
-    same = False
-    if os.path.exists(done) and not fresh:
-        with open(done) as f:
-            same = json.load(f) == recipe
-    if same and newer(log, done):
-        return "done"
-    for file in INPUTS:
-        link(f"{out}/{file}", f"{sub}/{file}")
-    # (a resumed run keeps method.json's time, which dates the state)
-    if same and newer(state, done):
-        return "resume"
-    with open(done, "w") as f:
-        json.dump(recipe, f)
-    return "fresh"
-
-
-def stamp(path):
-    """A file's size and modification time: it changed if either did."""
-    return [os.path.getsize(path), os.path.getmtime(path)]
-
-
-def newer(path, than):
-    """Whether `path` exists and was written no earlier than `than`."""
-    return os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(than)
-
-
-def cell(row, key, fmt, spread):
-    """A table cell: the mean over seeds, with the seeds' range (min-max) if there are several."""
-    text = fmt.format(row["mean"][key])
-    if spread:
-        text += f" ({fmt.format(row['min'][key])}–{fmt.format(row['max'][key])})"
-    return text
-
-
-def verdicts(rows, seeds):
-    """For each column: the best method by its mean, and whether the seeds separate it from every
-    other: a difference is claimed only where the ranges (min-max over seeds) do not overlap."""
-    methods = {n: r for n, r in rows.items() if n in METHODS}
-    if len(methods) < 2:
-        return []
-    lines = []
-    for column, (key, fmt, better) in COLUMNS.items():
-        sign = 1 if better == "lower" else -1
-        order = sorted(methods, key=lambda n: sign * methods[n]["mean"][key])
-        best = methods[order[0]]
-        said = (f"- **{column}** ({better} is better): {order[0]} {cell(best, key, fmt, seeds > 1)}"
-                f", then {order[1]} {cell(methods[order[1]], key, fmt, seeds > 1)}")
-        if seeds < 2:
-            lines.append(said + ": one seed, so no spread to tell a difference from noise.")
-            continue
-        tied = [n for n in order[1:] if methods[n]["min"][key] <= best["max"][key]
-                and methods[n]["max"][key] >= best["min"][key]]  # the ranges overlap
-        lines.append(said + (": apart from every other method over every seed." if not tied else
-                             f": within the seeds' spread of {', '.join(tied)}; not a "
-                             f"difference at {seeds} seeds."))
-    return lines
-
-
-def report_lines(args, rows, price, price_of, steps, n_test, n_vocab, compute, who):
-    """methods.md, line by line: the table, what it claims, the rates, the compute, the price of a
-    top-K cache."""
-    first = next(r for n, r in rows.items() if n in METHODS)
-    spread = args.seeds > 1
-    label = {"teacher": "teacher (reference)", "start": f"start ({args.warm_epochs} epochs of seq)"}
-    md = ["# The divergence lab\n",
-          f"Teacher: {who}. Every method starts from the same student (student_init.pt after "
-          f"{args.warm_epochs} epochs of sequence-level KD) and trains {steps} optimizer steps "
-          f"({args.epochs} epochs, 04's defaults for the {args.preset} preset otherwise), at the "
-          f"learning rate its own objective chose on the val split from {{"
-          f"{', '.join(f'{lr:g}' for lr in args.lr_grid)}}}, with {args.seeds} seed(s) ("
-          f"{', '.join(str(SEED + i) for i in range(args.seeds))}: data order, dropout, the "
-          f"student's sampling)." + (" Each cell: the mean over seeds (the seeds' min–max)." if
-                                    spread else "") +
-          f" Measured on the teacher's {n_test} held-out test samples (prompts not scored); own "
-          f"text: {args.own_samples} continuations of each test prompt at temperature 1, "
-          f"{first['runs'][0]['own_tokens']:,} tokens or fewer per model.\n",
-          "| method | lr | " + " | ".join(COLUMNS) + " | FLOPs, student + teacher | time |",
-          "|---|---:|" + "---:|" * (len(COLUMNS) + 2)]
-    for name, r in rows.items():
-        cells = [cell(r, key, fmt, spread and name in METHODS) for key, fmt, _ in COLUMNS.values()]
-        flops = (f"{r['mean']['student_flops']:.2g} + {r['mean']['teacher_flops']:.2g}"
-                 if "student_flops" in r["mean"] else "")
-        time_ = f"{r['mean']['time']:.0f} s" if "time" in r["mean"] else ""
-        md.append(f"| {label.get(name, name)} | {r['lr']:g} | " if "lr" in r else
-                  f"| {label.get(name, name)} | | ")
-        md[-1] += " | ".join(cells) + f" | {flops} | {time_} |"
-    md += ["", "What the table supports (a difference is claimed only where the seeds' ranges do "
-           "not overlap; with 2 or 3 seeds even that is a weak test):", *verdicts(rows, args.seeds),
-           "", "How to read it: the first three numbers and acceptance ask whether the student "
-           "covers what the teacher says, on the teacher's own text; the next two ask whether "
-           "what the student writes itself is what the teacher would write, and how varied it is. "
-           "Every method is measured on both; none is scored by its own loss here.",
-           "", "## The learning rate each method chose\n",
-           "Each method's own objective on the val split (lower is better) after the same "
-           "steps, at each rate (seed 1337):\n",
-           "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lr_grid) + " | chosen |",
-           "|---|" + "---:|" * (len(args.lr_grid) + 1)]
-    for name, r in rows.items():
-        if "grid" in r:
-            md.append(f"| {name} | " + " | ".join(f"{r['grid'][lr]:.4f}" for lr in args.lr_grid)
-                      + f" | {r['lr']:g} |")
-    md += ["", "## Compute\n",
-           f"FLOPs as Kaplan et al. (2020) count them: 6N per token the student trains on, 2N per "
-           f"token of a forward pass (the teacher's, online; the student's, writing its own text), "
-           f"N the weights a token is multiplied by (the blocks and the output layer, not the "
-           f"position table; attention's context-dependent FLOPs left out): student N = "
-           f"{compute['student_N']:,}, teacher N = {compute['teacher_N']:,}. Not in the table: the "
-           f"start, {compute['start_flops']:.2g} FLOPs for every method alike, and 02's writing "
-           f"of the data (the teacher's samples and top-K pass), {compute['writing']:.2g} FLOPs "
-           f"once. Validation passes are not counted. Time is wall time on this machine, "
-           f"sampling included.",
-           *price_lines(price, price_of, n_vocab, args.preset),
-           "", "Each run is in methods/<method>/lr<rate>-seed<seed>/ (train_log.pt, "
-           "student_last.pt); rerun one by hand with the command 07 printed for it."]
-    return md
-
-
-def price_lines(price, price_of, n_vocab, preset):
-    """The price-of-top-K section of methods.md: the KL a cache gives against the exact one, and
-    where the exact KL comes from, by token group."""
-    g, k = price["groups"], price["group_k"]
-    md = ["", f"## The price of a top-K cache (the {price_of} student, seed {SEED})\n",
-          f"Exact forward KL(teacher ‖ student), full vocabulary: **{price['exact']:.4f}** nats "
-          f"per token. What a cache of the teacher's K most likely tokens gives instead (int32 "
-          f"id + float16 log-prob = 6 bytes each; the rest bucket needs no extra bytes, since the "
-          f"stored log-probs are normalised over the whole vocabulary; the full distribution "
-          f"would be {2 * n_vocab:,} bytes a token in float16):\n",
-          "| K | bytes per token | renormalised over K (04 --kd soft at T=1) | with a rest bucket "
-          "(a lower bound) |", "|---:|---:|---:|---:|"]
-    md += [f"| {K} | {6 * K} | {price['renorm'][K]:.4f} | {price['rest'][K]:.4f} |"
-           for K in price["renorm"]]
-    md += ["", f"Where the exact KL comes from, sum_x p (log p − log q) split by token group: the "
-           f"teacher's top {k} at each position **{g['top']:.4f}**; the other tokens that the "
-           f"teacher's training text uses **{g['used_rest']:.4f}**; the {price['n_never']:,} "
-           f"tokens it never uses **{g['never']:.4f}** (the teacher puts {g['p_never']:.2g} of "
-           f"its mass there per position, the student {g['q_never']:.2g})."]
-    if price["never_zero"]:
-        md[-1] += (" The teacher's embedding rows of the never-used tokens are all zero (it never "
-                   "trained them), so each has logit 0 at every position: that share is the "
-                   f"{preset} teacher's artefact, not something a real teacher's tail does.")
-    return md
 
 
 def main():
@@ -686,32 +364,22 @@ def main():
     print(f"\nmeasuring on generated-test ({len(test)} samples, {n_tokens:,} sampled tokens; each "
           f"model writes {args.own_samples} texts per prompt) | {device} {dtype}")
     rows, steps = measure_all(args, trained, teacher, test, test_P, device, dtype)
-    used = torch.zeros(enc.n_vocab, dtype=torch.bool)
-    for s in data["train"]:
-        used[s] = True  # the tokens the teacher's training text uses
-    price_of = "soft" if "soft" in trained else chosen[0]
-    first = load_model(f"{trained[price_of]['runs'][0][1]}/student_last.pt", "student")[0]
-    price = price_of_top_k(first.to(device), teacher, test, test_P, args.batch_size, device,
-                           dtype, used)
-    price["never_zero"] = bool(teacher.transformer.wte.weight[~used.to(device)].abs().max() == 0)
-    price["n_never"] = int((~used).sum())
+    first = load_model(f"{next(iter(trained.values()))['runs'][0][1]}/student_last.pt",
+                       "student")[0]
 
     # --- the report ---
     start_log = load_artifact(f"{out}/methods/start/train_log.pt", "train_log")
     compute = {"writing": writing_flops(data, matmul_params(teacher)),
                "student_N": matmul_params(first), "teacher_N": matmul_params(teacher),
                "start_flops": training_flops(start_log, matmul_params(first), 0, False)[0]}
-    md = report_lines(args, rows, price, price_of, steps, len(test), enc.n_vocab, compute,
-                      teacher_ckpt.get("source") or "see teacher.pt")
-    save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "price": price,
-                   "price_of": price_of, "steps": steps, "epochs": args.epochs,
-                   "warm_epochs": args.warm_epochs, "lr_grid": args.lr_grid, "seeds": args.seeds,
-                   "compute": compute}, f"{out}/methods.pt")
+    md = report_lines(args, rows, steps, len(test), compute,
+                      teacher_ckpt.get("source") or "see teacher.pt", SEED)
+    save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "steps": steps,
+                   "epochs": args.epochs, "warm_epochs": args.warm_epochs,
+                   "lr_grid": args.lr_grid, "seeds": args.seeds, "compute": compute},
+                  f"{out}/methods.pt")
     write_text("\n".join(md) + "\n", f"{out}/methods.md")
     chart(rows, f"{out}/methods.png")
-    print(f"\nprice of top-K ({price_of} student): exact KL {price['exact']:.4f}; "
-          + ", ".join(f"K={k}: {price['renorm'][k]:.4f} renormalised, {price['rest'][k]:.4f} "
-                      f"with rest" for k in TOPK))
     print(f"lab finished in {time.time() - t_lab:.0f}s | wrote {out}/methods.md, methods.png, "
           f"methods.pt")
 

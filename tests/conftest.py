@@ -51,6 +51,19 @@ def run_here(args, env=None):
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+@pytest.fixture
+def runs_in_process(monkeypatch):
+    """Lessons 07 and 09 run 03 and 04 as commands (common/plumbing/runs.py); here they run in this
+    process instead (run_here), their output passed on as it would be."""
+    from common.plumbing import runs
+
+    def run_script(script, flags):
+        r = run_here([script, *flags])
+        print(r.stdout + r.stderr, end="")
+        return r.returncode, (r.stdout + r.stderr).splitlines(keepends=True)
+    monkeypatch.setattr(runs, "run_script", run_script)
+
+
 def load_lesson(file):
     """A lesson script as a module (its main() does not run), to test the functions it defines."""
     spec = importlib.util.spec_from_file_location("lesson_" + file[:2], os.path.join(ROOT, file))

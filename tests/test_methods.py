@@ -1,6 +1,7 @@
 """Lesson 07, the divergence lab: each measurement against an independent computation on small
 random models, then end to end on the tiny course (cut to a few steps)."""
 import math
+import re
 
 import matplotlib.image
 import pytest
@@ -9,11 +10,13 @@ from torch.nn import functional as F
 
 from common.distill import make_batch
 from common.model import GPT, GPTConfig
+from common.plumbing import lab_report as REPORT
 from common.plumbing.artifacts import load_artifact, load_model
-from conftest import load_lesson, run_here, run_py
+from conftest import load_lesson, run_here
 from test_train import keep_train_samples
 
 LAB = load_lesson("07_methods.py")
+PRICE = load_lesson("bench/price_of_top_k.py")
 V = 50257  # the models must read GPT-2's tokens: 07 ends texts at <|endoftext|> (50256)
 
 
@@ -60,7 +63,7 @@ def test_price_of_top_k_at_k_equal_to_the_vocabulary_is_the_exact_kl():
     seqs, P = samples(1, 3)
     used = torch.zeros(V, dtype=torch.bool)
     used[:500] = True
-    price = LAB.price_of_top_k(student, teacher, seqs, P, 2, "cpu", "fp32", used, ks=(8, V),
+    price = PRICE.price_of_top_k(student, teacher, seqs, P, 2, "cpu", "fp32", used, ks=(8, V),
                                group_k=8)
     assert price["renorm"][V] == pytest.approx(price["exact"], rel=1e-4)
     assert price["rest"][V] == pytest.approx(price["exact"], rel=1e-4)
@@ -167,26 +170,26 @@ def test_each_methods_val_objective_is_its_own_loss():
 
 def test_verdicts_claim_only_what_the_seeds_separate():
     def row(lo, mean, hi):
-        keys = {k for k, _, _ in LAB.COLUMNS.values()}
+        keys = {k for k, _, _ in REPORT.COLUMNS.values()}
         return {"mean": dict.fromkeys(keys, mean), "min": dict.fromkeys(keys, lo), "max": dict.fromkeys(keys, hi)}
     rows = {"seq": row(3.0, 3.1, 3.2), "fkl": row(3.3, 3.4, 3.5), "rkl": row(3.15, 3.5, 3.9)}
-    lines = LAB.verdicts(rows, 3)
+    lines = REPORT.verdicts(rows, 3)
     ppl = next(ln for ln in lines if "ppl on teacher text" in ln)
     assert "seq 3.10 (3.00–3.20), then fkl" in ppl and "within the seeds' spread of rkl;" in ppl
     rows["rkl"] = row(3.25, 3.5, 3.9)
-    ppl = next(ln for ln in LAB.verdicts(rows, 3) if "ppl on teacher text" in ln)
+    ppl = next(ln for ln in REPORT.verdicts(rows, 3) if "ppl on teacher text" in ln)
     assert ppl.endswith("apart from every other method over every seed.")
     # the runner-up within the best's range, the third apart from it: the runner-up is named
     rows = {"seq": row(3.0, 3.1, 3.2), "fkl": row(3.1, 3.3, 3.6), "rkl": row(3.3, 3.4, 3.5)}
-    ppl = next(ln for ln in LAB.verdicts(rows, 3) if "ppl on teacher text" in ln)
+    ppl = next(ln for ln in REPORT.verdicts(rows, 3) if "ppl on teacher text" in ln)
     assert ppl.endswith("within the seeds' spread of fkl; not a difference at 3 seeds."), ppl
     rows["rkl"] = row(3.25, 3.5, 3.9)  # apart from the best again; then only the runner-up is tied
     rows["fkl"] = row(3.0, 3.3, 3.6)
-    ppl = next(ln for ln in LAB.verdicts(rows, 3) if "ppl on teacher text" in ln)
+    ppl = next(ln for ln in REPORT.verdicts(rows, 3) if "ppl on teacher text" in ln)
     assert ppl.endswith("within the seeds' spread of fkl; not a difference at 3 seeds."), ppl
-    acc = next(ln for ln in LAB.verdicts(rows, 3) if "acceptance" in ln)
+    acc = next(ln for ln in REPORT.verdicts(rows, 3) if "acceptance" in ln)
     assert "(higher is better): rkl" in acc  # the highest mean wins where higher is better
-    assert all("one seed" in ln for ln in LAB.verdicts(rows, 1))
+    assert all("one seed" in ln for ln in REPORT.verdicts(rows, 1))
 
 
 def test_flops_by_hand():
@@ -209,7 +212,7 @@ def test_flops_by_hand():
     assert LAB.writing_flops(data, 7) == 2 * 2 * 7 * positions
 
 
-def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(course_copy):
+def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(course_copy, runs_in_process):
     """A few steps of every method at one rate and seed: every row and column, the compute from 04's
     counts, the acceptance of one student against an independent computation. Then two methods with a
     grid of two rates and two seeds: the runs already trained are kept, each method's chosen rate is
@@ -217,16 +220,14 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(cours
     keep_train_samples(course_copy, 8, n_val=4, n_test=6)  # 2 steps an epoch, 6 samples to measure on
     flags = ["07_methods.py", "--preset", "tiny", "--out", str(course_copy), "--warm-epochs", "1", "--epochs", "1",
              "--own-samples", "1"]
-    r = run_py(flags + ["--lr-grid", "1e-2", "--seeds", "1"])
+    r = run_here(flags + ["--lr-grid", "1e-2", "--seeds", "1"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md = (course_copy / "methods.md").read_text()
     for name in ["teacher (reference)", "start (1 epochs of seq)", *LAB.METHODS]:
         assert f"| {name} | " in md
-    for column in LAB.COLUMNS:
+    for column in REPORT.COLUMNS:
         assert f" {column} |" in md and f"**{column}**" in md
     assert "one seed, so no spread" in md
-    for k in LAB.TOPK:
-        assert f"| {k} | {6 * k} | " in md
     res = load_artifact(str(course_copy / "methods.pt"), "methods")
     assert res["steps"] == 2
     n_student = res["compute"]["student_N"]
@@ -257,19 +258,12 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(cours
         total += torch.minimum(p, q).sum().item()
         n += len(s) - P
     assert res["rows"]["tvd"]["runs"][0]["acceptance"] == pytest.approx(total / n, rel=1e-4)
-    price = res["price"]
-    assert all(price["rest"][k] <= price["exact"] + 1e-4 for k in LAB.TOPK)  # merging tokens hides differences
-    used = {int(t) for s in gen["train"] for t in s}  # the tokens of the (cut) training text
-    assert price["n_never"] == V - len(used)
-    # the teacher learned the toy language's 194 tokens, more than these 8 texts use: not all of
-    # the "never used" have zero embeddings here (on the whole course they do: see the README)
-    assert not price["never_zero"] and len(used) < 194
     assert (course_copy / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     h, w, _ = matplotlib.image.imread(course_copy / "methods.png").shape
     assert h > 300 and w > 1000
 
     two = ["seq", "rkl-sampled+on-policy 1"]
-    again = run_py(flags + ["--lr-grid", "1e-3,1e-2", "--seeds", "2", "--methods", ",".join(two)])
+    again = run_here(flags + ["--lr-grid", "1e-3,1e-2", "--seeds", "2", "--methods", ",".join(two)])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "=== start: trained earlier" in again.stdout and "=== seq, lr 0.01, seed 1337: trained earlier" in again.stdout
     res = load_artifact(str(course_copy / "methods.pt"), "methods")
@@ -283,7 +277,7 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(cours
             assert settings["seed"] == seed and settings["lr"] == row["lr"]
     # each column's verdict, worked out here from the two methods' seed ranges
     md = (course_copy / "methods.md").read_text()
-    for column, (key, _, better) in LAB.COLUMNS.items():
+    for column, (key, _, better) in REPORT.COLUMNS.items():
         sign = 1 if better == "lower" else -1
         best, other = sorted(two, key=lambda n: sign * res["rows"][n]["mean"][key])
         b, o = res["rows"][best], res["rows"][other]
@@ -292,6 +286,24 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(cours
         assert f"better): {best} " in line
         assert line.endswith(f"within the seeds' spread of {other}; not a difference at 2 seeds." if overlap
                              else "apart from every other method over every seed."), line
+
+
+def test_the_price_of_top_k_on_the_tiny_course(course_copy):
+    """bench/price_of_top_k.py on the course's student: a row per K, the rest bucket never above
+    the exact KL (merging tokens hides differences), the never-used tokens counted from the
+    training text; the tiny teacher never trained them: their embedding rows are zero."""
+    r = run_here(["bench/price_of_top_k.py", "--preset", "tiny", "--out", str(course_copy)])
+    assert r.returncode == 0, r.stderr
+    md = (course_copy / "price_of_top_k.md").read_text()
+    for k in PRICE.TOPK:
+        assert f"| {k} | {6 * k} | " in md
+    exact = float(re.search(r"full vocabulary: \*\*([\d.]+)\*\*", md).group(1))
+    rest = [float(v) for v in re.findall(r"^\| \d+ \| \d+ \| [\d.]+ \| ([\d.]+) \|$", md, re.M)]
+    assert len(rest) == len(PRICE.TOPK) and all(v <= exact + 1e-4 for v in rest)
+    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    used = {int(t) for s in gen["train"] for t in s}
+    assert f"the {V - len(used):,} tokens it never uses" in md
+    assert "embedding rows of the never-used tokens are all zero" in md
 
 
 def test_the_lab_refuses_an_unknown_method_in_one_line(course_copy):

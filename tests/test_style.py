@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT
 
 LESSONS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "0[0-9]_*.py")))
-MODULES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "common", "*.py")))
+MODULES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "common", "**", "*.py"),
+                                                            recursive=True))
 
 
 def parse(path):
