@@ -211,7 +211,7 @@ def test_make_notebook_holds_every_lesson_unchanged(tmp_path):
     assert len(lessons) == len(LESSONS) and lessons[0]["source"][0].startswith("## Lesson 01")
 
 
-@pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py", "08_speculative.py"])
+@pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py", "08_speculative.py", "09_starts.py"])
 def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(lesson, monkeypatch):
     """--help: the docstring's first whole sentences (never cut at a line end), and every flag's
     default, said by argparse or, for preset-dependent ones, in the help text itself."""

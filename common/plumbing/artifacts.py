@@ -29,6 +29,7 @@ KINDS = {
     "eval": ("evaluation results file", "05_evaluate.py"),
     "methods": ("divergence-lab results file", "07_methods.py"),
     "speculative": ("speculative-decoding results file", "08_speculative.py"),
+    "starts": ("three-starts results file", "09_starts.py"),
 }
 MODEL_KINDS = ("teacher", "student_init", "student")
 

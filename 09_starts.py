@@ -1,0 +1,250 @@
+"""Lesson 09: where should the student start? The same recipe of 04 from three starts that 03 makes:
+random weights (the original course), every other block of the teacher (DistilGPT2, --from-teacher)
+and the student's shape cut out of the teacher by importance (Minitron, --prune); over --seeds, each
+measured before and after training on the teacher's held-out samples (perplexity, acceptance
+1 - TVD) and, for the tiny teacher, on held-out toy-language documents beside the language's floor.
+Each run is lessons 03 and 04 themselves, commands 09 prints, in its own folder. docs/starts.md
+reads the table.
+
+Reads:  artifacts/teacher.pt, generated.pt
+Writes: artifacts/starts/<start>/seed<seed>/ (03's student_init.pt, 04's run), starts.pt,
+        starts.md, starts.png
+Run:    python 09_starts.py          (add --preset tiny for a CPU run of about ten minutes; a
+        second run keeps the runs already trained)
+"""
+import math
+import time
+
+import matplotlib
+import torch
+
+from common import toy_language
+from common.distill import make_batch
+from common.model import logits_fp32
+from common.plumbing.artifacts import (
+    LessonError,
+    check_preset,
+    load_artifact,
+    load_model,
+    run_lesson,
+    save_artifact,
+    write_text,
+)
+from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_float, positive_int
+from common.plumbing.device import autocast, get_device, pick_dtype
+from common.plumbing.runs import plan_run, run_or_refuse
+from common.tokenizer import EOT, get_tokenizer
+
+if not in_notebook():
+    matplotlib.use("Agg")  # from a shell: draw straight to a file
+import matplotlib.pyplot as plt  # noqa: E402
+
+# --- settings (flags left unset take the preset's values) ---
+STARTS = {"random": [], "every other block": ["--from-teacher"], "pruned": ["--prune"]}  # 03's
+# The tiny student is cut to 1 block (of the tiny teacher's 2) so that pruning cuts depth and width
+PRESETS = {"gpt2": dict(n_layer=6, seeds=3), "tiny": dict(n_layer=1, seeds=3)}
+SEED = 1337              # 03's and 04's default; further seeds count up from it
+TOY_DOCUMENTS, TOY_SEED = 60, 3  # lesson 05's held-out toy-language documents
+INPUTS = ["teacher.pt", "generated.pt"]
+
+
+def get_args():
+    p = lesson_parser(__doc__)
+    p.add_argument("--n-layer", type=positive_int,
+                   help="the student's blocks (03's --n-layer; --from-teacher takes half the "
+                        "teacher's) (gpt2: 6, tiny: 1)")
+    p.add_argument("--seeds", type=positive_int,
+                   help="runs per start, seeds 1337, 1338, ... for 03 and 04 (gpt2: 3, tiny: 3)")
+    p.add_argument("--epochs", type=positive_int, help="04's --epochs (default: 04's preset)")
+    p.add_argument("--lr", type=positive_float, help="04's --lr, for every start (default: 04's)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="sequences per batch when measuring")
+    p.add_argument("--fresh", action="store_true", help="run every start again")
+    return parse(p, PRESETS)
+
+
+# --- measuring: the teacher's held-out samples, and the toy language ---
+@torch.no_grad()
+def held_out(model, teacher, seqs, prompt_lens, batch_size, device, dtype):
+    """On the sampled tokens of the teacher's samples: the model's perplexity and (given a teacher)
+    its acceptance, the mean sum_x min(p, q) = 1 - TVD (a speculative draft's chance, as in 07)."""
+    nll, acceptance, n = 0.0, 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        x, y = make_batch(seqs[i:i + batch_size], device=device,
+                          prompt_lens=prompt_lens[i:i + batch_size])
+        scored = y != -100
+        with autocast(device, dtype):  # (n, V): the scored positions only
+            log_q = logits_fp32(model, x, scored).log_softmax(-1)
+            if teacher is not None:
+                p = logits_fp32(teacher, x, scored).softmax(-1)
+                acceptance += torch.minimum(p, log_q.exp()).sum().item()
+        nll -= log_q.gather(-1, y[scored][:, None]).sum().item()
+        n += int(scored.sum())
+    return {"ppl": math.exp(nll / n), "acceptance": acceptance / n}
+
+
+def measure(model, teacher, data, toy, args, device, dtype):
+    """A model's numbers: held_out's, the toy language's perplexity (tiny teacher), parameters."""
+    r = held_out(model.to(device), teacher, data["test"], data["test_prompt_lens"],
+                 args.batch_size, device, dtype)
+    if toy:  # every token after the opening <|endoftext|> scored, as in 05
+        r["toy_ppl"] = held_out(model, None, toy, [1] * len(toy), args.batch_size, device,
+                                dtype)["ppl"]
+    return {**r, "params": model.num_params()}
+
+
+# --- training: 03 makes the start, 04 trains it, one folder per start and seed ---
+def run_start(args, name, seed):
+    """Make (03) and train (04) one start at one seed, or keep it if trained with the same flags;
+    returns its folder."""
+    sub = f"{args.out}/starts/{name.replace(' ', '_')}/seed{seed}" + (f"-lr{args.lr:g}"
+                                                                        if args.lr else "")
+    common = ["--preset", args.preset, "--out", sub, "--seed", str(seed)]
+    make = common + ["--n-layer", str(args.n_layer), *STARTS[name]]
+    train = common + (["--epochs", str(args.epochs)] if args.epochs else []) + (
+        ["--lr", f"{args.lr:g}"] if args.lr else [])
+    plan = plan_run(args.out, sub, make + ["|"] + train, None, args.fresh, INPUTS)
+    label = f"{name}, seed {seed}"
+    if plan == "done":
+        print(f"=== {label}: trained earlier with the same settings, kept ({sub})")
+        return sub
+    if plan == "fresh":
+        print(f"=== {label}: python 03_student.py {' '.join(make)}")
+        run_or_refuse("03_student.py", make, label)
+    resume = ["--resume"] if plan == "resume" else []
+    print(f"=== {label}: python 04_train.py {' '.join(train + resume)}")
+    run_or_refuse("04_train.py", train + resume, label)
+    return sub
+
+
+def summary(runs):
+    """{key: (mean, min, max)} over the seeds' runs."""
+    return {k: (sum(r[k] for r in runs) / len(runs), min(r[k] for r in runs),
+                max(r[k] for r in runs)) for k in runs[0]}
+
+
+def cell(stat, fmt, spread):
+    mean, lo, hi = stat
+    return fmt.format(mean) + (f" ({fmt.format(lo)}–{fmt.format(hi)})" if spread else "")
+
+
+def report(rows, teacher_row, floor, args, steps, n_test):
+    """starts.md: one row per start, before and after 04, mean (min–max) over seeds."""
+    spread = args.seeds > 1
+    toy = floor is not None
+    head = ["start", "parameters", "ppl on teacher text: before", "after"]
+    head += ["toy-language ppl: before", "after"] if toy else []
+    head += ["acceptance: before", "after"]
+    md = ["# Three starts for one student\n",
+          f"Each start trained by `04_train.py --preset {args.preset}"
+          + (f" --lr {args.lr:g}" if args.lr else "") + "` with the same recipe "
+          f"({steps} optimizer steps), seeds {SEED}–{SEED + args.seeds - 1} (03's init and 04's "
+          f"data order); each cell the mean over seeds" + (" (min–max)." if spread else ".")
+          + f" Measured on the teacher's {n_test} held-out test samples (sampled tokens only)"
+          + (f" and {TOY_DOCUMENTS} held-out toy-language documents (floor: the language's own "
+             f"perplexity, {floor:.2f})." if toy else "."), "",
+          "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    t = teacher_row
+    md.append(f"| teacher | {t['params'] / 1e6:.2f}M | {t['ppl']:.2f} | | "
+              + (f"{t['toy_ppl']:.2f} | | " if toy else "") + "1 | |")
+    for name, r in rows.items():
+        b, a = r["before"], r["after"]
+        cells = [f"{b['params'][0] / 1e6:.2f}M", cell(b["ppl"], "{:,.2f}", spread),
+                 cell(a["ppl"], "{:.2f}", spread)]
+        if toy:
+            cells += [cell(b["toy_ppl"], "{:,.2f}", spread), cell(a["toy_ppl"], "{:.2f}", spread)]
+        cells += [cell(b["acceptance"], "{:.3f}", spread), cell(a["acceptance"], "{:.3f}", spread)]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    return md
+
+
+def chart(rows, teacher_row, path):
+    """Perplexity on the teacher's text before and after 04 (left), acceptance after (right):
+    each start's mean over seeds, the bars its range."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = range(len(rows))
+    names = [f"{n}\n{r['before']['params'][0] / 1e6:.2f}M parameters" for n, r in rows.items()]
+    for k, (when, color) in enumerate((("before", "#999999"), ("after", "tab:blue"))):
+        m = [r[when]["ppl"] for r in rows.values()]
+        ax.bar([i + 0.4 * k for i in x], [v[0] for v in m], 0.4, color=color, label=when,
+               yerr=[[v[0] - v[1] for v in m], [v[2] - v[0] for v in m]], capsize=3)
+    ax.axhline(teacher_row["ppl"], color="black", ls="--", lw=1, label="teacher")
+    ax.set_yscale("log")
+    ax.set_xticks([i + 0.2 for i in x], names)
+    ax.set_ylabel("perplexity on the teacher's held-out text")
+    ax.set_title("Before and after the same training")
+    ax.legend()
+    a = [r["after"]["acceptance"] for r in rows.values()]
+    bx.bar(list(x), [v[0] for v in a], 0.5, color="tab:green", capsize=3,
+           yerr=[[v[0] - v[1] for v in a], [v[2] - v[0] for v in a]])
+    bx.set_xticks(list(x), names)
+    bx.set_ylabel("acceptance, 1 - TVD (higher: a better draft)")
+    bx.set_ylim(0, 1)
+    bx.set_title("After training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    if in_notebook():
+        plt.show()
+    plt.close(fig)
+
+
+def main():
+    args = get_args()
+    out = args.out
+    enc = get_tokenizer()
+    for file in INPUTS:  # checked here once: a problem is one line, not many failed runs
+        check_preset(load_artifact(f"{out}/{file}", file[:-3]), f"{out}/{file}", args.preset)
+    data = load_artifact(f"{out}/generated.pt", "generated", keys=("test", "test_prompt_lens"))
+    teacher, ckpt = load_model(f"{out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
+    if args.n_layer > teacher.config.n_layer:
+        raise LessonError(f"--n-layer {args.n_layer}: the teacher has only "
+                          f"{teacher.config.n_layer} blocks to cut from")
+    device = get_device()
+    dtype = pick_dtype(device)
+    teacher.to(device)
+
+    # --- every start at every seed: 03, then 04 ---
+    t0 = time.time()
+    folders = {name: [run_start(args, name, SEED + i) for i in range(args.seeds)]
+               for name in STARTS}
+
+    # --- measuring: before (student_init.pt) and after (student.pt, 04's best on val) ---
+    toy, floor = None, None
+    if ckpt.get("language") == "toy":
+        docs = toy_language.documents(TOY_DOCUMENTS, TOY_SEED)
+        floor = math.exp(toy_language.entropy_per_token(docs, enc.encode))
+        toy = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in docs]
+    print(f"\nmeasuring on generated-test ({len(data['test'])} samples)"
+          + (f" and {len(toy)} toy-language documents (floor {floor:.2f})" if toy else ""))
+    teacher_row = measure(teacher, teacher, data, toy, args, device, dtype)
+    rows, steps = {}, set()
+    for name, subs in folders.items():
+        runs = {"before": [], "after": []}
+        for seed, sub in enumerate(subs, SEED):
+            for when, file, kind in (("before", "student_init.pt", "student_init"),
+                                     ("after", "student.pt", "student")):
+                model = load_model(f"{sub}/{file}", kind)[0]
+                runs[when].append(measure(model, teacher, data, toy, args, device, dtype))
+            steps.add(load_artifact(f"{sub}/train_log.pt", "train_log")["step"][-1])
+            b, a = runs["before"][-1], runs["after"][-1]
+            print(f"  {name:<18} seed {seed} | {b['params'] / 1e6:.2f}M | ppl {b['ppl']:,.2f} -> "
+                  f"{a['ppl']:.2f} | acceptance {b['acceptance']:.3f} -> {a['acceptance']:.3f}"
+                  + (f" | toy ppl {b['toy_ppl']:,.2f} -> {a['toy_ppl']:.2f}" if toy else ""))
+        rows[name] = {when: summary(r) for when, r in runs.items()}
+    if len(steps) > 1:
+        raise LessonError(f"the runs trained for different numbers of steps ({sorted(steps)}): "
+                          f"run 09 with --fresh")
+
+    # --- the report ---
+    md = report(rows, teacher_row, floor, args, steps.pop(), len(data["test"]))
+    write_text("\n".join(md) + "\n", f"{out}/starts.md")
+    save_artifact({"kind": "starts", "preset": args.preset, "rows": rows, "teacher": teacher_row,
+                   "floor": floor, "seeds": args.seeds}, f"{out}/starts.pt")
+    chart(rows, teacher_row, f"{out}/starts.png")
+    print("\n" + "\n".join(md[3:]))
+    print(f"\nstarts finished in {time.time() - t0:.0f}s | wrote {out}/starts.md, starts.png, "
+          f"starts.pt")
+
+
+if __name__ == "__main__":
+    run_lesson(main, oom="a smaller --batch-size (sequences measured at once)")
