@@ -1,14 +1,10 @@
 """Lesson 02: the teacher writes the training data. Sequence-level distillation trains the student
-on text the teacher wrote, so these samples ARE the knowledge being passed on. Sampling
-(temperature, top-k, top-p, KV cache) is written from scratch in common/sampling.py, and one step of
-it is written out here (sampling_step_by_hand) and shown on the teacher's real logits; this lesson
-drives it, throws away degenerate samples, and stores the teacher's top-K next-token
-log-probabilities for lesson 04's soft-target distillation (there the student learns to match the
-teacher's probabilities for every likely next token, not only the one it sampled). Each sample
-remembers how many of its leading tokens were the prompt (given, not sampled): later lessons train
-and score only the tokens the teacher chose. The samples are split by opening into train, val (04
-picks the best student on it) and test (05 reports on it), so no held-out sample shares its
-opening with a training sample.
+on text the teacher wrote, so these samples ARE the knowledge passed on. Sampling (temperature,
+top-k, top-p, KV cache) is written from scratch in common/sampling.py, one step of it out here
+(sampling_step_by_hand, on the teacher's real logits). The lesson drops degenerate samples, stores
+the teacher's top-K next-token log-probabilities (04's soft targets), remembers each sample's prompt
+length (only the tokens the teacher chose are trained on and scored), and splits the samples by
+opening into train, val (04 picks its best student on it) and test (05 reports on it).
 
 Reads:  artifacts/teacher.pt
 Writes: artifacts/generated.pt  ({"kind": "generated", "train"/"val"/"test": [token tensors],

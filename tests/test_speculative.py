@@ -225,8 +225,8 @@ def test_lesson_08_end_to_end_on_the_course(course_copy):
 
     from common.model import logits_fp32
     from common.plumbing.artifacts import load_artifact, load_model
-    from conftest import load_lesson, run_py
-    r = run_py(["08_speculative.py", "--preset", "tiny", "--out", str(course_copy), "--prompts", "2",
+    from conftest import load_lesson, run_here
+    r = run_here(["08_speculative.py", "--preset", "tiny", "--out", str(course_copy), "--prompts", "2",
                 "--new-tokens", "24", "--draft-tokens", "1,4"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = load_artifact(str(course_copy / "speculative.pt"), "speculative")

@@ -59,8 +59,8 @@ def test_offline_lesson_05_says_wikitext_was_skipped_and_goes_on(course_copy, tm
     """No network (an address nobody listens on): 05 with --wikitext says in one line that WikiText-2
     could not be downloaded, evaluates the other sets, and records the skip in eval.pt."""
     from common.plumbing.artifacts import load_artifact
-    from conftest import run_py
-    r = run_py(["05_evaluate.py", "--preset", "tiny", "--out", str(course_copy), "--wikitext"],
+    from conftest import run_here
+    r = run_here(["05_evaluate.py", "--preset", "tiny", "--out", str(course_copy), "--wikitext"],
                env={"KD_WIKITEXT_URL": "http://127.0.0.1:9/none.zip", "KD_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
     assert "skipped wikitext2: could not download it" in r.stdout and "Traceback" not in r.stderr
