@@ -9,7 +9,7 @@ reads the table.
 Reads:  artifacts/teacher.pt, generated.pt
 Writes: artifacts/starts/<start>/seed<seed>/ (03's student_init.pt, 04's run), starts.pt,
         starts.md, starts.png
-Run:    python 09_starts.py          (add --preset tiny for a CPU run of about ten minutes; a
+Run:    python 09_starts.py          (add --preset tiny for a CPU run of about seven minutes; a
         second run keeps the runs already trained)
 """
 import math
@@ -32,7 +32,7 @@ from common.plumbing.artifacts import (
 )
 from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_float, positive_int
 from common.plumbing.device import autocast, get_device, pick_dtype
-from common.plumbing.runs import plan_run, run_or_refuse
+from common.plumbing.runs import train
 from common.tokenizer import EOT, get_tokenizer
 
 if not in_notebook():
@@ -96,25 +96,14 @@ def measure(model, teacher, data, toy, args, device, dtype):
 # --- training: 03 makes the start, 04 trains it, one folder per start and seed ---
 def run_start(args, name, seed):
     """Make (03) and train (04) one start at one seed, or keep it if trained with the same flags;
-    returns its folder."""
+    returns its folder and train_log."""
     sub = f"{args.out}/starts/{name.replace(' ', '_')}/seed{seed}" + (f"-lr{args.lr:g}"
                                                                         if args.lr else "")
     common = ["--preset", args.preset, "--out", sub, "--seed", str(seed)]
     make = common + ["--n-layer", str(args.n_layer), *STARTS[name]]
-    train = common + (["--epochs", str(args.epochs)] if args.epochs else []) + (
+    flags = common + (["--epochs", str(args.epochs)] if args.epochs else []) + (
         ["--lr", f"{args.lr:g}"] if args.lr else [])
-    plan = plan_run(args.out, sub, make + ["|"] + train, None, args.fresh, INPUTS)
-    label = f"{name}, seed {seed}"
-    if plan == "done":
-        print(f"=== {label}: trained earlier with the same settings, kept ({sub})")
-        return sub
-    if plan == "fresh":
-        print(f"=== {label}: python 03_student.py {' '.join(make)}")
-        run_or_refuse("03_student.py", make, label)
-    resume = ["--resume"] if plan == "resume" else []
-    print(f"=== {label}: python 04_train.py {' '.join(train + resume)}")
-    run_or_refuse("04_train.py", train + resume, label)
-    return sub
+    return sub, train(f"{name}, seed {seed}", sub, flags, args.out, None, args.fresh, INPUTS, make)
 
 
 def summary(runs):
@@ -220,12 +209,12 @@ def main():
     rows, steps = {}, set()
     for name, subs in folders.items():
         runs = {"before": [], "after": []}
-        for seed, sub in enumerate(subs, SEED):
+        for seed, (sub, log) in enumerate(subs, SEED):
             for when, file, kind in (("before", "student_init.pt", "student_init"),
                                      ("after", "student.pt", "student")):
                 model = load_model(f"{sub}/{file}", kind)[0]
                 runs[when].append(measure(model, teacher, data, toy, args, device, dtype))
-            steps.add(load_artifact(f"{sub}/train_log.pt", "train_log")["step"][-1])
+            steps.add(log["step"][-1])
             b, a = runs["before"][-1], runs["after"][-1]
             print(f"  {name:<18} seed {seed} | {b['params'] / 1e6:.2f}M | ppl {b['ppl']:,.2f} -> "
                   f"{a['ppl']:.2f} | acceptance {b['acceptance']:.3f} -> {a['acceptance']:.3f}"

@@ -95,12 +95,16 @@ def plan_run(out, sub, flags, start, fresh, inputs):
     return "fresh"
 
 
-def train(label, sub, flags, out, start, fresh, inputs):
-    """Train (or keep, or resume) the 04 run in folder `sub`; returns its train_log."""
-    plan = plan_run(out, sub, flags, start, fresh, inputs)
+def train(label, sub, flags, out, start, fresh, inputs, make=None):
+    """Train (or keep, or resume) the 04 run in folder `sub`; returns its train_log. make: 03's
+    flags, to make the student first in a fresh run (they are part of the recipe)."""
+    plan = plan_run(out, sub, flags if make is None else make + ["|"] + flags, start, fresh, inputs)
     if plan == "done":
         print(f"=== {label}: trained earlier with the same settings, kept ({sub})")
     else:
+        if plan == "fresh" and make is not None:
+            print(f"=== {label}: python 03_student.py {' '.join(make)}")
+            run_or_refuse("03_student.py", make, label)
         resume = ["--resume"] if plan == "resume" else []
         print(f"=== {label}: python 04_train.py {' '.join(flags + resume)}")
         run_or_refuse("04_train.py", flags + resume, label)
