@@ -16,6 +16,7 @@ words match, sums the probabilities of all the ways it could have written it (`l
 over held-out documents, -log p per GPT-2 token is the language's entropy rate: the floor no model
 can beat (`entropy_per_token`).
 """
+import functools
 import math
 import random
 
@@ -59,7 +60,15 @@ def vocabulary():
 # --- the grammar: one function that writes a document through choose() and emit() ---
 
 def _uniform(options):
+    return _uniform_of(tuple(options))
+
+
+@functools.cache  # built once per list: the grammar asks for the same ones again and again
+def _uniform_of(options):
     return [(o, 1 / len(options)) for o in options]
+
+
+_MAYBE_ADJECTIVE = [(None, 0.5)] + [(a, 0.5 / len(ADJECTIVES)) for a in ADJECTIVES]  # half: none
 
 
 def _document(w):
@@ -69,7 +78,7 @@ def _document(w):
     # "Tom was a ..." or "Once there was a ... called Tom"
     opening = w.choose([("short", 0.5), ("long", 0.5)])
     if opening == "short":
-        name = w.choose(_uniform(list(NAMES)))
+        name = w.choose(_uniform(NAMES))
         w.emit(f"{name} was")
     else:
         w.emit("Once there was")
@@ -78,7 +87,7 @@ def _document(w):
     w.emit(f" {w.choose(_uniform(JOBS))}")
     if opening == "long":
         w.emit(" called")
-        name = w.choose(_uniform(list(NAMES)))
+        name = w.choose(_uniform(NAMES))
         w.emit(f" {name}")
     w.emit(".")
     pronoun = NAMES[name]
@@ -90,12 +99,12 @@ def _document(w):
 
     def noun_phrase():  # "a dog", "an old dog", "the dog", ...
         definite = w.choose([(False, 0.5), (True, 0.5)])
-        adj = w.choose([(None, 0.5)] + [(a, 0.5 / len(ADJECTIVES)) for a in ADJECTIVES])
-        noun = w.choose(_uniform(list(NOUNS))) if adj is None else None
+        adj = w.choose(_MAYBE_ADJECTIVE)
+        noun = w.choose(_uniform(NOUNS)) if adj is None else None
         first = adj or noun
         w.emit(f" {'the' if definite else article(first)} {first}")
         if adj is not None:
-            w.emit(f" {w.choose(_uniform(list(NOUNS)))}")
+            w.emit(f" {w.choose(_uniform(NOUNS))}")
 
     n_sentences = w.choose([(2, 0.2), (3, 0.3), (4, 0.3), (5, 0.2)])
     for _ in range(n_sentences):
@@ -111,7 +120,7 @@ def _document(w):
             w.emit(".")
         elif kind == "clause":  # agreement across the relative clause
             plural = w.choose([(False, 0.5), (True, 0.5)])
-            noun = w.choose(_uniform(list(NOUNS)))
+            noun = w.choose(_uniform(NOUNS))
             w.emit(f" The {NOUNS[noun] if plural else noun} that")
             w.emit(f" {subject(lower=True)}")
             w.emit(f" {w.choose(_uniform(VERBS))} {'were' if plural else 'was'}")
@@ -120,13 +129,13 @@ def _document(w):
             w.emit(f" {subject()} said,")
             if w.choose([("want", 0.5), ("go", 0.5)]) == "want":
                 w.emit(f' "I {w.choose(_uniform(WANTS))} the')
-                w.emit(f" {NOUNS[w.choose(_uniform(list(NOUNS)))]}.\"")
+                w.emit(f" {NOUNS[w.choose(_uniform(NOUNS))]}.\"")
             else:
                 w.emit(f' "We will go to {w.choose(_uniform(PLACES))}')
                 w.emit(f' {w.choose(_uniform(TIMES))}."')
         elif kind == "count":  # a count that goes up, and its total said again
             w.emit(f" {subject()} counted the")
-            noun = NOUNS[w.choose(_uniform(list(NOUNS)))]
+            noun = NOUNS[w.choose(_uniform(NOUNS))]
             w.emit(f" {noun}:")
             n = w.choose([(k, p) for k, p in zip(range(2, 8), (0.25, 0.25, 0.2, 0.15, 0.1, 0.05))])
             w.emit(f" {', '.join(NUMBERS[:n])}. There were {NUMBERS[n - 1]} {noun}.")
@@ -190,7 +199,7 @@ class _Replay:
     soon as the text written so far stops matching the target."""
 
     def __init__(self, fixed, target):
-        self.fixed, self.target, self.i, self.out, self.logp = fixed, target, 0, "", 0.0
+        self.fixed, self.target, self.i, self.end, self.logp = fixed, target, 0, 0, 0.0
 
     def choose(self, pairs):
         if self.i == len(self.fixed):
@@ -200,10 +209,10 @@ class _Replay:
         self.logp += math.log(p)
         return option
 
-    def emit(self, text):
-        self.out += text
-        if not self.target.startswith(self.out):
+    def emit(self, text):  # the target must go on with this text where the last one ended
+        if not self.target.startswith(text, self.end):
             raise _Mismatch
+        self.end += len(text)
 
 
 def log_prob(text):
@@ -221,7 +230,7 @@ def log_prob(text):
             continue
         except _Mismatch:
             continue
-        if replay.out == text:
+        if replay.end == len(text):
             total = max(total, replay.logp) + math.log1p(math.exp(-abs(total - replay.logp))) \
                 if total > -math.inf else replay.logp
     return total

@@ -1,16 +1,37 @@
 """Shared fixtures: the repository on sys.path, a small reference GPT-2, and one tiny course run."""
-import importlib.util
 import os
-import shutil
-import subprocess
-import sys
 
-import pytest
-import torch
+# pytest-xdist (-n 2 in pytest.ini) runs two workers, each with torch's threads for every core. An
+# OpenMP thread that finds no work spins, by default: two tiny trainings side by side on 2 cores
+# took 65 s so; with waiting threads asleep (PASSIVE), 24 s; one after the other, 30 s. Set before
+# torch is imported, for the workers and every process they start.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import importlib.util  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(items):
+    """The tiny course first (the test that shows it), then the tests that do not need it, those
+    that need its start (lessons 01-03), those that need all of it; the slow ones first in each:
+    under xdist one worker runs the course while the other runs the rest, and the last tests
+    handed out are short ones."""
+    def order(item):
+        uses = set(getattr(item, "fixturenames", ()))
+        shows = "test_the_notebook_alone_runs_every_cell" in item.name
+        return (not shows, bool({"course", "course_copy"} & uses),
+                bool({"course_start", "start_copy"} & uses), item.get_closest_marker("slow") is None)
+    items.sort(key=order)
 
 
 def run_py(args, cwd=ROOT, env=None, timeout=900, **kw):
@@ -23,10 +44,11 @@ def run_py(args, cwd=ROOT, env=None, timeout=900, **kw):
                           timeout=timeout, **kw)
 
 
-def run_here(args, env=None):
+def run_here(args, env=None, threads=None):
     """Run a lesson as `python args...` would, but in this process: no Python and torch start-up
-    (about 3 s a run on 2 cores). Returns a CompletedProcess (exit code, stdout, stderr); a
-    traceback escapes as the exception itself, which fails the test as surely."""
+    (about 3 s a run on 2 cores), on `threads` torch threads if given (as OMP_NUM_THREADS would).
+    Returns a CompletedProcess (exit code, stdout, stderr); a traceback escapes as the exception
+    itself, which fails the test as surely."""
     import contextlib
     import io
     import runpy
@@ -35,7 +57,8 @@ def run_here(args, env=None):
     for k in ("KD_PRESET", "KD_OUT"):
         os.environ.pop(k, None)
     os.environ.update(env or {})
-    sys.argv, before = list(args), torch.get_num_threads()
+    sys.argv, before = [str(a) for a in args], torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -49,6 +72,55 @@ def run_here(args, env=None):
         os.environ.update(environ)
         torch.set_num_threads(before)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_ranks(args, world=2):
+    """Run a lesson as `torchrun --standalone --nproc_per_node=world` would (one thread each, as
+    torchrun sets), but with no start-ups: each rank is forked from this process, torch already
+    imported, with the environment torchrun gives its workers. Returns a CompletedProcess: rank
+    0's exit code, stdout and stderr, or the first failed rank's."""
+    import signal
+    import socket
+    import tempfile
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in range(world):
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        pid = os.fork()
+        if pid == 0:  # the rank: its environment, one thread, its output to the files; never returns
+            code = 1
+            try:
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                r = run_here(args, threads=1)
+                out.write(r.stdout.encode())
+                err.write(r.stderr.encode())
+                code = r.returncode
+            except BaseException:
+                import traceback
+                err.write(traceback.format_exc().encode())
+            finally:
+                out.flush()
+                err.flush()
+                os._exit(code)
+        ranks.append((pid, out, err))
+    codes = {}
+    while len(codes) < world:  # a rank that fails leaves the others waiting for it: stop them
+        pid, status = os.waitpid(-1, 0)
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if codes[pid]:
+            for other, _, _ in ranks:
+                if other not in codes:
+                    os.kill(other, signal.SIGKILL)
+    failed = next((i for i, (pid, _, _) in enumerate(ranks) if codes[pid]), 0)
+    texts = []
+    for f in ranks[failed][1:]:  # rank 0's output, or the first failed rank's
+        f.seek(0)
+        texts.append(f.read().decode())
+    return subprocess.CompletedProcess(args, codes[ranks[failed][0]], *texts)
 
 
 @pytest.fixture
@@ -97,16 +169,16 @@ def ours_from_hf(ref):
     return m.eval()
 
 
-def run_notebook(nb, env, timeout=900, allow_errors=False, folder=ROOT):
+def run_notebook(nb, env, timeout=900, allow_errors=False, folder=ROOT, **hooks):
     """Execute a notebook's cells in order in a fresh headless Jupyter kernel (nbclient + ipykernel),
     started in `folder` (the repository, or a folder the notebook was uploaded to alone, as on
     Colab); the outputs are written into nb. A failing cell raises nbclient's CellExecutionError
-    unless allow_errors."""
+    unless allow_errors. hooks: nbclient's, e.g. on_cell_executed."""
     import nbclient
     e = {k: v for k, v in os.environ.items() if k not in ("KD_PRESET", "KD_OUT")}
     e.update(PYTHONUNBUFFERED="1", **env)
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
-                                     resources={"metadata": {"path": str(folder)}})
+                                     resources={"metadata": {"path": str(folder)}}, **hooks)
     client.execute(env=e)
     return nb
 
@@ -129,6 +201,9 @@ def cell_text(cell):
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
 
 
+START = ("teacher.pt", "generated.pt", "student_init.pt")  # what lessons 01-03 leave
+
+
 @pytest.fixture(scope="session")
 def course(tmp_path_factory):
     """The whole tiny course, run once, the way a learner runs it in Colab: the committed
@@ -136,19 +211,65 @@ def course(tmp_path_factory):
     from tiktoken's cache, as after its one download), executed top to bottom in a headless kernel
     started with KD_PRESET=tiny. Returns the artifacts folder, everything the cells printed, the
     executed notebook (its folder is the artifacts folder's parent)."""
+    import nbformat
+    folder = shared_course(tmp_path_factory, "executed.ipynb")
+    nb = nbformat.read(folder / "executed.ipynb", as_version=4)
+    return folder / "artifacts", "".join(cell_text(c) for c in nb.cells if c.cell_type == "code"), nb
+
+
+@pytest.fixture(scope="session")
+def course_start(tmp_path_factory):
+    """The tiny course's teacher, texts and student's start (START), copied aside as soon as the
+    notebook's lesson 03 has run: under xdist, the tests that train from them start while the
+    other worker's kernel runs lessons 04-06."""
+    return shared_course(tmp_path_factory, "start/done") / "start"
+
+
+def shared_course(tmp_path_factory, wait_for):
+    """The folder the tiny course runs in, once this file exists in it. One folder for the whole
+    run, shared by xdist's workers: whoever finds nobody running the course runs it (under a lock),
+    the others look for the file they need."""
+    from filelock import FileLock, Timeout
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    base = tmp_path_factory.getbasetemp()
+    folder = base / "colab" if run is None else base.parent / f"colab-{run}"
+    lock = FileLock(f"{folder}.lock")
+    while not (folder / wait_for).exists():
+        try:
+            lock.acquire(timeout=1)  # free: nobody runs the course (it finished, or it failed)
+        except Timeout:
+            continue                 # another worker runs it: look again
+        try:
+            if not (folder / wait_for).exists():
+                run_course(folder)
+        finally:
+            lock.release()
+    return folder
+
+
+def run_course(folder):
+    """course.ipynb copied into folder and executed there with KD_PRESET=tiny, cell by cell: the
+    start copied to folder/start after lesson 03's cell, the executed notebook written last."""
     import nbclient
     import nbformat
-    folder = tmp_path_factory.mktemp("colab")
-    out = folder / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(os.path.join(ROOT, "course.ipynb"), folder / "course.ipynb")
     nb = nbformat.read(folder / "course.ipynb", as_version=4)
+    out = folder / "artifacts"
     env = {"KD_PRESET": "tiny", "KD_OUT": str(out), "KD_CACHE": str(folder / "cache"),
            "TIKTOKEN_CACHE_DIR": tiktoken_cache(folder / "tiktoken")}
+
+    def after(cell, **_):
+        if cell.source.startswith('"""Lesson 03'):
+            (folder / "start").mkdir()
+            for name in START:
+                shutil.copyfile(out / name, folder / "start" / name)
+            (folder / "start" / "done").touch()
     try:
-        run_notebook(nb, env, folder=folder)
+        run_notebook(nb, env, folder=folder, on_cell_executed=after)
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"a cell of course.ipynb failed: {str(e)[-3000:]}")
-    return out, "".join(cell_text(c) for c in nb.cells if c.cell_type == "code"), nb
+    nbformat.write(nb, folder / "executed.ipynb")
 
 
 @pytest.fixture
@@ -156,4 +277,12 @@ def course_copy(course, tmp_path):
     """A private copy of the tiny course's artifacts, to break or extend."""
     dst = tmp_path / "art"
     shutil.copytree(course[0], dst)
+    return dst
+
+
+@pytest.fixture
+def start_copy(course_start, tmp_path):
+    """A private copy of the tiny course's teacher, texts and student's start (lessons 01-03)."""
+    dst = tmp_path / "art"
+    shutil.copytree(course_start, dst, ignore=shutil.ignore_patterns("done"))
     return dst

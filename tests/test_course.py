@@ -148,7 +148,9 @@ def test_the_teachers_top_k_rows_line_up_with_its_tokens(course):
     kl, cost = torch.cat(kl), torch.cat(cost)
     assert ev["kl"]["teacher"] == pytest.approx(kl.mean().item(), rel=1e-4)
     assert kl.mean().item() == pytest.approx(cost.mean().item(), rel=1e-2)  # mostly the truncation
-    assert cost.mean().item() > 0.01  # the K tokens do not hold all the mass: a real, visible cost
+    # the K tokens do not hold all the mass: a real, visible cost (0.0098 or 0.0106 nats, by the
+    # thread count the tiny course was trained with)
+    assert cost.mean().item() > 0.005
 
 
 def test_no_opening_is_in_two_splits_and_only_sampled_tokens_are_trained(course):

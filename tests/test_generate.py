@@ -4,7 +4,7 @@ import shutil
 import torch
 
 from common.plumbing.artifacts import load_artifact
-from conftest import load_lesson, run_here, run_py
+from conftest import load_lesson, run_here
 
 
 def test_repeated_ngram_fraction():
@@ -18,7 +18,7 @@ def test_greedy_duplicates_are_dropped_and_reported(course, tmp_path):
     shutil.copy(course[0] / "teacher.pt", tmp_path / "teacher.pt")
     # greedy decoding writes the same text for the same prompt: the 6 unconditional samples are one text
     # (greedy text loops, so --max-repeat 0.95 keeps loops and leaves the duplicates to be caught)
-    r = run_py(["02_generate.py", "--preset", "tiny", "--out", str(tmp_path), "--temperature", "0",
+    r = run_here(["02_generate.py", "--preset", "tiny", "--out", str(tmp_path), "--temperature", "0",
                 "--num-samples", "12", "--prompts", "mixed", "--max-repeat", "0.95"])
     assert r.returncode == 0, r.stderr
     gen = load_artifact(str(tmp_path / "generated.pt"), "generated")
@@ -59,7 +59,7 @@ def test_your_own_openings_from_a_file_are_used_and_split_by_opening(course, tmp
                                            encoding="utf-8")
     flags = ["02_generate.py", "--preset", "tiny", "--out", str(tmp_path), "--num-samples", "24",
              "--max-new-tokens", "24", "--prompts", "topics"]
-    r = run_py(flags + ["--prompts-file", str(tmp_path / "openings.txt")])
+    r = run_here(flags + ["--prompts-file", str(tmp_path / "openings.txt")])
     assert r.returncode == 0, r.stderr
     assert "(6 topic openings)" in r.stdout
     gen = load_artifact(str(tmp_path / "generated.pt"), "generated")

@@ -9,7 +9,7 @@ from common import toy_language
 from common.gpt2_weights import load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
 from common.plumbing.artifacts import LessonError, load_model
-from conftest import hf_model, load_lesson, run_py
+from conftest import hf_model, load_lesson, run_here
 
 
 def hub_state(ref):
@@ -130,7 +130,7 @@ def test_architecture_details():
 def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
     ref = hf_model(vocab_size=50257)
     folder = save_layout(ref, tmp_path / "hub", "hub-safetensors")
-    r = run_py(["01_teacher.py", "--weights", folder, "--out", str(tmp_path / "art")])
+    r = run_here(["01_teacher.py", "--weights", folder, "--out", str(tmp_path / "art")])
     assert r.returncode == 0, r.stderr
     teacher, ckpt = load_model(str(tmp_path / "art" / "teacher.pt"), "teacher", vocab_size=50257)
     assert ckpt["language"] == "english" and "greedy continuation" in r.stdout

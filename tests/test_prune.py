@@ -158,11 +158,11 @@ def held_out(path):
     return gen["val"], gen["val_prompt_lens"]
 
 
-def test_the_tiny_teacher_pruned_by_importance_beats_random_and_least_important(course_copy):
+def test_the_tiny_teacher_pruned_by_importance_beats_random_and_least_important(start_copy):
     """03 --prune on the tiny course, depth and width cut (2/64/4 -> 1/32/2): it writes a student
     of that shape, and the importance is used: keeping the least important units (the ranking
     flipped) or random ones is worse on held-out text before any training."""
-    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(course_copy), "--prune",
+    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy), "--prune",
                   "--n-layer", "1"])
     assert r.returncode == 0, r.stderr
     ppl = {name.strip(): float(v.replace(",", "")) for name, v in
@@ -172,12 +172,12 @@ def test_the_tiny_teacher_pruned_by_importance_beats_random_and_least_important(
     top = ppl["pruned: the most important"]
     assert top * 1.5 < ppl["random units kept"] and top * 1.5 < ppl["the least important kept"]
     assert ppl["teacher"] < top < ppl["random init (no teacher)"] / 100
-    student, ckpt = load_model(str(course_copy / "student_init.pt"), "student_init")
+    student, ckpt = load_model(str(start_copy / "student_init.pt"), "student_init")
     assert (student.config.n_layer, student.config.n_embd, student.config.n_head) == (1, 32, 2)
     assert ckpt["pruned"] and not ckpt["from_teacher"]
     # the printed numbers are the models' own: the saved student's perplexity, recomputed
     from common.perplexity import sequences_perplexity
-    val, P = held_out(course_copy)
+    val, P = held_out(start_copy)
     assert sequences_perplexity(student, val[:64], 8, P[:64]) == pytest.approx(top, abs=0.006)
 
 
@@ -187,15 +187,15 @@ def test_the_tiny_teacher_pruned_by_importance_beats_random_and_least_important(
     (["--n-embd", "32", "--n-head", "4"], "--n-embd must be --n-head x 16 = 64, not 32"),
     (["--from-teacher"], "choose one start"),
 ])
-def test_prune_refuses_a_shape_it_cannot_cut_in_one_line(course_copy, flags, said):
-    before = (course_copy / "student_init.pt").read_bytes()
-    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(course_copy), "--prune",
+def test_prune_refuses_a_shape_it_cannot_cut_in_one_line(start_copy, flags, said):
+    before = (start_copy / "student_init.pt").read_bytes()
+    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy), "--prune",
                   *flags])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and said in r.stderr, r.stderr
-    assert (course_copy / "student_init.pt").read_bytes() == before  # nothing written
+    assert (start_copy / "student_init.pt").read_bytes() == before  # nothing written
 
 
-def test_prune_without_the_generated_texts_says_to_run_02(course_copy):
-    (course_copy / "generated.pt").unlink()
-    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(course_copy), "--prune"])
+def test_prune_without_the_generated_texts_says_to_run_02(start_copy):
+    (start_copy / "generated.pt").unlink()
+    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy), "--prune"])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "02_generate.py" in r.stderr

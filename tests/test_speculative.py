@@ -218,6 +218,7 @@ def test_sampling_probs_are_what_sample_next_draws_from():
     assert torch.allclose(freq, probs, atol=0.012)
 
 
+@pytest.mark.slow
 def test_lesson_08_end_to_end_on_the_course(course_copy):
     """A few prompts: every draft's rows for both settings and each g, the measured acceptance near
     its expectation, valid files; the held-out score is 1 - TVD computed independently."""
@@ -226,6 +227,8 @@ def test_lesson_08_end_to_end_on_the_course(course_copy):
     from common.model import logits_fp32
     from common.plumbing.artifacts import load_artifact, load_model
     from conftest import load_lesson, run_here
+    from test_train import keep_train_samples
+    keep_train_samples(course_copy, None, n_test=8)  # the held-out scores over 8 test samples
     r = run_here(["08_speculative.py", "--preset", "tiny", "--out", str(course_copy), "--prompts", "2",
                 "--new-tokens", "24", "--draft-tokens", "1,4"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,33 +1,40 @@
 """Lesson 09, three starts for one student: on the tiny course cut to a few steps, each start made by
 03 and trained by 04 alike, and every number of the table recomputed here for one run."""
+import math
+import sys
+
 import pytest
 import torch
 from torch.nn import functional as F
 
+from common import toy_language
 from common.perplexity import sequences_perplexity
 from common.plumbing.artifacts import load_artifact, load_model
 from common.plumbing.errors import LessonError
 from common.plumbing.runs import run_or_refuse, run_script
-from conftest import run_here
+from common.tokenizer import get_tokenizer
+from conftest import load_lesson, run_here
 from test_train import keep_train_samples
 
 
-def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(course_copy,
-                                                                              runs_in_process):
-    keep_train_samples(course_copy, 8, n_val=4, n_test=6)  # 2 steps an epoch, 6 samples to measure
-    flags = ["09_starts.py", "--preset", "tiny", "--out", str(course_copy), "--seeds", "2",
+@pytest.mark.slow
+def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(start_copy,
+                                                                              runs_in_process,
+                                                                              monkeypatch, capsys):
+    keep_train_samples(start_copy, 8, n_val=4, n_test=6)  # 2 steps an epoch, 6 samples to measure
+    flags = ["09_starts.py", "--preset", "tiny", "--out", str(start_copy), "--seeds", "2",
              "--epochs", "1"]
     r = run_here(flags)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = load_artifact(str(course_copy / "starts.pt"), "starts")
-    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    res = load_artifact(str(start_copy / "starts.pt"), "starts")
+    gen = load_artifact(str(start_copy / "generated.pt"), "generated")
     test, P = gen["test"], gen["test_prompt_lens"]
-    teacher, _ = load_model(str(course_copy / "teacher.pt"), "teacher")
+    teacher, _ = load_model(str(start_copy / "teacher.pt"), "teacher")
     shapes = {"random": (1, 32, 2), "every other block": (1, 64, 4), "pruned": (1, 32, 2)}
     for name, shape in shapes.items():
         ppl = []
         for seed in (1337, 1338):
-            sub = course_copy / "starts" / name.replace(" ", "_") / f"seed{seed}"
+            sub = start_copy / "starts" / name.replace(" ", "_") / f"seed{seed}"
             init, ckpt = load_model(str(sub / "student_init.pt"), "student_init")
             c = init.config
             assert (c.n_layer, c.n_embd, c.n_head) == shape and ckpt["seed"] == seed
@@ -43,7 +50,7 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(cou
     # the pruned start's acceptance after training, sum min(p, q) over the test positions, here
     acc = []
     for seed in (1337, 1338):
-        student, _ = load_model(str(course_copy / f"starts/pruned/seed{seed}/student.pt"), "student")
+        student, _ = load_model(str(start_copy / f"starts/pruned/seed{seed}/student.pt"), "student")
         total, n = 0.0, 0
         for s, p_len in zip(test, P):
             with torch.no_grad():
@@ -55,21 +62,30 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(cou
     assert res["rows"]["pruned"]["after"]["acceptance"] == pytest.approx(
         (sum(acc) / 2, min(acc), max(acc)), rel=1e-4)
     assert res["teacher"]["acceptance"] == pytest.approx(1, abs=1e-4)
-    # the toy language's floor, as lesson 05 computed it for the course
-    ev = load_artifact(str(course_copy / "eval.pt"), "eval")
-    assert res["floor"] == pytest.approx(ev["floor"]["toy-language"], rel=1e-9)
-    md = (course_copy / "starts.md").read_text()
+    # the toy language's floor on lesson 05's held-out documents, recomputed here
+    L05 = load_lesson("05_evaluate.py")
+    docs = toy_language.documents(L05.TOY_DOCUMENTS, L05.TOY_SEED)
+    floor = math.exp(toy_language.entropy_per_token(docs, get_tokenizer().encode))
+    assert res["floor"] == pytest.approx(floor, rel=1e-9)
+    md = (start_copy / "starts.md").read_text()
     for name in ["teacher", *shapes]:
         assert f"| {name} | " in md
-    assert (course_copy / "starts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = run_here(flags)  # kept, not trained again
-    assert again.returncode == 0 and again.stdout.count("trained earlier with the same settings") == 6
+    assert (start_copy / "starts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # asked again, each run is kept, not trained again (09's training step, without the measuring)
+    L09 = load_lesson("09_starts.py")
+    monkeypatch.setattr(sys, "argv", flags)
+    args = L09.get_args()
+    capsys.readouterr()
+    for name in shapes:
+        for seed in (1337, 1338):
+            L09.run_start(args, name, seed)
+    assert capsys.readouterr().out.count("trained earlier with the same settings") == 6
 
 
-def test_starts_refuses_a_depth_the_teacher_lacks_in_one_line(course_copy):
-    r = run_here(["09_starts.py", "--preset", "tiny", "--out", str(course_copy), "--n-layer", "3"])
+def test_starts_refuses_a_depth_the_teacher_lacks_in_one_line(start_copy):
+    r = run_here(["09_starts.py", "--preset", "tiny", "--out", str(start_copy), "--n-layer", "3"])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "only 2 blocks" in r.stderr
-    assert not (course_copy / "starts").exists()
+    assert not (start_copy / "starts").exists()
 
 
 def test_a_run_is_a_command_and_its_failure_one_line(tmp_path, capsys):

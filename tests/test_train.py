@@ -18,7 +18,7 @@ from common.plumbing.device import (
     needs_scaler,
     pick_dtype,
 )
-from conftest import load_lesson, run_here, run_py
+from conftest import load_lesson, run_here, run_py, run_ranks
 
 L04 = load_lesson("04_train.py")
 
@@ -246,28 +246,32 @@ def test_lessons_03_04_train_the_tiny_student(course):
     assert len(log["loss"]) == len(log["lr"]) == log["step"][-1]
 
 
-def test_cpu_autocast_bf16_trains_the_tiny_student(course_copy):
+@pytest.mark.slow
+def test_cpu_autocast_bf16_trains_the_tiny_student(start_copy):
     """bf16 autocast on a CPU (no GradScaler). Soft, fkl, rkl, jsd and on-policy training: test_methods.py;
     fp16 with a GradScaler: the resume test."""
-    keep_train_samples(course_copy, 32, n_val=8)  # 16 steps: bf16 matmuls are slow on a CPU
-    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--epochs", "2", "--dtype", "bf16"])
+    keep_train_samples(start_copy, 16, n_val=8)  # 8 steps: bf16 matmuls are slow on a CPU
+    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), "--epochs", "2", "--dtype", "bf16"])
     assert r.returncode == 0, r.stderr
     assert "GradScaler" not in r.stdout and "cpu bf16" in r.stdout
-    log = load_artifact(str(course_copy / "train_log.pt"), "train_log")
+    log = load_artifact(str(start_copy / "train_log.pt"), "train_log")
     assert log["val"][-1][1] < log["val"][0][1] - 0.5
 
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def train(out, *flags, torchrun=False, threads=None):
-    """Run lesson 04 on the tiny preset (under torchrun: 2 CPU processes of one thread each)."""
-    threads = threads or (1 if torchrun else None)
+def train(out, *flags, torchrun=False, ranks=False, threads=None):
+    """Run lesson 04 on the tiny preset: in this process (without a Python and torch start-up), on
+    `threads` threads if given; under torchrun, as 2 CPU processes of one thread each; with ranks,
+    as those 2 processes forked from this one (run_ranks: no start-ups)."""
     args = ["04_train.py", "--preset", "tiny", "--out", str(out), *flags]
-    if not threads:  # one process: in this one, without a Python and torch start-up
-        r = run_here(args)
+    if torchrun:
+        r = run_py([*TORCHRUN, *args], env={"OMP_NUM_THREADS": "1"})
+    elif ranks:
+        r = run_ranks(args)
     else:
-        r = run_py([*(TORCHRUN if torchrun else []), *args], env={"OMP_NUM_THREADS": str(threads)})
+        r = run_here(args, threads=threads)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r
 
@@ -295,71 +299,74 @@ def assert_same_run(a, b):
     assert sa == sb and ha["loss"] == hb["loss"] and ha["val"] == hb["val"]
 
 
-def test_resume_in_three_parts_with_fp16_across_an_epoch_boundary_is_exact(course_copy):
+@pytest.mark.slow
+def test_resume_in_three_parts_with_fp16_across_an_epoch_boundary_is_exact(start_copy):
     """fp16 with a GradScaler (its growth counter must come back too), stopped in epoch 1, then again
     after crossing into epoch 2, then finished: the same run as one without stops, and its wall time
     covers every part. A changed training flag is refused, naming it."""
-    keep_train_samples(course_copy, 8, n_val=2)  # 2 steps an epoch: fp16 matmuls are ~40x slower on a CPU
+    keep_train_samples(start_copy, 8, n_val=2)  # 2 steps an epoch: fp16 matmuls are ~40x slower on a CPU
     flags = ["--epochs", "2", "--dtype", "fp16", "--dropout", "0.1"]
-    assert "GradScaler" in train(course_copy, *flags).stdout
-    straight = finished(course_copy)
-    per_epoch = load_artifact(str(course_copy / "train_log.pt"), "train_log")["steps_per_epoch"]
+    assert "GradScaler" in train(start_copy, *flags).stdout
+    straight = finished(start_copy)
+    per_epoch = load_artifact(str(start_copy / "train_log.pt"), "train_log")["steps_per_epoch"]
     assert per_epoch == 2
-    train(course_copy, *flags, "--stop-after", "1")
-    r = run_py(["04_train.py", "--preset", "tiny", "--out", str(course_copy), *flags, "--resume", "--grad-clip", "0.5"])
+    train(start_copy, *flags, "--stop-after", "1")
+    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), *flags, "--resume", "--grad-clip", "0.5"])
     assert r.returncode == 1 and "grad_clip" in r.stderr and "--grad-clip 1.0" in r.stderr, r.stderr
-    train(course_copy, *flags, "--resume", "--stop-after", "2")                  # into epoch 2
-    part2 = load_artifact(str(course_copy / "train_state.pt"), "train_state")
+    train(start_copy, *flags, "--resume", "--stop-after", "2")                  # into epoch 2
+    part2 = load_artifact(str(start_copy / "train_state.pt"), "train_state")
     assert part2["step"] == 3 and part2["wall_time"] > 0
-    r = train(course_copy, *flags, "--resume", "--log-interval", "1")           # may change: cannot change the result
-    assert f"resumed from {course_copy}/train_state.pt at step 3/4" in r.stdout
-    assert_same_run(finished(course_copy), straight)
-    assert load_artifact(str(course_copy / "train_log.pt"), "train_log")["wall_time"] > part2["wall_time"]
+    r = train(start_copy, *flags, "--resume", "--log-interval", "1")           # may change: cannot change the result
+    assert f"resumed from {start_copy}/train_state.pt at step 3/4" in r.stdout
+    assert_same_run(finished(start_copy), straight)
+    assert load_artifact(str(start_copy / "train_log.pt"), "train_log")["wall_time"] > part2["wall_time"]
 
 
-def test_a_fresh_run_keeps_an_unfinished_state_as_prev(course_copy):
-    train(course_copy, "--epochs", "1", "--stop-after", "2")
-    unfinished = (course_copy / "train_state.pt").read_bytes()
-    r = train(course_copy, "--epochs", "1", "--stop-after", "1")
+def test_a_fresh_run_keeps_an_unfinished_state_as_prev(start_copy):
+    train(start_copy, "--epochs", "1", "--stop-after", "2")
+    unfinished = (start_copy / "train_state.pt").read_bytes()
+    r = train(start_copy, "--epochs", "1", "--stop-after", "1")
     assert "kept as train_state.prev.pt" in r.stdout
-    assert (course_copy / "train_state.prev.pt").read_bytes() == unfinished
+    assert (start_copy / "train_state.prev.pt").read_bytes() == unfinished
 
 
-def test_torchrun_two_processes_equal_one_process_accumulating_two(course_copy):
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_accumulating_two(start_copy):
     """2 processes x 2 micro-batches = 1 process x 4 micro-batches: the same global batches, the same
     token-mean loss, so the same weights. Pins the rank split (each rank its own batches), the
     accumulation normalisation, and no_sync (gradients cross between processes once per step). With
     --kd tvd: the teacher online, in each process, normalised like every kind (the split within a
     process is tested for each kind in test_a_steps_gradient_does_not_depend_on_its_micro_batch_split)."""
-    keep_train_samples(course_copy, 64, n_val=8)  # 16 micro-batches of 4: whole steps in both layouts
+    keep_train_samples(start_copy, 32, n_val=8)  # 8 micro-batches of 4: 2 whole steps in both layouts
     bs = 4
     # one thread each, as the torchrun processes: another thread count rounds sums differently, and
     # Adam's g / sqrt(v) turns those last-bit differences on near-zero gradients into visible ones
-    train(course_copy, "--kd", "tvd", "--epochs", "1", "--batch-size", str(bs), "--grad-accum", "4", threads=1)
-    one = weights(course_copy / "student_last.pt")
-    one_losses = load_artifact(str(course_copy / "train_log.pt"), "train_log")["loss"]
-    r = train(course_copy, "--kd", "tvd", "--epochs", "1", "--batch-size", str(bs), "--grad-accum", "2", torchrun=True)
+    train(start_copy, "--kd", "tvd", "--epochs", "1", "--batch-size", str(bs), "--grad-accum", "4", threads=1)
+    one = weights(start_copy / "student_last.pt")
+    one_losses = load_artifact(str(start_copy / "train_log.pt"), "train_log")["loss"]
+    r = train(start_copy, "--kd", "tvd", "--epochs", "1", "--batch-size", str(bs), "--grad-accum", "2", ranks=True)
     assert r.stdout.count("trained in") == 1 and "2 process(es)" in r.stdout  # only rank 0 speaks
-    log = load_artifact(str(course_copy / "train_log.pt"), "train_log")
+    log = load_artifact(str(start_copy / "train_log.pt"), "train_log")
     assert log["world"] == 2 and log["allreduces_per_step"] == 1
     assert log["loss"] == pytest.approx(one_losses, rel=1e-7)  # each step's token-mean loss
     # the weights agree to ~1e-5 (sums in another order; Adam's g / sqrt(v) magnifies the last bits of
     # near-zero gradients); a wrong split or normalisation moves them by about a step, lr = 1e-2
-    two = weights(course_copy / "student_last.pt")
+    two = weights(start_copy / "student_last.pt")
     assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-4) for k in one)
-    assert not [f for f in os.listdir(course_copy) if ".tmp-" in f]
+    assert not [f for f in os.listdir(start_copy) if ".tmp-" in f]
 
 
-def test_torchrun_resume_with_dropout_is_exact(course_copy):
+@pytest.mark.slow
+def test_torchrun_resume_with_dropout_is_exact(start_copy):
     """Each process saves and restores its own random stream (the dropout masks differ per rank)."""
-    keep_train_samples(course_copy, 48, n_val=8)  # 6 steps of 2 x 4 samples
+    keep_train_samples(start_copy, 48, n_val=8)  # 6 steps of 2 x 4 samples
     flags = ["--epochs", "1", "--dropout", "0.1"]
-    train(course_copy, *flags, torchrun=True)
-    straight = finished(course_copy)
-    train(course_copy, *flags, "--stop-after", "3", torchrun=True)
-    assert len(load_artifact(str(course_copy / "train_state.pt"), "train_state")["rng"]) == 2
-    train(course_copy, *flags, "--resume", torchrun=True)
-    assert_same_run(finished(course_copy), straight)
+    train(start_copy, *flags, ranks=True)
+    straight = finished(start_copy)
+    train(start_copy, *flags, "--stop-after", "3", ranks=True)
+    assert len(load_artifact(str(start_copy / "train_state.pt"), "train_state")["rng"]) == 2
+    train(start_copy, *flags, "--resume", ranks=True)
+    assert_same_run(finished(start_copy), straight)
 
 
 def captured_run(out, monkeypatch, *flags):
@@ -387,12 +394,12 @@ def step_divergence(student, teacher, batches, kind):
     return total / count
 
 
-def test_on_policy_0_trains_on_the_teachers_samples_in_the_seeded_order(course_copy, monkeypatch):
+def test_on_policy_0_trains_on_the_teachers_samples_in_the_seeded_order(start_copy, monkeypatch):
     """--on-policy 0: every step is the offline run's: the teacher's samples, in the order of the
     seeded shuffle, and the first step's loss is the reverse KL of the untrained student on them."""
-    keep_train_samples(course_copy, 8, n_val=2)
-    steps, log = captured_run(course_copy, monkeypatch, "--kd", "rkl", "--on-policy", "0", "--epochs", "2")
-    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    keep_train_samples(start_copy, 8, n_val=2)
+    steps, log = captured_run(start_copy, monkeypatch, "--kd", "rkl", "--on-policy", "0", "--epochs", "2")
+    gen = load_artifact(str(start_copy / "generated.pt"), "generated")
     for epoch in range(2):
         order = torch.randperm(8, generator=torch.Generator().manual_seed(1337 + epoch)).tolist()
         for i in range(2):
@@ -400,8 +407,8 @@ def test_on_policy_0_trains_on_the_teachers_samples_in_the_seeded_order(course_c
             x, y = make_batch([gen["train"][k] for k in idx], prompt_lens=[gen["train_prompt_lens"][k] for k in idx])
             (gx, gy), = steps[2 * epoch + i]
             assert torch.equal(gx, x) and torch.equal(gy, y)
-    student = load_artifact(str(course_copy / "student_init.pt"), "student_init")
-    teacher = load_artifact(str(course_copy / "teacher.pt"), "teacher")
+    student = load_artifact(str(start_copy / "student_init.pt"), "student_init")
+    teacher = load_artifact(str(start_copy / "teacher.pt"), "teacher")
     s, t = (GPT(GPTConfig.from_dict(c["config"])) for c in (student, teacher))
     s.load_state_dict(student["model"])
     t.load_state_dict(teacher["model"])
@@ -539,24 +546,25 @@ def test_the_teachers_logits_are_float32_under_bf16_autocast(monkeypatch):
     assert not torch.equal(seen[0], want.bfloat16().float())  # (bf16 rounding would show)
 
 
-def test_torchrun_on_policy_sums_the_step_tokens_over_processes(course_copy):
+@pytest.mark.slow
+def test_torchrun_on_policy_sums_the_step_tokens_over_processes(start_copy):
     """On-policy under torchrun: each process writes its own samples, whose lengths only it knows; the
     step's token count (the loss's denominator) is summed over both, so the log counts every token the
     untrained student wrote (about the teacher's lengths: it rarely ends a text), not one process's half;
     so are the compute counts. With --kd rkl-sampled, whose logged loss is the reverse-KL estimate."""
-    keep_train_samples(course_copy, 16, n_val=4)  # 2 processes x 2 micro-batches of 4
-    r = train(course_copy, "--kd", "rkl-sampled", "--on-policy", "1", "--epochs", "1", "--log-interval", "1",
+    keep_train_samples(start_copy, 16, n_val=4)  # 2 processes x 2 micro-batches of 4
+    r = train(start_copy, "--kd", "rkl-sampled", "--on-policy", "1", "--epochs", "1", "--log-interval", "1",
               torchrun=True)
     assert "student sampling" in r.stdout
-    log = load_artifact(str(course_copy / "train_log.pt"), "train_log")
-    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
+    log = load_artifact(str(start_copy / "train_log.pt"), "train_log")
+    gen = load_artifact(str(start_copy / "generated.pt"), "generated")
     teacher_tokens = sum(len(s) - P for s, P in zip(gen["train"], gen["train_prompt_lens"]))
     assert log["world"] == 2 and 0.75 * teacher_tokens < log["tokens"] <= teacher_tokens
     prompts = sum(P - 1 for P in gen["train_prompt_lens"])
     assert log["student_tokens"] == log["sampled_tokens"] == log["tokens"] + prompts
 
 
-def test_03_from_teacher_copies_every_other_block_and_the_embeddings(course_copy):
+def test_03_from_teacher_copies_every_other_block_and_the_embeddings(start_copy):
     """03 --from-teacher: the student's logits are those of a model built by hand from the teacher's
     blocks 0, 2, ... (a random 4-layer teacher), and the lesson writes that student."""
     lesson = load_lesson("03_student.py")
@@ -571,25 +579,25 @@ def test_03_from_teacher_copies_every_other_block_and_the_embeddings(course_copy
     x = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(student.eval()(x)[0], by_hand.eval()(x)[0])
-    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(course_copy), "--from-teacher"])
+    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy), "--from-teacher"])
     assert r.returncode == 0, r.stderr
-    init = load_artifact(str(course_copy / "student_init.pt"), "student_init")
-    tiny = load_artifact(str(course_copy / "teacher.pt"), "teacher")
+    init = load_artifact(str(start_copy / "student_init.pt"), "student_init")
+    tiny = load_artifact(str(start_copy / "teacher.pt"), "teacher")
     assert init["config"]["n_layer"] == 1 and init["config"]["n_embd"] == tiny["config"]["n_embd"]
     assert torch.equal(init["model"]["transformer.h.0.mlp.c_fc.weight"], tiny["model"]["transformer.h.0.mlp.c_fc.weight"])
 
 
-def test_04_starts_from_any_gpt_with_gpt2s_vocabulary_and_refuses_another(course_copy):
+def test_04_starts_from_any_gpt_with_gpt2s_vocabulary_and_refuses_another(start_copy):
     """--init takes a teacher checkpoint (a pretrained GPT-2 written by 01); a model over another
     vocabulary is refused in one line, before any training."""
     from common.plumbing.artifacts import model_checkpoint
-    keep_train_samples(course_copy, 8, n_val=2)
-    r = run_py(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--epochs", "1",
-                "--init", str(course_copy / "teacher.pt")])
+    keep_train_samples(start_copy, 8, n_val=2)
+    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), "--epochs", "1",
+                  "--init", str(start_copy / "teacher.pt")])
     assert r.returncode == 0 and "trained in" in r.stdout, r.stderr
     other = GPT(GPTConfig(block_size=128, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))
-    save_artifact(model_checkpoint(other, "teacher", preset="tiny"), str(course_copy / "other.pt"))
-    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(course_copy), "--init", str(course_copy / "other.pt")])
+    save_artifact(model_checkpoint(other, "teacher", preset="tiny"), str(start_copy / "other.pt"))
+    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), "--init", str(start_copy / "other.pt")])
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "vocabulary of 1000 tokens" in r.stderr and "GPT-2's 50257" in r.stderr
 

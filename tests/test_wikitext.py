@@ -7,6 +7,8 @@ import os
 import threading
 import zipfile
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -55,6 +57,7 @@ def test_wikitext_is_downloaded_checked_and_cached(tmp_path, monkeypatch):
         server.server_close()
 
 
+@pytest.mark.slow
 def test_offline_lesson_05_says_wikitext_was_skipped_and_goes_on(course_copy, tmp_path):
     """No network (an address nobody listens on): 05 with --wikitext says in one line that WikiText-2
     could not be downloaded, evaluates the other sets, and records the skip in eval.pt."""
