@@ -133,6 +133,7 @@ def check_prunable(args, t):
 
 def prune(teacher, args):
     """The pruned student, after showing what it kept and how it scores before any training."""
+    check_prunable(args, teacher.config)
     data = load_artifact(f"{args.out}/generated.pt", "generated",
                          keys=("train", "val", "val_prompt_lens"))
     calib, device = data["train"][:CALIBRATION], get_device()  # fp32: scores, not speed
@@ -171,24 +172,21 @@ def main():
     p.add_argument("--n-head", type=positive_int, help="attention heads (gpt2: 8, tiny: 2)")
     p.add_argument("--seed", type=int, default=1337, help="seed for the initial weights")
     p.add_argument("--from-teacher", action="store_true",
-                   help="copy every other block of the teacher, and its embeddings, into a "
-                        "student of the teacher's width and half its depth (--n-layer, --n-embd "
-                        "and --n-head are ignored)")
+                   help="copy every other block of the teacher and its embeddings: the teacher's "
+                        "width, half its depth (--n-layer, --n-embd and --n-head are ignored)")
     p.add_argument("--prune", action="store_true",
-                   help="cut the student out of the teacher: the blocks, heads, MLP neurons and "
-                        "channels that matter most on 02's texts (needs generated.pt)")
+                   help="cut the student out of the teacher: its blocks, heads, neurons and "
+                        "channels that matter most on 02's texts")
     args = parse(p, PRESETS)
     if args.prune and args.from_teacher:
         raise LessonError("choose one start: --from-teacher or --prune")
     if args.n_embd % args.n_head:
         raise LessonError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
 
-    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher",
-                               vocab_size=get_tokenizer().n_vocab)
+    enc = get_tokenizer()
+    teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
     check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
     t = teacher.config
-    if args.prune:
-        check_prunable(args, t)
 
     # --- the student: same tokenizer and context as the teacher, fewer and narrower layers ---
     torch.manual_seed(args.seed)
@@ -196,32 +194,26 @@ def main():
         student = every_other_block(teacher)
     elif args.prune:
         student = prune(teacher, args)
-    else:
-        config = GPTConfig(block_size=t.block_size, vocab_size=t.vocab_size,
-                           n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-        # GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
-        student = GPT(config)
+    else:  # GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
+        student = GPT(GPTConfig(block_size=t.block_size, vocab_size=t.vocab_size,
+                                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
 
     # --- side by side ---
     def row(name, f):
         print(f"{name:<28}{f(teacher):>16}{f(student):>16}")
-
     print(f"{'':<28}{'teacher':>16}{'student':>16}")
     row("parameters", lambda m: f"{m.num_params() / 1e6:.1f}M")
     row("  without embeddings", lambda m: f"{m.num_params(embeddings=False) / 1e6:.2f}M")
-    row("layers", lambda m: m.config.n_layer)
-    row("width (n_embd)", lambda m: m.config.n_embd)
+    row("layers x width (n_embd)", lambda m: f"{m.config.n_layer} x {m.config.n_embd}")
     row("heads (head size)", lambda m: f"{m.config.n_head} ({m.config.n_embd // m.config.n_head})")
     row("context / vocabulary", lambda m: f"{m.config.block_size} / {m.config.vocab_size}")
-    row("size on disk, fp32", lambda m: f"{m.num_params() * 4 / 1e6:.0f} MB")
-    row("size on disk, fp16", lambda m: f"{m.num_params() * 2 / 1e6:.0f} MB")
+    row("MB on disk (fp32; fp16 half)", lambda m: f"{m.num_params() * 4e-6:.0f}")
     ratio = teacher.num_params() / student.num_params()
     body = teacher.num_params(embeddings=False) / student.num_params(embeddings=False)
     print(f"compression: {ratio:.1f}x fewer parameters ({body:.1f}x in the transformer blocks; the "
           f"{t.vocab_size:,}-token embedding is a large share of a small model)")
     if ratio <= 1:
         print("  NOTE: this student is not smaller than its teacher")
-
     path = f"{args.out}/student_init.pt"
     save_artifact(model_checkpoint(student, "student_init", seed=args.seed, preset=args.preset,
                                    teacher_source=ckpt.get("source"),

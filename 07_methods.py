@@ -229,12 +229,11 @@ def writing_flops(data, n_teacher):
 # --- training: one 04 run per (method, rate, seed), each in its own folder ---
 def method_run(args, name, lr, seed):
     """One 04 run of a method from the start, at this rate and seed: (its folder, its train_log)."""
-    start = f"{args.out}/methods/start/student_last.pt"
+    start, label = f"{args.out}/methods/start/student_last.pt", f"{name}, lr {lr:g}, seed {seed}"
     sub = f"{args.out}/methods/{name.replace(' ', '_')}/lr{lr:g}-seed{seed}"
     flags = ["--preset", args.preset, "--out", sub, "--epochs", str(args.epochs), "--init", start,
              "--lr", f"{lr:g}", "--seed", str(seed), *METHODS[name]]
-    return sub, train(f"{name}, lr {lr:g}, seed {seed}", sub, flags, args.out, start, args.fresh,
-                      INPUTS)
+    return sub, train(label, sub, flags, args.out, start, args.fresh, INPUTS)
 
 
 def train_all(args, chosen, data, teacher, device, dtype):
