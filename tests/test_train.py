@@ -264,9 +264,9 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 def train(out, *flags, torchrun=False, ranks=False, threads=None):
     """Run lesson 04 on the tiny preset: in this process (without a Python and torch start-up), on
     `threads` threads if given; under torchrun, as 2 CPU processes of one thread each; with ranks,
-    as those 2 processes forked from this one (run_ranks: no start-ups)."""
+    as those 2 processes forked from this one (run_ranks: no start-ups; torchrun where no fork)."""
     args = ["04_train.py", "--preset", "tiny", "--out", str(out), *flags]
-    if torchrun:
+    if torchrun or (ranks and not hasattr(os, "fork")):
         r = run_py([*TORCHRUN, *args], env={"OMP_NUM_THREADS": "1"})
     elif ranks:
         r = run_ranks(args)
