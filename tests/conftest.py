@@ -74,7 +74,7 @@ def run_here(args, env=None, threads=None):
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def run_ranks(args, world=2):
+def run_ranks(args, world=2, timeout=600):
     """Run a lesson as `torchrun --standalone --nproc_per_node=world` would (one thread each, as
     torchrun sets), but with no start-ups: each rank is forked from this process, torch already
     imported, with the environment torchrun gives its workers. Returns a CompletedProcess: rank
@@ -82,6 +82,7 @@ def run_ranks(args, world=2):
     import signal
     import socket
     import tempfile
+    import time
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -107,14 +108,16 @@ def run_ranks(args, world=2):
                 err.flush()
                 os._exit(code)
         ranks.append((pid, out, err))
-    codes = {}
+    codes, end = {}, time.time() + timeout
     while len(codes) < world:  # a rank that fails leaves the others waiting for it: stop them
-        pid, status = os.waitpid(-1, 0)
-        codes[pid] = os.waitstatus_to_exitcode(status)
-        if codes[pid]:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            codes[pid] = os.waitstatus_to_exitcode(status)
+        if (pid and codes[pid]) or time.time() > end:
             for other, _, _ in ranks:
                 if other not in codes:
                     os.kill(other, signal.SIGKILL)
+        time.sleep(0 if pid else 0.05)
     failed = next((i for i, (pid, _, _) in enumerate(ranks) if codes[pid]), 0)
     texts = []
     for f in ranks[failed][1:]:  # rank 0's output, or the first failed rank's
