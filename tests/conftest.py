@@ -108,22 +108,23 @@ def run_ranks(args, world=2, timeout=600):
                 err.flush()
                 os._exit(code)
         ranks.append((pid, out, err))
-    codes, end = {}, time.time() + timeout
+    codes, end, first_failed = {}, time.time() + timeout, None
     while len(codes) < world:  # a rank that fails leaves the others waiting for it: stop them
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
             codes[pid] = os.waitstatus_to_exitcode(status)
-        if (pid and codes[pid]) or time.time() > end:
+            first_failed = first_failed or (pid if codes[pid] else None)
+        if first_failed or time.time() > end:
             for other, _, _ in ranks:
                 if other not in codes:
                     os.kill(other, signal.SIGKILL)
         time.sleep(0 if pid else 0.05)
-    failed = next((i for i, (pid, _, _) in enumerate(ranks) if codes[pid]), 0)
+    shown = next((r for r in ranks if r[0] == first_failed), ranks[0])
     texts = []
-    for f in ranks[failed][1:]:  # rank 0's output, or the first failed rank's
+    for f in shown[1:]:  # rank 0's output, or that of the rank that failed first
         f.seek(0)
         texts.append(f.read().decode())
-    return subprocess.CompletedProcess(args, codes[ranks[failed][0]], *texts)
+    return subprocess.CompletedProcess(args, codes[shown[0]], *texts)
 
 
 @pytest.fixture
@@ -231,13 +232,15 @@ def course_start(tmp_path_factory):
 def shared_course(tmp_path_factory, wait_for):
     """The folder the tiny course runs in, once this file exists in it. One folder for the whole
     run, shared by xdist's workers: whoever finds nobody running the course runs it (under a lock),
-    the others look for the file they need."""
+    the others look for the file they need; a course that failed fails them all with its cell."""
     from filelock import FileLock, Timeout
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     base = tmp_path_factory.getbasetemp()
     folder = base / "colab" if run is None else base.parent / f"colab-{run}"
     lock = FileLock(f"{folder}.lock")
     while not (folder / wait_for).exists():
+        if (folder / "failed").exists():  # said once, not run again by every test that needs it
+            pytest.fail((folder / "failed").read_text())
         try:
             lock.acquire(timeout=1)  # free: nobody runs the course (it finished, or it failed)
         except Timeout:
@@ -271,7 +274,8 @@ def run_course(folder):
     try:
         run_notebook(nb, env, folder=folder, on_cell_executed=after)
     except nbclient.exceptions.CellExecutionError as e:
-        pytest.fail(f"a cell of course.ipynb failed: {str(e)[-3000:]}")
+        (folder / "failed").write_text(f"a cell of course.ipynb failed: {str(e)[-3000:]}")
+        pytest.fail((folder / "failed").read_text())
     nbformat.write(nb, folder / "executed.ipynb")
 
 
