@@ -74,11 +74,12 @@ def run_here(args, env=None, threads=None):
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def run_ranks(args, world=2, timeout=600):
-    """Run a lesson as `torchrun --standalone --nproc_per_node=world` would (one thread each, as
-    torchrun sets), but with no start-ups: each rank is forked from this process, torch already
-    imported, with the environment torchrun gives its workers. Returns a CompletedProcess: rank
-    0's exit code, stdout and stderr, or the first failed rank's."""
+def run_ranks(args, world=2, timeout=120):
+    """Run a lesson as `torchrun --standalone --nproc_per_node=world` would: `python args...` once
+    per rank, one thread each, with the environment torchrun gives its workers, but without
+    torchrun's own process and rendezvous (about 3 s a launch on 2 cores). A rank still running
+    after `timeout` seconds (a tiny run takes 3-10 s) prints every thread's stack and is stopped.
+    Returns a CompletedProcess: rank 0's exit code, stdout and stderr, or the first failed rank's."""
     import signal
     import socket
     import tempfile
@@ -86,45 +87,30 @@ def run_ranks(args, world=2, timeout=600):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("KD_PRESET", "KD_OUT")}
+    env.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1")  # (faulthandler: the stacks on SIGABRT)
     ranks = []
     for rank in range(world):
-        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        pid = os.fork()
-        if pid == 0:  # the rank: its environment, one thread, its output to the files; never returns
-            code = 1
-            try:
-                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-                r = run_here(args, threads=1)
-                out.write(r.stdout.encode())
-                err.write(r.stderr.encode())
-                code = r.returncode
-            except BaseException:
-                import traceback
-                err.write(traceback.format_exc().encode())
-            finally:
-                out.flush()
-                err.flush()
-                os._exit(code)
-        ranks.append((pid, out, err))
-    codes, end, first_failed = {}, time.time() + timeout, None
-    while len(codes) < world:  # a rank that fails leaves the others waiting for it: stop them
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid:
-            codes[pid] = os.waitstatus_to_exitcode(status)
-            first_failed = first_failed or (pid if codes[pid] else None)
-        if first_failed or time.time() > end:
-            for other, _, _ in ranks:
-                if other not in codes:
-                    os.kill(other, signal.SIGKILL)
-        time.sleep(0 if pid else 0.05)
-    shown = next((r for r in ranks if r[0] == first_failed), ranks[0])
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        ranks.append((subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=err,
+                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))),
+                      out, err))
+    end, failed = time.time() + timeout, None
+    while failed is None and time.time() < end and any(p.poll() is None for p, _, _ in ranks):
+        time.sleep(0.05)
+        failed = next((r for r in ranks if r[0].poll()), None)  # the others would wait for it
+    for p, _, _ in ranks:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL if failed else signal.SIGABRT)  # hung: show where
+            p.wait()
+    shown = failed or next((r for r in ranks if r[0].returncode), ranks[0])
     texts = []
-    for f in shown[1:]:  # rank 0's output, or that of the rank that failed first
+    for f in shown[1:]:
         f.seek(0)
-        texts.append(f.read().decode())
-    return subprocess.CompletedProcess(args, codes[shown[0]], *texts)
+        texts.append(f.read())
+    return subprocess.CompletedProcess(args, shown[0].returncode, *texts)
 
 
 @pytest.fixture

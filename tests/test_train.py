@@ -264,9 +264,9 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 def train(out, *flags, torchrun=False, ranks=False, threads=None):
     """Run lesson 04 on the tiny preset: in this process (without a Python and torch start-up), on
     `threads` threads if given; under torchrun, as 2 CPU processes of one thread each; with ranks,
-    as those 2 processes forked from this one (run_ranks: no start-ups; torchrun where no fork)."""
+    as those 2 processes started with torchrun's environment but without torchrun (run_ranks)."""
     args = ["04_train.py", "--preset", "tiny", "--out", str(out), *flags]
-    if torchrun or (ranks and not hasattr(os, "fork")):
+    if torchrun:
         r = run_py([*TORCHRUN, *args], env={"OMP_NUM_THREADS": "1"})
     elif ranks:
         r = run_ranks(args)
