@@ -75,42 +75,71 @@ def run_here(args, env=None, threads=None):
 
 
 def run_ranks(args, world=2, timeout=120):
-    """Run a lesson as `torchrun --standalone --nproc_per_node=world` would: `python args...` once
-    per rank, one thread each, with the environment torchrun gives its workers, but without
-    torchrun's own process and rendezvous (about 3 s a launch on 2 cores). A rank still running
-    after `timeout` seconds (a tiny run takes 3-10 s) prints every thread's stack and is stopped.
-    Returns a CompletedProcess: rank 0's exit code, stdout and stderr, or the first failed rank's."""
+    """Run a lesson as `torchrun --standalone --nproc_per_node=world` would: each rank a process with
+    one thread and the environment torchrun gives its workers, but without torchrun's start-ups
+    (8-10 s a launch beside a busy test worker, against 3-4 s). The ranks are forked from a fork
+    server: one process per test worker, started once, that has imported torch and the lessons'
+    modules and runs nothing else. (Forked from the test worker itself, a rank would copy its
+    threads half-way through whatever they held: one such rank hung in a CI run.) A rank still
+    running after `timeout` seconds (a tiny run takes 3-10 s) prints every thread's stack and is
+    stopped. Returns a CompletedProcess: rank 0's exit code, stdout and stderr, or those of the
+    first rank that failed."""
+    import multiprocessing.connection
     import signal
     import socket
     import tempfile
     import time
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["conftest", "common.plumbing.distributed",
+                                "common.plumbing.train_inputs", "common.plumbing.progress"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("KD_PRESET", "KD_OUT")}
     env.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONFAULTHANDLER="1")  # (faulthandler: the stacks on SIGABRT)
-    ranks = []
-    for rank in range(world):
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        ranks.append((subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=err,
-                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))),
-                      out, err))
-    end, failed = time.time() + timeout, None
-    while failed is None and time.time() < end and any(p.poll() is None for p, _, _ in ranks):
-        time.sleep(0.05)
-        failed = next((r for r in ranks if r[0].poll()), None)  # the others would wait for it
-    for p, _, _ in ranks:
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL if failed else signal.SIGABRT)  # hung: show where
-            p.wait()
-    shown = failed or next((r for r in ranks if r[0].returncode), ranks[0])
-    texts = []
-    for f in shown[1:]:
-        f.seek(0)
-        texts.append(f.read())
-    return subprocess.CompletedProcess(args, shown[0].returncode, *texts)
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as d:
+        ranks = [ctx.Process(target=_rank, args=(args, dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                                 f"{d}/{r}")) for r in range(world)]
+        for p in ranks:
+            p.start()
+        end, failed = time.time() + timeout, None
+        while failed is None and time.time() < end and any(p.exitcode is None for p in ranks):
+            multiprocessing.connection.wait([p.sentinel for p in ranks], timeout=1)
+            failed = next((p for p in ranks if p.exitcode), None)  # the others would wait for it
+        for p in ranks:
+            if p.exitcode is None:
+                os.kill(p.pid, signal.SIGKILL if failed else signal.SIGABRT)  # hung: show where
+                p.join(10)
+                p.kill()
+                p.join()
+        shown = failed or next((p for p in ranks if p.exitcode), ranks[0])
+        i = ranks.index(shown)
+        texts = [open(f"{d}/{i}.{name}").read() if os.path.exists(f"{d}/{i}.{name}") else ""
+                 for name in ("out", "err")]
+    return subprocess.CompletedProcess(args, shown.exitcode, *texts)
+
+
+def _rank(args, env, files):
+    """One rank of run_ranks, in a process of its own: the lesson run with `env` on one thread, its
+    output in files.out and files.err (Python's and the C++ side's), its exit code the lesson's."""
+    import faulthandler
+    import traceback
+    os.environ.clear()
+    os.environ.update(env)
+    with open(f"{files}.out", "w") as out, open(f"{files}.err", "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        faulthandler.enable(err, all_threads=True)  # SIGABRT: every thread's stack, then exit
+        try:
+            r = run_here(args, threads=1)
+            out.write(r.stdout)
+            err.write(r.stderr)
+            code = r.returncode
+        except BaseException:
+            err.write(traceback.format_exc())
+            code = 1
+    os._exit(code)  # at once: nothing of the fork server's to clean up
 
 
 @pytest.fixture

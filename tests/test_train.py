@@ -1,5 +1,6 @@
 """Training: the losses, the AMP pieces, resume, and torchrun, on tiny models and the tiny course."""
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -264,9 +265,10 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 def train(out, *flags, torchrun=False, ranks=False, threads=None):
     """Run lesson 04 on the tiny preset: in this process (without a Python and torch start-up), on
     `threads` threads if given; under torchrun, as 2 CPU processes of one thread each; with ranks,
-    as those 2 processes started with torchrun's environment but without torchrun (run_ranks)."""
+    as those 2 processes forked from a fork server (run_ranks: no start-ups; torchrun where there is
+    no fork server)."""
     args = ["04_train.py", "--preset", "tiny", "--out", str(out), *flags]
-    if torchrun:
+    if torchrun or (ranks and "forkserver" not in multiprocessing.get_all_start_methods()):
         r = run_py([*TORCHRUN, *args], env={"OMP_NUM_THREADS": "1"})
     elif ranks:
         r = run_ranks(args)
