@@ -80,10 +80,10 @@ def run_ranks(args, world=2, timeout=120):
     start-ups (a tiny launch: 4-4.7 s, against 9 s under torchrun, on 2 cores). The ranks are
     forked from a fork server: one process per test worker, started once, that has imported torch
     and the lessons' modules and runs nothing else. (Forked from the test worker itself, a rank
-    would copy its threads half-way through whatever they held: one such rank hung in a CI run.)
-    A rank still running after `timeout` seconds (a tiny run takes 3-10 s) prints every thread's
-    stack and is stopped. Returns a CompletedProcess: rank 0's exit code, stdout and stderr, or
-    those of the first rank that failed."""
+    copies its threads half-way through whatever they held; one such rank hung in a CI run, cause
+    not found.) A rank still running after `timeout` seconds (a tiny run takes 3-10 s) prints
+    every thread's stack and is stopped. Returns a CompletedProcess: rank 0's exit code, stdout and
+    stderr, or those of the first rank that failed."""
     import multiprocessing.connection
     import signal
     import socket
@@ -95,9 +95,8 @@ def run_ranks(args, world=2, timeout=120):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("KD_PRESET", "KD_OUT")}
-    env.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env = dict(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # (added to the fork server's)
     with tempfile.TemporaryDirectory() as d:
         ranks = [ctx.Process(target=_rank, args=(args, dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                                                  f"{d}/{r}")) for r in range(world)]
@@ -125,14 +124,12 @@ def _rank(args, env, files):
     output in files.out and files.err (Python's and the C++ side's), its exit code the lesson's."""
     import faulthandler
     import traceback
-    os.environ.clear()
-    os.environ.update(env)
     with open(f"{files}.out", "w") as out, open(f"{files}.err", "w") as err:
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         faulthandler.enable(err, all_threads=True)  # SIGABRT: every thread's stack, then exit
         try:
-            r = run_here(args, threads=1)
+            r = run_here(args, env, threads=1)
             out.write(r.stdout)
             err.write(r.stderr)
             code = r.returncode
