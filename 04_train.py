@@ -26,7 +26,7 @@ from common.model import logits_fp32
 from common.perplexity import mean_nll
 from common.plumbing import cli, distributed, train_state
 from common.plumbing.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
-from common.plumbing.device import autocast, keep_freed_memory, precision, sync
+from common.plumbing.device import autocast, deterministic, keep_freed_memory, sync
 from common.plumbing.progress import Speedometer, describe_run, show_first_loss
 from common.plumbing.train_inputs import load_inputs
 from common.sampling import continue_each
@@ -78,6 +78,9 @@ def get_args():
     flag("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
          help="auto: bf16 on GPUs with bf16 units (compute capability 8.0+), fp16 + GradScaler "
               "on older ones (T4, V100), fp32 on the CPU")
+    flag("--deterministic", action="store_true",
+         help="deterministic GPU kernels: two runs (and a run and its --resume) give the same "
+              "weights on a GPU too, somewhat slower (a CPU run is deterministic without it)")
     flag("--log-interval", type=cli.positive_int, default=10,
          help="optimizer steps between log lines")
     flag("--seed", type=int, default=1337, help="seed for the data order and dropout")
@@ -229,12 +232,15 @@ def tokens_of_step(step_chunks, data, micro, on_policy, procs):
 
 def main():
     args = get_args()
+    if args.deterministic:
+        deterministic()  # before the first GPU kernel
     procs = distributed.start()  # one process, or one per GPU under torchrun
     device, log = procs.device, procs.print
     if device == "cpu":
         keep_freed_memory()  # each step makes tensors of hundreds of MB: reuse their pages
     torch.manual_seed(args.seed + procs.rank)  # dropout (the data order has its own generator)
-    dtype, scaler = precision(device, args.dtype)  # bf16, fp16 + GradScaler, fp32: by the device
+    prec = distributed.agreed_precision(procs, args.dtype)  # bf16, fp16 + GradScaler, fp32
+    dtype, scaler = prec.dtype, prec.scaler()
 
     # --- data, models, optimizer (each misfit refused in one line: plumbing/train_inputs.py) ---
     data, raw, init_ckpt, teacher = load_inputs(args, device, dtype)

@@ -33,7 +33,7 @@ from common.plumbing.artifacts import (
 from common.plumbing.cli import lesson_parser, parse, positive_floats, positive_int
 from common.plumbing.device import autocast, get_device, pick_dtype
 from common.plumbing.lab_report import chart, report_lines
-from common.plumbing.runs import train
+from common.plumbing.runs import gpu_lent, train
 from common.sampling import continue_each
 from common.tokenizer import EOT, get_tokenizer
 
@@ -241,19 +241,23 @@ def train_all(args, chosen, data, teacher, device, dtype):
     split by the method's own objective; then the other seeds at the chosen rate. Returns
     {method: {"lr": chosen rate, "grid": {rate: val objective}, "runs": [(seed, folder, log)]}}."""
     start = f"{args.out}/methods/start"
-    train("start", start, ["--preset", args.preset, "--out", start, "--kd", "seq", "--epochs",
-                           str(args.warm_epochs)], args.out, None, args.fresh, INPUTS)
+    with gpu_lent(teacher):
+        train("start", start, ["--preset", args.preset, "--out", start, "--kd", "seq", "--epochs",
+                               str(args.warm_epochs)], args.out, None, args.fresh, INPUTS)
     result = {}
     for name in chosen:
         grid, runs = {}, {}
         for lr in args.lr_grid:
-            sub, log = runs[lr] = method_run(args, name, lr, SEED)
+            with gpu_lent(teacher):  # 04 gets the whole GPU while it trains
+                sub, log = runs[lr] = method_run(args, name, lr, SEED)
             student, _ = load_model(f"{sub}/student_last.pt", "student")
             grid[lr] = val_objective(METHODS[name], student.to(device), teacher, data, args,
                                      device, dtype)
             print(f"    {name} at lr {lr:g}: its own objective on val {grid[lr]:.4f}")
         best = min(grid, key=lambda lr: (not math.isfinite(grid[lr]), grid[lr]))
-        more = [(SEED + i, *method_run(args, name, best, SEED + i)) for i in range(1, args.seeds)]
+        with gpu_lent(teacher):
+            more = [(SEED + i, *method_run(args, name, best, SEED + i))
+                    for i in range(1, args.seeds)]
         scores = ", ".join(f"{r:g}: {v:.4f}" for r, v in grid.items())
         print(f"=== {name}: lr {best:g} chosen on val ({scores})")
         result[name] = {"lr": best, "grid": grid, "runs": [(SEED, *runs[best]), *more]}

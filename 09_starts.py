@@ -190,12 +190,12 @@ def main():
                           f"{teacher.config.n_layer} blocks to cut from")
     device = get_device()
     dtype = pick_dtype(device)
-    teacher.to(device)
 
-    # --- every start at every seed: 03, then 04 ---
+    # --- every start at every seed: 03, then 04 (each run has the GPU to itself) ---
     t0 = time.time()
     folders = {name: [run_start(args, name, SEED + i) for i in range(args.seeds)]
                for name in STARTS}
+    teacher.to(device)
 
     # --- measuring: before (student_init.pt) and after (student.pt, 04's best on val) ---
     toy, floor = None, None

@@ -10,6 +10,7 @@ Run: python bench/course_speed.py [--scale 0.02] [--out DIR]
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,9 +23,20 @@ sys.path.insert(0, ROOT)
 from common.model import GPT, GPTConfig  # noqa: E402
 from common.plumbing.artifacts import load_artifact, model_checkpoint, save_artifact  # noqa: E402
 
-# Dense peak TFLOP/s by GPU name and dtype (vendor data sheets, without sparsity).
-PEAKS = {"H200": {"bf16": 989, "fp16": 989}, "H100": {"bf16": 989, "fp16": 989}, "A100": {"bf16": 312, "fp16": 312},
-         "L4": {"bf16": 121, "fp16": 121}, "T4": {"fp16": 65}, "A10": {"bf16": 125, "fp16": 125}}
+# Dense tensor-core peak TFLOP/s in bf16/fp16 (vendor data sheets, without sparsity), by the name
+# torch.cuda.get_device_name() gives: whole words, the variant first ("H100 PCIe" before "H100";
+# "L4" is not "L40S"). A GPU not listed gets no MFU rather than another GPU's peak.
+PEAKS = [(r"\bH200\b", 989), (r"\bH100\b.*\bPCIe\b", 756), (r"\bH100\b.*\bNVL\b", 835),
+         (r"\bH100\b", 989), (r"\bA100\b", 312), (r"\bL40S\b", 362), (r"\bL40\b", 181),
+         (r"\bL4\b", 121), (r"\bA10\b", 125), (r"\bT4\b", 65), (r"\bV100\b.*\bPCIE\b", 112),
+         (r"\bV100\b", 125)]
+
+
+def peak_tflops(name, dtype):
+    """The GPU's dense peak for dtype (bf16 needs compute capability 8.0: none before), or None."""
+    if dtype not in ("bf16", "fp16") or (dtype == "bf16" and re.search(r"\b(T4|V100)\b", name)):
+        return None
+    return next((peak for pattern, peak in PEAKS if re.search(pattern, name, re.IGNORECASE)), None)
 
 
 def main():
@@ -64,7 +76,7 @@ def main():
           f"tokens/s ({log['dtype']}, {len(log['loss'])} steps in {log['wall_time']:.1f}s, "
           f"{flops / log['wall_time'] / 1e12:.2f} TFLOP/s)")
     if cuda:
-        peak = next((v.get(log["dtype"]) for k, v in PEAKS.items() if k in torch.cuda.get_device_name()), None)
+        peak = peak_tflops(torch.cuda.get_device_name(), log["dtype"])
         if peak:
             print(f"training MFU: {flops / log['wall_time'] / 1e12 / peak:.1%} of {peak} TFLOP/s ({log['dtype']})")
     state_mb = os.path.getsize(f"{out}/train_state.pt") / 1e6

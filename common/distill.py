@@ -46,16 +46,22 @@ def loss_sums(logits, y, kd, topk=None, teacher_logits=None):
         return ce, ce
     if kd.kind == "rkl-sampled":  # the teacher's log-prob of each token the student wrote, no more
         log_p_y = F.log_softmax(teacher_logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
-        surrogate = sampled_rkl(logits, log_p_y, y)[scored].sum()
-        estimate = -ce - log_p_y[scored].sum()  # sum of log q(y) - log p(y): the KL shown
+        surrogate = masked_sum(sampled_rkl(logits, log_p_y, y), scored)
+        estimate = -ce - masked_sum(log_p_y, scored)  # sum of log q(y) - log p(y): the KL shown
         return surrogate - surrogate.detach() + estimate, ce  # its value, the surrogate's gradient
     if kd.kind in ONLINE:
         # float32 (B, L, V) tensors at the peak of forward + backward, beyond the two logits: 5.3
         # for fkl, 6.3 for rkl, 10.5 for jsd (python bench/divergence_memory.py; docs/lab.md)
-        return token_divergence(logits, teacher_logits, kd.kind, beta=kd.beta)[scored].sum(), ce
+        divergence = token_divergence(logits, teacher_logits, kd.kind, beta=kd.beta)
+        return masked_sum(divergence, scored), ce
     kl = rest_bucket_kl(logits, *topk) if kd.tail == "rest" else soft_kd_kl(logits, *topk, kd.T)
-    return kd.alpha * kd.T * kd.T * kl[scored].sum() + (1 - kd.alpha) * ce, ce
+    return kd.alpha * kd.T * kd.T * masked_sum(kl, scored) + (1 - kd.alpha) * ce, ce
 
+
+def masked_sum(values, mask):
+    """The sum of values where mask is True (same shapes). Not values[mask].sum(): selecting by a
+    mask makes a tensor whose size depends on the data, so the CPU waits for the GPU to count it."""
+    return torch.where(mask, values, 0.0).sum()
 
 
 def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature=1.0):

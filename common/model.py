@@ -5,6 +5,7 @@ the same module with fewer, narrower layers. Parameter names follow GPT-2's own
 (transformer.h.0.attn.c_attn ...), so loading the published weights is a rename-free copy.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -217,5 +218,9 @@ def logits_fp32(model, x, positions=None):
     if positions is not None:
         h = h[positions]  # (n, C)
     dtype = torch.promote_types(h.dtype, torch.float32)
-    with torch.autocast(device_type=h.device.type, enabled=False):
+    # autocast switched off where it may be on: the course autocasts on CUDA and CPUs only (torch
+    # before 2.5 refuses even torch.autocast("mps", enabled=False))
+    off = (torch.autocast(device_type=h.device.type, enabled=False)
+           if h.device.type in ("cuda", "cpu") else nullcontext())
+    with off:
         return F.linear(h.to(dtype), model.lm_head.weight.to(dtype))  # (B, T, vocab)

@@ -5,6 +5,8 @@ from torch.nn import functional as F
 
 from common.model import KVCache
 
+ASK_EVERY = {"cpu": 1}  # generate: tokens between asking whether every row has ended (default 16)
+
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row of logits (B, vocab) -> (B,) LongTensor.
@@ -110,6 +112,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     n = int(lens.min())  # positions filled in every row
     feed = idx[:, :n][:, -block:]  # the shortest prompt, cropped to the context; then one token
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    # bool(done.all()) makes the CPU wait for the GPU's queue to empty: free on a CPU, asked only
+    # every 16 tokens on a GPU (rows already done are filled with eos_token meanwhile)
+    ask_every = ASK_EVERY.get(idx.device.type, 16)
     while n < T + max_new_tokens:
         if cache.pos + feed.size(1) > cache.k.size(3):  # window full: restart from its last half
             cache.pos = 0
@@ -126,7 +131,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         out[:, n] = nxt
         n += 1
         feed = nxt.unsqueeze(1)  # (B, 1)
-        if eos_token is not None and bool(done.all()):
+        if eos_token is not None and n % ask_every == 0 and bool(done.all()):
             out[:, n:] = eos_token
             break
     return out

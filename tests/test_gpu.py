@@ -17,7 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from common.distill import KD, make_batch
-from common.model import GPT, GPTConfig
+from common.model import GPT, GPTConfig, logits_fp32
 from common.plumbing.artifacts import run_lesson
 from common.plumbing.device import (
     check_gpu_supported,
@@ -31,7 +31,8 @@ from conftest import ROOT, load_lesson, run_here
 
 # name, compute capability; torch 2.13's CUDA 12.8 wheels are built for these (get_arch_list())
 GPUS = {"T4": ("Tesla T4", (7, 5)), "V100": ("Tesla V100-SXM2-16GB", (7, 0)),
-        "A100": ("NVIDIA A100-SXM4-40GB", (8, 0)), "H100": ("NVIDIA H100 80GB HBM3", (9, 0))}
+        "A100": ("NVIDIA A100-SXM4-40GB", (8, 0)), "H100": ("NVIDIA H100 80GB HBM3", (9, 0)),
+        "MI300X": ("AMD Instinct MI300X", (9, 4))}  # ROCm reports gfx942 as 9.4
 ARCHS = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 
 
@@ -56,8 +57,8 @@ def test_auto_precision_follows_the_gpu_fp16_with_a_scaler_before_ampere(monkeyp
     mock_gpu(monkeypatch, gpu)
     assert get_device() == "cuda"
     assert pick_dtype("cuda") == pick_dtype("cuda:0") == dtype
-    got, scaler = precision("cuda:0")  # what 04 trains in
-    assert got == dtype and scaler.is_enabled() == (dtype == "fp16")  # (the mock keeps it on)
+    prec = precision("cuda:0")  # what 04 trains in
+    assert prec.dtype == dtype and prec.scaler().is_enabled() == (dtype == "fp16")  # (mock: on)
     assert pick_dtype("cpu") == "fp32"
 
 
@@ -69,7 +70,8 @@ def test_04s_first_log_line_on_a_t4_says_fp16_with_a_gradscaler(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["04_train.py", "--preset", "gpt2"])
     args = train.get_args()
     procs = Processes(ddp=False, rank=0, world=1, device="cuda")
-    dtype, scaler = precision(procs.device, args.dtype)  # as 04's main
+    prec = precision(procs.device, args.dtype)  # as 04's main
+    dtype, scaler = prec.dtype, prec.scaler()
     data = {"train": [torch.zeros(9)] * 3, "train_prompt_lens": [1] * 3, "val": [torch.zeros(9)]}
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=50257))
     first = describe_run(args, model, data, procs, dtype, scaler, None, 1, 1).splitlines()[0]
@@ -98,14 +100,32 @@ def test_which_gpus_a_torch_build_runs_on():
     assert gpu_supported((9, 0), ["sm_90a"]) and gpu_supported((6, 1), [])
 
 
-def test_a_gpu_this_torch_was_not_built_for_is_refused_in_one_line(monkeypatch):
+def test_a_gpu_this_torch_was_not_built_for_is_refused_in_one_line_naming_the_wheel(monkeypatch):
+    """torch 2.13's CUDA 12.8 wheels start at sm_75: a V100 is told which wheel still has it (12.6),
+    a GPU newer than the build to get a newer torch."""
     mock_gpu(monkeypatch, "V100", archs=["sm_75", "sm_80", "sm_90"])
     with pytest.raises(LessonError) as e:
         get_device()
     msg = str(e.value)
     assert "sm_70" in msg and "Tesla V100" in msg and "CUDA_VISIBLE_DEVICES=" in msg
+    assert "download.pytorch.org/whl/cu126" in msg and "\n" not in msg
+    mock_gpu(monkeypatch, "H100", archs=["sm_70", "sm_75", "sm_80"])
+    with pytest.raises(LessonError, match="a newer torch"):
+        get_device()
     mock_gpu(monkeypatch, "T4", archs=["sm_75", "sm_80", "sm_90"])
     check_gpu_supported()  # the T4 is fine
+
+
+def test_a_rocm_gpu_is_a_gpu_and_trains_in_bf16(monkeypatch):
+    """ROCm builds list AMD targets (gfx90a, gfx942), which no capability matches: torch skips its
+    arch check there, and so must we. Seen failing: without torch.version.hip the same GPU is
+    refused."""
+    mock_gpu(monkeypatch, "MI300X", archs=["gfx90a", "gfx942", "gfx1100"])
+    with pytest.raises(LessonError):
+        get_device()  # (read as a CUDA build: no sm_ matches)
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482")
+    assert get_device() == "cuda" and pick_dtype("cuda") == "bf16"
+    assert not precision("cuda:0").scaler().is_enabled()
 
 
 # --- random draws: the generator must live where the numbers are drawn ---
@@ -180,11 +200,14 @@ def test_speculative_decoding_draws_on_the_generators_own_device():
 
 # --- the model, its backward and every loss, with nothing made on the CPU on the way ---
 @pytest.mark.parametrize("kd", ["seq", "soft", "soft-rest", "fkl", "rkl", "jsd", "tvd", "rkl-sampled"])
-def test_every_loss_and_its_backward_stay_on_the_models_device(kd, monkeypatch):
+def test_every_loss_and_its_backward_stay_on_the_models_device_without_a_host_sync(kd):
     """On the meta device (shapes, no data): a tensor the model or a loss makes on the CPU and mixes
-    in raises "Tensor on device cpu is not on the expected device meta", as it would on a GPU."""
-    import torch.fx.experimental._config as fx_config  # logits[y != -100]: a shape from data;
-    monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)  # meta takes it all
+    in raises "Tensor on device cpu is not on the expected device meta", as it would on a GPU. And
+    the loss the loop trains on (loss_sums) has no shape that depends on the data (logits[y !=
+    -100] would: the meta device refuses to guess it), so the CPU never waits for the GPU inside it.
+    04's loss_by_hand, shown once, may select by a mask: torch's own switch lets the meta device
+    assume every entry selected (its context manager restores the switch, whatever its default)."""
+    import torch.fx.experimental._config as fx_config
     train = load_lesson("04_train.py")
     student, teacher = tiny_gpt(0).to("meta").train(), tiny_gpt(1).to("meta")
     seqs = [torch.randint(0, 40, (n,)) for n in (9, 6)]
@@ -192,16 +215,62 @@ def test_every_loss_and_its_backward_stay_on_the_models_device(kd, monkeypatch):
             [torch.randn(len(s) - 1, 4).log_softmax(-1).half() for s in seqs])
     x, y, ids, lps = make_batch(seqs, *topk, device="meta", prompt_lens=[2, 3])
     logits = student(x)[0]
-    with torch.no_grad():  # (logits_fp32's autocast(enabled=False) does not take "meta")
-        t_logits = teacher(x)[0].float()
+    with torch.no_grad():
+        t_logits = logits_fp32(teacher, x)
     name, tail = ("soft", "rest") if kd == "soft-rest" else (kd, "renorm")
     kd = KD(name, T=1.0 if tail == "rest" else 2.0, tail=tail)
-    for loss_fn in (train.loss_sums, train.loss_by_hand):
-        loss = loss_fn(logits, y, kd, (ids, lps), t_logits)
-        loss = loss[0] if isinstance(loss, tuple) else loss
-        assert loss.device.type == "meta"
-        loss.backward(retain_graph=True)
+    loss, _ = train.loss_sums(logits, y, kd, (ids, lps), t_logits)  # no data-dependent shape
+    assert loss.device.type == "meta"
+    loss.backward(retain_graph=True)
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        plain = train.loss_by_hand(logits, y, kd, (ids, lps), t_logits)
+    assert plain.device.type == "meta"
     assert student.lm_head.weight.grad.device.type == "meta"
+
+
+def test_logits_fp32_enters_autocast_only_where_the_course_autocasts(monkeypatch):
+    """torch before 2.5 refuses torch.autocast("mps", enabled=False), and the meta device has no
+    autocast at all: logits_fp32 (on nearly every lesson's path) switches autocast off only on CUDA
+    and the CPU. Apple's MPS runs the course in fp32; half precision there is refused in one line."""
+    real = torch.autocast
+
+    def strict(device_type, *args, **kwargs):  # as torch 2.4 answers for "mps"
+        if device_type not in ("cuda", "cpu"):
+            raise RuntimeError(f"unsupported autocast device_type '{device_type}'")
+        return real(device_type, *args, **kwargs)
+    monkeypatch.setattr(torch, "autocast", strict)
+    model = tiny_gpt().to("meta")
+    assert logits_fp32(model, torch.zeros(1, 3, dtype=torch.long, device="meta")).dtype == torch.float32
+    assert pick_dtype("mps") == "fp32" and precision("mps").autocast().__enter__() is None
+    with pytest.raises(LessonError, match="MPS"):
+        pick_dtype("mps", "bf16")
+
+
+def test_generation_asks_whether_every_row_ended_once_every_16_tokens_off_the_cpu(monkeypatch):
+    """bool(done.all()) makes the CPU wait for the GPU: asked at every token it would stall the
+    queue at every step. Off the CPU (here: the CPU's rule set to the GPU's) generation asks every
+    16 tokens, and writes the same tokens, the rows that ended filled with eos_token."""
+    import common.sampling as sampling
+
+    class HostReads(TorchFunctionMode):
+        reads = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "__int__", "__float__"):
+                HostReads.reads += 1
+            return func(*args, **(kwargs or {}))
+    model = tiny_gpt()
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    runs = []
+    for rule in (1, sampling.ASK_EVERY.get("cuda", 16)):
+        monkeypatch.setitem(sampling.ASK_EVERY, "cpu", rule)
+        HostReads.reads = 0
+        with HostReads():
+            out = sampling.generate(model, idx, 64, eos_token=7, generator=torch.Generator().manual_seed(3))
+        runs.append((out, HostReads.reads))
+    (every, reads_every), (sparse, reads_sparse) = runs
+    assert torch.equal(every, sparse) and (every == 7).any()  # the same text, an eos among it
+    assert reads_every >= 16 and reads_sparse <= reads_every // 16 + 3, (reads_every, reads_sparse)
 
 
 # --- a GPU out of memory: one line, in every lesson ---
@@ -227,19 +296,152 @@ def test_each_gpu_lessons_out_of_memory_advice_names_its_own_flags(lesson):
     assert named and all(f in flags for f in named), (advice, named)
 
 
-def test_under_torchrun_each_process_takes_its_gpu_before_joining_the_group(monkeypatch):
+@pytest.mark.parametrize("nccl", [True, False])
+def test_under_torchrun_each_process_takes_and_checks_its_gpu_before_joining_the_group(monkeypatch, nccl):
     """NCCL binds a process to the current GPU when the group starts: set_device must come first
-    (else every process of a machine starts on GPU 0)."""
+    (else every process of a machine starts on GPU 0), and each process checks its own GPU (rank 1
+    here sits on a P100 this torch has no kernels for: refused, though GPU 0 is fine). Where NCCL
+    is missing (torch on Windows), the GPUs talk through gloo."""
     from common.plumbing import distributed
     mock_gpu(monkeypatch, "A100")
-    calls = []
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    current, calls = [0], []
+    gpus = {0: ("NVIDIA A100-SXM4-40GB", (8, 0)), 1: ("Tesla P100-PCIE-16GB", (6, 0))}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d))
+                        or current.__setitem__(0, int(str(d).split(":")[1])))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: gpus[current[0]][1])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: gpus[current[0]][0])
+    monkeypatch.setattr(distributed.dist, "is_nccl_available", lambda: nccl)
     monkeypatch.setattr(distributed.dist, "init_process_group",
                         lambda backend: calls.append(("init", backend)))
-    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: int(os.environ["RANK"]))
     monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    procs = distributed.start()
+    assert calls == [("set_device", "cuda:0"), ("init", "nccl" if nccl else "gloo")]
+    assert procs.device == "cuda:0" and procs.rank == 0 and procs.world == 2
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    procs = distributed.start()
-    assert calls == [("set_device", "cuda:1"), ("init", "nccl")]
-    assert procs.device == "cuda:1" and procs.rank == 1 and procs.world == 2
+    with pytest.raises(LessonError, match="Tesla P100.*sm_60"):
+        distributed.start()
+
+
+RANK_PRECISION = """
+import os, sys
+import torch
+from common.plumbing import distributed
+from common.plumbing.artifacts import LessonError, run_lesson
+rank = int(os.environ["RANK"])  # rank 0 on an RTX 3090 (8.6), rank 1 on an RTX 2080 Ti (7.5)
+name, cap = [("NVIDIA GeForce RTX 3090", (8, 6)), ("NVIDIA GeForce RTX 2080 Ti", (7, 5))][rank]
+for attr, value in dict(is_available=lambda: True, device_count=lambda: 2, set_device=lambda d: None,
+                        get_device_capability=lambda d=None: cap, get_device_name=lambda d=None: name,
+                        get_arch_list=lambda: ["sm_75", "sm_80", "sm_86"]).items():
+    setattr(torch.cuda, attr, value)
+def main():
+    procs = distributed.start()  # gloo: this torch has no NCCL
+    with open(os.path.join(sys.argv[2], f"rank{rank}.txt"), "w") as f:
+        try:
+            prec = distributed.agreed_precision(procs, sys.argv[1])
+        except LessonError as e:
+            f.write(f"refused: {e}")
+            raise
+        scaler = prec.scaler()
+        f.write(f"{prec.dtype}, scaler {scaler.is_enabled()}, scale {scaler.get_scale()}")
+    distributed.end(procs)
+run_lesson(main)
+"""
+
+
+@pytest.mark.parametrize("requested", ["auto", "bf16"])
+def test_ranks_on_gpus_of_two_generations_agree_on_one_precision(tmp_path, requested):
+    """torchrun over an RTX 3090 (bf16) and a 2080 Ti (no bf16), 2 real processes whose torch.cuda
+    is mocked each its own way: both train fp16 with the same GradScaler (each choosing for itself,
+    one would train bf16 unscaled and DDP would average its gradients with ones scaled by 2^16).
+    --dtype bf16 is refused by both, in one line each (one refusing alone would leave the other
+    waiting for it)."""
+    from conftest import run_ranks
+    script = tmp_path / "rank_precision.py"
+    script.write_text(RANK_PRECISION)
+    r = run_ranks([str(script), requested, str(tmp_path)])
+    said = [(tmp_path / f"rank{i}.txt").read_text() for i in range(2)]
+    if requested == "auto":
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert said == ["fp16, scaler True, scale 65536.0"] * 2, said
+    else:
+        assert r.returncode == 1 and "\n" not in said[0] + said[1], said
+        assert "another GPU of this run has no bf16 units" in said[0], said
+        assert "the NVIDIA GeForce RTX 2080 Ti (compute capability 7.5) has no bf16" in said[1], said
+
+
+class OnTheGPU(torch.nn.Module):
+    """A model that says where it is: on "cuda:0" until moved."""
+    def __init__(self):
+        super().__init__()
+        self.where = "cuda:0"
+
+    def parameters(self, recurse=True):
+        yield SimpleNamespace(device=torch.device(self.where))
+
+    def to(self, device, *args, **kwargs):
+        self.where = str(device)
+        return self
+
+    def cpu(self):
+        return self.to("cpu")
+
+
+def test_the_lab_lends_the_gpu_to_each_run_of_04_it_starts(monkeypatch):
+    """07 runs 04 as a child process while it holds the float32 teacher and the memory torch cached
+    for it (on a T4: ~4 GB of the 15 a jsd run needs). Each run, the start's included, starts with
+    the teacher on the CPU and the cache handed back; between runs the teacher is back on the GPU
+    (07 scores each rate with it)."""
+    from common.plumbing import runs
+    LAB = load_lesson("07_methods.py")
+    teacher, emptied, seen = OnTheGPU(), [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(teacher.where))
+    record = lambda *a, **k: seen.append((teacher.where, len(emptied))) or {"step": [2]}  # noqa: E731
+    monkeypatch.setattr(LAB, "train", record)
+    monkeypatch.setattr(runs, "train", record)
+    monkeypatch.setattr(LAB, "load_model", lambda *a, **k: (OnTheGPU(), None))
+    monkeypatch.setattr(LAB, "val_objective", lambda *a, **k: seen.append(("scored on", teacher.where)) or 1.0)
+    args = SimpleNamespace(out="lab", preset="tiny", warm_epochs=1, epochs=1, lr_grid=[1e-3, 1e-2],
+                           seeds=2, fresh=False)
+    LAB.train_all(args, ["seq"], {}, teacher, "cuda", "fp16")
+    runs_seen = [s for s in seen if s[0] != "scored on"]
+    assert len(runs_seen) == 1 + 2 + 1  # the start, the grid, the second seed
+    assert all(where == "cpu" for where, _ in runs_seen), seen
+    assert [n for _, n in runs_seen] == [1, 2, 3, 4]  # the cache emptied before each
+    assert [s for s in seen if s[0] == "scored on"] == [("scored on", "cuda:0")] * 2
+    assert teacher.where == "cuda:0"
+
+
+def test_course_speed_finds_a_gpus_peak_by_its_whole_name():
+    """MFU divides by the GPU's own peak: "L4" is not an L40S, an H100 PCIe is not the SXM part, a
+    GPU not in the table gets no MFU (not another GPU's), and no bf16 peak where there is no bf16."""
+    speed = load_lesson("bench/course_speed.py")
+    peaks = {"NVIDIA L4": 121, "NVIDIA L40S": 362, "NVIDIA H100 PCIe": 756, "NVIDIA H100 80GB HBM3": 989,
+             "NVIDIA A100-SXM4-40GB": 312, "NVIDIA A10G": None, "NVIDIA A10": 125, "NVIDIA H200": 989,
+             "NVIDIA GeForce RTX 4090": None}
+    assert {name: speed.peak_tflops(name, "bf16") for name in peaks} == peaks
+    assert speed.peak_tflops("Tesla T4", "fp16") == 65 and speed.peak_tflops("Tesla T4", "bf16") is None
+
+
+@pytest.mark.parametrize("flag", [[], ["--deterministic"]])
+def test_deterministic_asks_torch_for_deterministic_kernels_before_any_gpu_work(start_copy, monkeypatch, flag):
+    """--deterministic: torch's deterministic kernels and a fixed cuBLAS workspace, both set before
+    04 touches a GPU (when its processes start); without the flag, neither (the default kernels are
+    faster)."""
+    from common.plumbing import distributed
+    from test_train import keep_train_samples
+    keep_train_samples(start_copy, 4, n_val=2)
+    seen, real = [], distributed.start
+    monkeypatch.setattr(distributed, "start", lambda: seen.append(
+        (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))) or real())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), "--epochs", "1", *flag])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert r.returncode == 0, r.stderr
+    assert seen == ([(True, ":4096:8")] if flag else [(False, None)])

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from common.distill import KD, make_batch, soft_kd_loss, token_divergence
 from common.model import GPT, GPTConfig, logits_fp32
-from common.plumbing.artifacts import load_artifact, save_artifact
+from common.plumbing.artifacts import load_artifact, model_checkpoint, save_artifact
 from common.plumbing.device import (
     autocast,
     fused_adamw,
@@ -420,24 +420,45 @@ def test_on_policy_0_trains_on_the_teachers_samples_in_the_seeded_order(start_co
     assert log["tokens"] == 2 * sum(len(seq) - P for seq, P in zip(gen["train"], gen["train_prompt_lens"]))
 
 
-def test_on_policy_1_trains_on_the_students_own_text(course_copy, monkeypatch, capsys):
-    """--on-policy 1 at temperature 0, starting from the course's trained student: step 1 trains on its
-    greedy continuation of each prompt (computed here without a KV cache), at most as long as the
-    teacher's sample and shorter where it wrote <|endoftext|>, the prompt never scored; the step's loss
-    is the reverse KL averaged over exactly those tokens (not over the teacher's sample lengths)."""
-    keep_train_samples(course_copy, 8, n_val=2)
-    os.replace(course_copy / "student.pt", course_copy / "trained.pt")  # (this run writes a new student.pt)
-    steps, log = captured_run(course_copy, monkeypatch, "--kd", "rkl", "--on-policy", "1", "--init",
-                              str(course_copy / "trained.pt"), "--on-policy-temperature", "0", "--epochs", "1",
+def student_that_writes(targets, block_size=128, n_embd=32):
+    """A student whose greedy next token after position t is targets[t], whatever came before: its
+    blocks add nothing (their output projections are zero), each token id it writes has its own
+    channel (its embedding row e_j; every other row is zero: logit 0), and position t's embedding
+    is 100 e_j for j = that of targets[t]. So the final hidden state points at targets[t] with a
+    margin of ~5 in its logits: the same text on any CPU, whatever its rounding."""
+    s = GPT(GPTConfig(block_size=block_size, vocab_size=50257, n_layer=1, n_head=2, n_embd=n_embd))
+    channel = {tok: j for j, tok in enumerate(dict.fromkeys(targets))}
+    assert len(channel) <= n_embd
+    with torch.no_grad():
+        for name, p in s.named_parameters():
+            if "c_proj" in name or name.startswith("transformer.w"):
+                p.zero_()
+        for tok, j in channel.items():
+            s.transformer.wte.weight[tok, j] = 1.0
+        for t, tok in enumerate(targets):
+            s.transformer.wpe.weight[t, channel[tok]] = 100.0
+    return s.eval()
+
+
+def test_on_policy_1_trains_on_the_students_own_text(start_copy, monkeypatch, capsys):
+    """--on-policy 1 at temperature 0: step 1 trains on the student's own greedy continuation of each
+    prompt (computed here without a KV cache), at most as long as the teacher's sample and shorter
+    where it wrote <|endoftext|>, the prompt never scored; the step's loss is the reverse KL averaged
+    over exactly those tokens (not over the teacher's sample lengths). The student is built to write
+    a known text ending at a known position (student_that_writes): cut short in the longest sample
+    of the first step, whatever the machine."""
+    keep_train_samples(start_copy, 8, n_val=2)
+    gen = load_artifact(str(start_copy / "generated.pt"), "generated")
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(1337)).tolist()
+    end = max(len(gen["train"][k]) for k in order[:4]) - 3  # it writes <|endoftext|> after this
+    words = [11, 13, 262, 257, 290]  # ",", ".", " the", " a", " and": a cycle of them, then the end
+    s = student_that_writes([words[t % 5] for t in range(end)] + [50256] * (128 - end))
+    save_artifact(model_checkpoint(s, "student", preset="tiny"), str(start_copy / "writer.pt"))
+    steps, log = captured_run(start_copy, monkeypatch, "--kd", "rkl", "--on-policy", "1", "--init",
+                              str(start_copy / "writer.pt"), "--on-policy-temperature", "0", "--epochs", "1",
                               "--log-interval", "1")
     logged = capsys.readouterr().out
     assert "student sampling" in logged and "| ppl on own text " in logged  # whose tokens
-    gen = load_artifact(str(course_copy / "generated.pt"), "generated")
-    student = load_artifact(str(course_copy / "trained.pt"), "student")
-    s = GPT(GPTConfig.from_dict(student["config"]))
-    s.load_state_dict(student["model"])
-    s.eval()
-    order = torch.randperm(8, generator=torch.Generator().manual_seed(1337)).tolist()
     (x, y), = steps[0]
     shorter = 0
     for row, k in enumerate(order[:4]):
@@ -452,8 +473,8 @@ def test_on_policy_1_trains_on_the_students_own_text(course_copy, monkeypatch, c
         assert (y[row, len(text) - 1:] == -100).all()                  # and nothing after them
         assert text[P:] != seq[P:].tolist()
         shorter += len(text) < len(seq)
-    assert shorter  # the student stopped before the teacher's length somewhere: the token count differs
-    teacher = load_artifact(str(course_copy / "teacher.pt"), "teacher")
+    assert shorter  # the student ended a text before the teacher's length: the token count differs
+    teacher = load_artifact(str(start_copy / "teacher.pt"), "teacher")
     t = GPT(GPTConfig.from_dict(teacher["config"]))
     t.load_state_dict(teacher["model"])
     assert log["loss"][0] == pytest.approx(step_divergence(s, t.eval(), steps[0], "rkl"), rel=1e-5)

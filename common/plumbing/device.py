@@ -1,8 +1,10 @@
 """Where the work runs, and in which precision: decided here, in one place."""
 import contextlib
 import ctypes
+import os
 import platform
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -12,9 +14,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_device():
-    """The fastest device available: a CUDA GPU, then Apple's MPS, then the CPU. A GPU this torch
-    has no kernels for is refused in one line (it would pass is_available() and fail at its first
-    kernel)."""
+    """The fastest device available: a CUDA (or ROCm) GPU, then Apple's MPS, then the CPU. A GPU
+    this torch has no kernels for is refused in one line (it would pass is_available() and fail at
+    its first kernel)."""
     if torch.cuda.is_available():
         check_gpu_supported()
         return "cuda"
@@ -24,31 +26,41 @@ def get_device():
 
 
 def gpu_has_bf16():
-    """Whether this GPU computes in bf16 natively: compute capability 8.0 (Ampere) and newer.
-    Not torch.cuda.is_bf16_supported(): by default it counts emulation, and says True on a T4 or a
+    """Whether this GPU computes in bf16 natively: compute capability 8.0 (Ampere) and newer, and
+    every AMD GPU torch's ROCm builds run on (torch.cuda.is_bf16_supported says so for ROCm).
+    Not is_bf16_supported() on NVIDIA: by default it counts emulation, and says True on a T4 or a
     V100 (7.x), which have no bf16 tensor cores (torch/cuda/__init__.py, including_emulation)."""
+    if torch.version.hip:
+        return True
     return torch.cuda.get_device_capability()[0] >= 8
 
 
-def pick_dtype(device, requested="auto"):
+def pick_dtype(device, requested="auto", bf16=None):
     """The training/inference precision: 'fp32', 'bf16' or 'fp16'.
 
     auto: bf16 on GPUs with bf16 units (Ampere and newer: fp32's range, no loss scaling needed),
     fp16 on older GPUs such as Colab's T4 (needs a GradScaler, see needs_scaler), fp32 on the CPU
-    (CPU autocast only pays off on chips with bf16 matrix units). bf16 asked for on a GPU without
-    bf16 units is refused: it would run emulated, slower than fp32.
+    (CPU autocast only pays off on chips with bf16 matrix units) and on Apple's MPS (autocast there
+    needs torch 2.5). bf16: whether every GPU of the run has bf16 units (default: this one's); bf16
+    asked for where one has not is refused: it would run emulated, slower than fp32.
     """
-    cuda = device.split(":")[0] == "cuda"
-    if cuda and requested == "bf16" and not gpu_has_bf16():
+    kind = device.split(":")[0]
+    if kind == "mps" and requested not in ("auto", "fp32"):
+        raise LessonError(f"--dtype {requested}: on Apple's MPS the course runs in fp32 (autocast "
+                          f"there needs torch 2.5, fp16 a GradScaler): use --dtype fp32 or auto")
+    if kind != "cuda" or requested in ("fp32", "fp16"):
+        return "fp32" if requested == "auto" else requested
+    if bf16 is None:
+        bf16 = gpu_has_bf16()
+    if requested == "bf16" and not bf16:
         name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
-        raise LessonError(f"--dtype bf16: the {name} (compute capability {major}.{minor}) has no "
-                          f"bf16 units (8.0 and newer do): use --dtype fp16 (with a GradScaler) "
-                          f"or auto")
+        which = (f"the {name} (compute capability {major}.{minor})" if not gpu_has_bf16() else
+                 "another GPU of this run")
+        raise LessonError(f"--dtype bf16: {which} has no bf16 units (8.0 and newer do): use "
+                          f"--dtype fp16 (with a GradScaler) or auto")
     if requested != "auto":
         return requested
-    if cuda:
-        return "bf16" if gpu_has_bf16() else "fp16"
-    return "fp32"
+    return "bf16" if bf16 else "fp16"
 
 
 def gpu_supported(capability, arch_list):
@@ -73,14 +85,22 @@ def gpu_supported(capability, arch_list):
 
 
 def check_gpu_supported():
-    """Refuse, in one line, a GPU the installed torch has no kernels for."""
+    """Refuse, in one line, a GPU (the current one) the installed torch has no kernels for. ROCm
+    builds list AMD's targets (gfx90a, gfx942...), not capabilities: torch skips the check there,
+    and so do we."""
+    if torch.version.hip:
+        return
     capability = torch.cuda.get_device_capability()
     archs = torch.cuda.get_arch_list()
     if not gpu_supported(capability, archs):
+        # torch 2.13's CUDA 12.8+ wheels start at sm_75; its CUDA 12.6 wheels still have sm_50-sm_70
+        wheel = ("pip install torch --index-url https://download.pytorch.org/whl/cu126 (the CUDA "
+                 "12.6 build still has Volta and older)" if capability[0] <= 7 else
+                 "a newer torch from pytorch.org")
         raise LessonError(f"this torch ({torch.__version__}) was built for {' '.join(archs)}, not "
                           f"for the {torch.cuda.get_device_name()} (sm_{capability[0]}"
-                          f"{capability[1]}): install a torch build for it, or run on the CPU "
-                          f"with CUDA_VISIBLE_DEVICES= python ...")
+                          f"{capability[1]}): install {wheel}, or run on the CPU with "
+                          f"CUDA_VISIBLE_DEVICES= python ...")
 
 
 def needs_scaler(dtype):
@@ -88,19 +108,42 @@ def needs_scaler(dtype):
     return dtype == "fp16"
 
 
-def precision(device, requested="auto"):
-    """What lesson 04 trains in on `device` ("cuda:1" too): (dtype, its GradScaler, enabled only
-    for fp16)."""
-    kind = device.split(":")[0]
-    dtype = pick_dtype(kind, requested)
-    return dtype, torch.amp.GradScaler(kind, enabled=needs_scaler(dtype))
+@dataclass(frozen=True)
+class Precision:
+    """A run's precision, decided once: its device and the dtype its matmuls run in. Every forward
+    pass runs under `with prec.autocast():`; fp16 training needs `prec.scaler()`."""
+    device: str  # "cuda", "cuda:1", "mps", "cpu"
+    dtype: str   # "fp32", "bf16" or "fp16"
+
+    def autocast(self):
+        """Mixed precision: matmuls in dtype, reductions in fp32; a no-op for fp32. A new context
+        each time (one torch.autocast object must not be entered twice at once)."""
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=DTYPES[self.dtype])
+
+    def scaler(self):
+        """A GradScaler, enabled only for fp16 (scale 2^16, halved on an overflow)."""
+        return torch.amp.GradScaler(self.device.split(":")[0], enabled=needs_scaler(self.dtype))
+
+
+def precision(device, requested="auto", bf16=None):
+    """The Precision of a run on `device` ("cuda:1" too); bf16 as in pick_dtype."""
+    return Precision(device, pick_dtype(device, requested, bf16))
 
 
 def autocast(device, dtype):
     """Mixed-precision context: matmuls in dtype, reductions in fp32; a no-op for fp32."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
+    return Precision(device, dtype).autocast()
+
+
+def deterministic():
+    """Make a GPU's training repeat itself exactly (run to run, and so across a --resume): the
+    deterministic kernels (attention's backward, scatter-adds) and a fixed cuBLAS workspace.
+    Slower; a CPU run is deterministic without it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS's first call
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def sync(device):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.plumbing.device import get_device
+from common.plumbing.device import check_gpu_supported, get_device, gpu_has_bf16, precision
 
 
 @dataclass
@@ -36,15 +36,28 @@ class Processes:
 
 def start():
     """Join the other processes if torchrun started us (NCCL between GPUs, gloo between CPU
-    processes), else run alone on the best device. In the spirit of nanochat's compute_init()."""
+    processes, or where NCCL is missing: Windows), else run alone on the best device. In the spirit
+    of nanochat's compute_init()."""
     if "RANK" not in os.environ:
         return Processes(ddp=False, rank=0, world=1, device=get_device())
-    cuda = get_device() == "cuda"  # (a GPU this torch cannot run is refused here)
+    cuda = torch.cuda.is_available()
     device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu"
     if cuda:  # before the process group: NCCL then binds each process to its own GPU
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+        check_gpu_supported()  # this process's own GPU, not GPU 0
+    dist.init_process_group(backend="nccl" if cuda and dist.is_nccl_available() else "gloo")
     return Processes(ddp=True, rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+
+def agreed_precision(procs, requested="auto"):
+    """One Precision for every process: bf16 only if every GPU of the run has bf16 units (a 3090
+    beside a 2080 Ti trains in fp16 with a GradScaler on both). Two precisions in one run would
+    average bf16 gradients with fp16 ones scaled by 2^16, and the replicas would drift apart."""
+    cuda = procs.device.startswith("cuda")
+    bf16 = cuda and gpu_has_bf16()
+    if procs.ddp:
+        bf16 = bool(all_min(procs, [bf16])[0])
+    return precision(procs.device, requested, bf16=bf16 if cuda else None)
 
 
 def end(procs):
@@ -75,9 +88,20 @@ def wrap(model, procs):
 
 def all_sum(procs, values):
     """Each value summed over the processes (in float64), as a list of floats."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=procs.device)
+    return _all_reduce(procs, values, dist.ReduceOp.SUM)
+
+
+def all_min(procs, values):
+    """Each value's minimum over the processes, as a list of floats."""
+    return _all_reduce(procs, values, dist.ReduceOp.MIN)
+
+
+def _all_reduce(procs, values, op):
+    # gloo reduces CPU tensors (and CUDA ones); a CPU tensor works with either backend but NCCL
+    device = procs.device if procs.ddp and dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     if procs.ddp:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 

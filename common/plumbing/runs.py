@@ -1,12 +1,15 @@
 """Lessons that run other lessons (07's lab, 09's starts): each run of 04 in its own folder, its
 output shown as it goes, kept when it was trained with the same recipe, resumed when interrupted.
 """
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+
+import torch
 
 from common.plumbing.artifacts import LessonError, load_artifact
 
@@ -32,6 +35,23 @@ def run_script(script, flags):
             print("    " + line, end="")
         proc.wait()
         raise
+
+
+@contextlib.contextmanager
+def gpu_lent(*models):
+    """The GPU lent to a run in another process: these models wait on the CPU and the memory torch
+    keeps cached for this process is handed back (on a T4, 07's float32 GPT-2 and its cache are
+    ~4 GB of the 15 a jsd run needs); afterwards each model goes back where it was."""
+    devices = [next(m.parameters()).device for m in models]
+    for m in models:
+        m.cpu()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for m, device in zip(models, devices):
+            m.to(device)
 
 
 def run_or_refuse(script, flags, label):
