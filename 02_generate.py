@@ -35,7 +35,7 @@ from common.plumbing.cli import (
     positive_int,
     prob_float,
 )
-from common.plumbing.device import DTYPES, get_device, pick_dtype, sync
+from common.plumbing.device import get_device, precision, sync
 from common.sampling import generate, sample_next
 from common.tokenizer import EOT, get_tokenizer
 
@@ -297,15 +297,15 @@ def split_by_opening(kept, plan, args):
 def main():
     args = get_args()
     enc = get_tokenizer()
-    device = get_device()
+    prec = precision(get_device())  # the device and the precision, decided once
+    device = prec.device
 
     # --- the teacher, in half precision on a GPU (inference needs no fp32 master weights) ---
     teacher, ckpt = load_model(f"{args.out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
     check_preset(ckpt, f"{args.out}/teacher.pt", args.preset)
-    dtype = pick_dtype(device)
-    teacher.to(device=device, dtype=DTYPES[dtype])
+    teacher.to(device=device, dtype=prec.torch_dtype)
     print(f"teacher: {ckpt.get('source', '?')} | {teacher.num_params() / 1e6:.1f}M params | "
-          f"{device} {dtype}")
+          f"{device} {prec.dtype}")
 
     # --- prompts ---
     topics = toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS

@@ -114,9 +114,11 @@ def loss_on(model, batches, skip=None):
     return total / n
 
 
-def pruned(teacher, score, n_layer, n_head, n_embd, how="top", generator=None):
-    """The student of this shape cut out of the teacher, keeping the units `how` picks by score:
-    the most important ("top"), the least ("bottom") or random ones ("random")."""
+def pruned(teacher, score, shape, how="top", generator=None):
+    """The student of this shape (layers, heads, width) cut out of the teacher, keeping the units
+    `how` picks by score: the most important ("top"), the least ("bottom") or random ones
+    ("random")."""
+    n_layer, n_head, n_embd = shape
     keep = partial(choose, how=how, generator=generator)
     layers = keep(score["blocks"], n_layer)  # the highest loss when skipped: the most needed
     return cut(teacher, layers, [keep(score["heads"][i], n_head) for i in layers],
@@ -145,7 +147,8 @@ def prune(teacher, args):
     calib, device = data["train"][:CALIBRATION], get_device()  # fp32: scores, not speed
     batches = [make_batch(calib[i:i + 8], device=device) for i in range(0, len(calib), 8)]
     score = importance(teacher.to(device), batches)  # all tokens scored: calibration is just text
-    student = pruned(teacher, score, args.n_layer, args.n_head, args.n_embd)
+    shape = (args.n_layer, args.n_head, args.n_embd)
+    student = pruned(teacher, score, shape)
     t = teacher.config
     print(f"importance on {len(calib)} texts of generated.pt's train split (loss "
           f"{loss_on(teacher, batches):.3f}):")
@@ -159,10 +162,8 @@ def prune(teacher, args):
     val, P = data["val"][:HELD_OUT], data["val_prompt_lens"][:HELD_OUT]
     g = torch.Generator().manual_seed(args.seed)
     rows = {"teacher": teacher, "pruned: the most important": student,
-            "random units kept": pruned(teacher, score, args.n_layer, args.n_head, args.n_embd,
-                                        "random", g),
-            "the least important kept": pruned(teacher, score, args.n_layer, args.n_head,
-                                               args.n_embd, "bottom"),
+            "random units kept": pruned(teacher, score, shape, "random", g),
+            "the least important kept": pruned(teacher, score, shape, "bottom"),
             "random init (no teacher)": GPT(student.config).to(device)}
     print(f"perplexity on {len(val)} held-out texts (02's val split), before any training:")
     for name, model in rows.items():

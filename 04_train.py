@@ -16,19 +16,24 @@ Run:    python 04_train.py                (add --preset tiny for a CPU smoke run
 import math
 import time
 from contextlib import nullcontext
-from functools import partial
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from common.distill import KD, ONLINE, loss_sums, make_batch
-from common.model import logits_fp32
-from common.perplexity import mean_nll
+from common.model import GPT, logits_fp32
+from common.perplexity import sequences_nll
 from common.plumbing import cli, distributed, train_state
 from common.plumbing.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
-from common.plumbing.device import autocast, deterministic, keep_freed_memory, sync
-from common.plumbing.progress import Speedometer, describe_run, show_first_loss
-from common.plumbing.train_inputs import load_inputs
+from common.plumbing.device import Precision, deterministic, keep_freed_memory, sync
+from common.plumbing.progress import Speedometer
+from common.plumbing.train_inputs import (
+    load_generated,
+    load_student,
+    load_teacher,
+    longest_sample,
+)
 from common.sampling import continue_each
 from common.tokenizer import EOT
 
@@ -42,24 +47,24 @@ PRESETS = {"gpt2": dict(epochs=3, lr=1e-3, batch_size=8),
 def get_args():
     p = cli.lesson_parser(__doc__)
     flag = p.add_argument
-    flag("--kd", choices=["seq", "soft", *ONLINE], default="seq",
+    flag("--kd", choices=["seq", "soft", *ONLINE], default=KD.kind,
          help="seq: CE on the teacher's text; soft: + its stored top-K distributions; fkl, rkl, "
               "jsd, tvd: a divergence to its full distributions, the teacher running beside the "
               "student; rkl-sampled: reverse KL from the teacher's log-prob of each token the "
               "student sampled (needs --on-policy 1) (default: seq)")
-    flag("--soft-tail", choices=["renorm", "rest"], default="renorm",
+    flag("--soft-tail", choices=["renorm", "rest"], default=KD.tail,
          help="--kd soft: the teacher's top K renormalised (renorm), or with the rest of the "
               "vocabulary as one bucket (rest, needs --kd-temperature 1) (default: renorm)")
-    flag("--jsd-beta", type=cli.unit_float, default=0.5,
+    flag("--jsd-beta", type=cli.unit_float, default=KD.beta,
          help="--kd jsd: beta of the generalized JSD, strictly between 0 and 1 (default: 0.5)")
     flag("--on-policy", type=cli.unit_float, default=0.0,
          help="share of the micro-batches on which the student writes the text and the teacher "
               "grades it (needs an online --kd; default: 0, the teacher's samples only)")
     flag("--on-policy-temperature", type=cli.nonneg_float, default=1.0,
          help="the student's sampling temperature for --on-policy (0: greedy; default: 1.0)")
-    flag("--kd-temperature", type=cli.positive_float, default=2.0,
+    flag("--kd-temperature", type=cli.positive_float, default=KD.T,
          help="soft KD: softening temperature T")
-    flag("--kd-alpha", type=cli.unit_float, default=0.5,
+    flag("--kd-alpha", type=cli.unit_float, default=KD.alpha,
          help="soft KD: weight of the KL term (1-alpha: CE)")
     flag("--epochs", type=cli.positive_int,
          help="passes over the training texts (gpt2: 3, tiny: 6)")
@@ -89,7 +94,27 @@ def get_args():
          help="stop (and save train_state.pt) after this many steps; finish later with --resume")
     flag("--init", type=cli.existing_file,
          help="start from this student (default: student_init.pt)")
-    return cli.parse(p, PRESETS)
+    args = cli.parse(p, PRESETS)
+    refuse_misfits(args)
+    return args
+
+
+def refuse_misfits(args):
+    """Flags that do not fit together, refused in one line before anything is loaded."""
+    if args.kd == "jsd" and not 0 < args.jsd_beta < 1:
+        raise LessonError(f"--jsd-beta must be strictly between 0 and 1 (got {args.jsd_beta}); 0 "
+                          f"and 1 are --kd fkl and --kd rkl in the limit")
+    if args.on_policy and args.kd not in ONLINE:
+        raise LessonError(f"--on-policy needs the teacher online to grade the student's text: use "
+                          f"it with --kd {', '.join(ONLINE)}, not --kd {args.kd} (which train on "
+                          f"the teacher's stored samples)")
+    if args.kd == "rkl-sampled" and (args.on_policy != 1 or args.on_policy_temperature != 1):
+        raise LessonError("--kd rkl-sampled needs --on-policy 1 (and --on-policy-temperature 1): "
+                          "its estimate of the reverse KL is unbiased only on tokens the student "
+                          "drew from itself")
+    if args.soft_tail == "rest" and (args.kd != "soft" or args.kd_temperature != 1):
+        raise LessonError("--soft-tail rest needs --kd soft and --kd-temperature 1: the stored "
+                          "log-probs give the teacher's rest mass at T = 1 only")
 
 
 # --- the losses, written out ---
@@ -113,13 +138,13 @@ def loss_by_hand(logits, y, kd, topk=None, teacher_logits=None):
         p = F.softmax(lps.float() / kd.T, dim=-1)                  # teacher, renormalised over K
         log_q_T = F.log_softmax(logits.float() / kd.T, dim=-1)
         log_q_T = log_q_T.gather(-1, ids.long())                   # student, read at those K
-        kl = (p * (p.log() - log_q_T)).sum(-1)
+        kl = torch.where(p > 0, p * (p.log() - log_q_T), 0.0).sum(-1)  # 0 log 0 = 0
         return kd.alpha * kd.T * kd.T * kl[scored].mean() + (1 - kd.alpha) * ce
     p = F.softmax(teacher_logits.float(), dim=-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     q = log_q.exp()
-    if kd.kind == "fkl":                                           # sum p (log p - log q)
-        return (p * (log_p - log_q)).sum(-1)[scored].mean()
+    if kd.kind == "fkl":                            # sum p (log p - log q), with 0 log 0 = 0
+        return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)[scored].mean()
     if kd.kind == "rkl":                                           # sum q (log q - log p)
         return (q * (log_q - log_p)).sum(-1)[scored].mean()
     if kd.kind == "tvd":                                           # (1/2) sum |p - q|
@@ -133,13 +158,23 @@ def loss_by_hand(logits, y, kd, topk=None, teacher_logits=None):
         return (surrogate - surrogate.detach() + reward)[scored].mean()
     # jsd: the mixture m, and log(m) of a sum (token_divergence keeps it in log space)
     log_m = (kd.beta * p + (1 - kd.beta) * q).log()
-    jsd = kd.beta * (p * (log_p - log_m)).sum(-1) + (1 - kd.beta) * (q * (log_q - log_m)).sum(-1)
-    return jsd[scored].mean()
+    to_m_from_p = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(-1)  # KL(p || m), 0 log 0 = 0
+    to_m_from_q = (q * (log_q - log_m)).sum(-1)                         # KL(q || m)
+    return (kd.beta * to_m_from_p + (1 - kd.beta) * to_m_from_q)[scored].mean()
 
 
 # --- one optimizer step ---
-def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad_clip, kd,
-               world=1, teacher=None):
+@dataclass
+class Setup:
+    """What every step of a run uses, fixed when it starts."""
+    prec: Precision                 # the device, the dtype and its autocast
+    kd: KD                          # what the student learns from the teacher
+    teacher: GPT = None             # beside the student, for the online kinds
+    grad_clip: float = 1.0          # the gradient norm is clipped to this
+    world: int = 1                  # processes training together (DDP averages their gradients)
+
+
+def train_step(model, optimizer, scaler, micro, step_tokens, setup):
     """One optimizer step over this process's micro-batches [(x, y, topk or None), ...], its loss
     the mean over the step_tokens scored tokens of the WHOLE step (all micro-batches, processes).
     Returns this process's (loss sum, cross-entropy sum) and the gradient norm before clipping."""
@@ -148,19 +183,19 @@ def train_step(model, optimizer, scaler, micro, step_tokens, device, dtype, grad
         # DDP averages gradients across processes on every backward; during accumulation only the
         # last micro-batch needs that, so the others skip the communication.
         last = j == len(micro) - 1
-        with model.no_sync() if world > 1 and not last else nullcontext():
-            with autocast(device, dtype):
+        with model.no_sync() if setup.world > 1 and not last else nullcontext():
+            with setup.prec.autocast():
                 logits, _ = model(x)
                 with torch.no_grad():  # (B, L, V) in float32 whatever the autocast dtype
-                    teacher_logits = logits_fp32(teacher, x) if kd.kind in ONLINE else None
-            loss, ce = loss_sums(logits, y, kd, topk, teacher_logits)
+                    teacher_logits = logits_fp32(setup.teacher, x) if setup.kd.online else None
+            loss, ce = loss_sums(logits, y, setup.kd, topk, teacher_logits)
             # / step_tokens, not this micro-batch's mean (a short one's tokens weigh more); * world:
             # DDP averages over processes; scaler.scale: fp16's small gradients must not underflow
-            scaler.scale(loss * world / step_tokens).backward()
+            scaler.scale(loss * setup.world / step_tokens).backward()
         loss_sum, ce_sum = loss_sum + loss.detach(), ce_sum + ce.detach()  # no wait for the GPU
     scaler.unscale_(optimizer)  # true gradients again before clipping (a no-op without fp16)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
     scaler.step(optimizer)      # skips the step if fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -188,28 +223,38 @@ def lr_at(step, total, warmup, lr, min_lr):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def micro_per_epoch(n, batch_size, world):
+    """Micro-batches each process takes an epoch: the same number on every rank."""
+    return (math.ceil(n / batch_size) // world) or 1
+
+
 # --- the epoch's batches ---
-def chunks_of_epoch(n, batch_size, seed, epoch, on_policy, world, n_micro):
-    """Every rank's n_micro micro-batches of an epoch, each (sample indices, on-policy?): a seeded
-    shuffle cut into batches, rank r taking every world-th from r (all ranks computed, to count)."""
+def chunks_of_epoch(n, batch_size, seed, epoch, on_policy, world):
+    """Every rank's micro-batches of an epoch, each (sample indices, on-policy?): a seeded shuffle
+    of the n samples cut into batches, rank r taking every world-th from r (all ranks computed, to
+    count)."""
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=g).tolist()
     chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     own = (torch.rand(len(chunks), generator=g) < on_policy).tolist()  # after it: 0 keeps the order
+    n_micro = micro_per_epoch(n, batch_size, world)
     return [list(zip(chunks[r::world], own[r::world]))[:n_micro] for r in range(world)]
 
 
-def micro_batch(idx, data, kd, device, student=None, temperature=1.0, speed=None):
-    """The micro-batch (x, y, topk or None) of these samples; given a student, it writes them."""
+def texts_of(idx, data, kd):
+    """The teacher's samples idx of the train split: (texts, prompt lengths, their stored top-K
+    (ids, log-probs) for --kd soft, else None)."""
     seqs = [data["train"][k] for k in idx]
     P = [data["train_prompt_lens"][k] for k in idx]
-    if student is not None:
-        t0 = time.time()
-        seqs = student_samples(student, seqs, P, temperature)
-        speed.sampled(time.time() - t0, sum(len(s) - p for s, p in zip(seqs, P)))
     topk = ([data["train_topk_ids"][k] for k in idx],
-            [data["train_topk_logprobs"][k] for k in idx]) if kd == "soft" else ()
-    x, y, *topk = make_batch(seqs, *topk, device=device, prompt_lens=P)
+            [data["train_topk_logprobs"][k] for k in idx]) if kd.kind == "soft" else None
+    return seqs, P, topk
+
+
+def micro_batch(seqs, prompt_lens, topk, device):
+    """The micro-batch (x, y, topk or None) of these texts; topk: the teacher's stored (ids,
+    log-probs) of each, for --kd soft."""
+    x, y, *topk = make_batch(seqs, *(topk or ()), device=device, prompt_lens=prompt_lens)
     return x, y, topk or None
 
 
@@ -230,6 +275,52 @@ def tokens_of_step(step_chunks, data, micro, on_policy, procs):
                     map(int, distributed.all_sum(procs, counts))))
 
 
+# --- what the run shows ---
+def val_loss(model, data, batch_size, prec):
+    """The mean NLL per sampled token of the val texts (prompts not scored), in eval mode; the
+    model is handed back in training mode (the caller is training)."""
+    model.eval()
+    with prec.autocast():
+        nll, n = sequences_nll(model, data["val"], batch_size, prompt_lens=data["val_prompt_lens"])
+    model.train()
+    return nll / n
+
+
+def describe_run(args, model, data, procs, setup, schedule):
+    """The two lines that say what this run trains, on what, and how."""
+    tokens = sum(len(s) - P for s, P in zip(data["train"], data["train_prompt_lens"]))
+    tail = ", rest bucket" if args.soft_tail == "rest" else ""
+    kd = (f" (T={args.kd_temperature}, alpha={args.kd_alpha}{tail})" if args.kd == "soft" else
+          f" (beta={args.jsd_beta})" if args.kd == "jsd" else "")
+    if args.on_policy:
+        kd += f", on-policy {args.on_policy:g} (T={args.on_policy_temperature:g})"
+    scaled = " + GradScaler" if setup.prec.dtype == "fp16" else ""
+    steps_per_epoch, warmup = schedule
+    return (f"student {model.num_params() / 1e6:.1f}M params | {len(data['train'])} train / "
+            f"{len(data['val'])} val samples, {tokens:,} sampled tokens to learn from | "
+            f"{procs.device} {setup.prec.dtype}{scaled} | {procs.world} process(es)\n"
+            f"kd {args.kd}{kd}{' with the teacher online' if setup.teacher else ''} | "
+            f"{args.epochs} epochs x {steps_per_epoch} steps | batch {args.batch_size} x accum "
+            f"{args.grad_accum} x {procs.world} | lr {args.lr:.1e}, warmup {warmup}")
+
+
+def show_first_loss(batch, model, setup, procs):
+    """The first batch's loss written out (loss_by_hand) beside the loss the loop trains on
+    (loss_sums): the same number."""
+    if not procs.master:
+        return
+    x, y, topk = batch
+    model.eval()
+    with torch.no_grad(), setup.prec.autocast():
+        logits = model(x)[0]
+        t_logits = logits_fp32(setup.teacher, x) if setup.teacher is not None else None
+    model.train()
+    plain = loss_by_hand(logits, y, setup.kd, topk, t_logits)
+    trained = loss_sums(logits, y, setup.kd, topk, t_logits)[0] / (y != -100).sum()
+    procs.print(f"the first batch's loss written out (loss_by_hand): {float(plain):.4f}; "
+                f"as the loop computes it (loss_sums): {float(trained):.4f}")
+
+
 def main():
     args = get_args()
     if args.deterministic:
@@ -240,60 +331,66 @@ def main():
         keep_freed_memory()  # each step makes tensors of hundreds of MB: reuse their pages
     torch.manual_seed(args.seed + procs.rank)  # dropout (the data order has its own generator)
     prec = distributed.agreed_precision(procs, args.dtype)  # bf16, fp16 + GradScaler, fp32
-    dtype, scaler = prec.dtype, prec.scaler()
+    scaler = prec.scaler()  # enabled for fp16 only
 
     # --- data, models, optimizer (each misfit refused in one line: plumbing/train_inputs.py) ---
-    data, raw, init_ckpt, teacher = load_inputs(args, device, dtype)
+    kd = KD.from_args(args)  # the distillation flags, as one object
+    data = load_generated(f"{args.out}/generated.pt", args.preset, kd.kind == "soft")
+    init_path = args.init or f"{args.out}/student_init.pt"
+    raw, init_ckpt = load_student(init_path, args.preset, args.dropout, longest_sample(data))
+    teacher = (load_teacher(f"{args.out}/teacher.pt", longest_sample(data), prec) if kd.online
+               else None)
     model = distributed.wrap(raw.to(device), procs)  # in DDP under torchrun
     optimizer = raw.configure_optimizer(args.lr, args.weight_decay, device)  # AdamW
+    setup = Setup(prec, kd, teacher, args.grad_clip, procs.world)
 
     # --- schedule: every rank gets the same number of micro-batches per epoch ---
-    micro_per_epoch = (math.ceil(len(data["train"]) / args.batch_size) // procs.world) or 1
-    steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum)
+    n, ga = len(data["train"]), args.grad_accum
+    steps_per_epoch = math.ceil(micro_per_epoch(n, args.batch_size, procs.world) / ga)
     total_steps = steps_per_epoch * args.epochs
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 10)
-    chunks_of = partial(chunks_of_epoch, len(data["train"]), args.batch_size, args.seed,
-                        on_policy=args.on_policy, world=procs.world, n_micro=micro_per_epoch)
-    ga = args.grad_accum
 
     # --- state: fresh, or from train_state.pt with --resume (common/plumbing/train_state.py) ---
-    state_path, settings = f"{args.out}/train_state.pt", train_state.settings_of(args, dtype)
-    state = train_state.start(state_path, args.resume, procs, raw, optimizer, scaler, settings,
-                              init_ckpt["config"], args.init or f"{args.out}/student_init.pt",
-                              total_steps)
-    save = partial(train_state.save, state_path, procs, state, raw, optimizer, scaler,
-                   total_steps=total_steps, config=init_ckpt["config"], settings=settings)
-    evaluate = partial(mean_nll, raw, data["val"], data["val_prompt_lens"], args.batch_size,
-                       device, dtype)
-    kd = KD.from_args(args)  # the distillation flags, as one object
-    log(describe_run(args, raw, data, procs, dtype, scaler, teacher, steps_per_epoch, warmup))
+    state = train_state.TrainState(f"{args.out}/train_state.pt",
+                                   train_state.settings_of(vars(args), prec.dtype),
+                                   init_ckpt["config"], total_steps)
+    train_state.start(state, args.resume, procs, raw, optimizer, scaler)
+    log(describe_run(args, raw, data, procs, setup, (steps_per_epoch, warmup)))
 
     # --- the training loop ---
     raw.train()
     first_step, speed = state.step, Speedometer(on_policy=args.on_policy)
     ctrl_c_said = lambda: log(f"\nCtrl-C: finishing step {state.step + 1}, then saving "
-                              f"{state_path} (Ctrl-C again to stop at once)")
-    with train_state.failures_explained(state, state_path, args.batch_size, args.grad_accum), \
+                              f"{state.path} (Ctrl-C again to stop at once)")
+    with train_state.failures_explained(state, args.batch_size, ga), \
             ctrl_c_finishes_the_step(ctrl_c_said) as ctrl_c:
         if state.step == 0:  # the val loss before training; the first batch's loss written out
-            state.history["val"].append((0, evaluate()))
-            first = micro_batch(chunks_of(0)[0][0][0], data, args.kd, device)
-            show_first_loss(state.history, first, raw, teacher, procs, dtype, loss_by_hand,
-                            loss_sums, kd)
+            v = val_loss(raw, data, args.batch_size, prec)
+            state.history["val"].append((0, v))
+            log(f"val before training: loss {v:.4f} | ppl {math.exp(v):.1f}")
+            idx, _ = chunks_of_epoch(n, args.batch_size, args.seed, 0, args.on_policy,
+                                     procs.world)[0][0]
+            show_first_loss(micro_batch(*texts_of(idx, data, kd), device), raw, setup, procs)
         while state.step < total_steps:
             # --- one step: this process's micro-batches (on-policy: the student writes them) ---
             epoch, i = divmod(state.step, steps_per_epoch)
-            step_chunks = [c[i * ga:(i + 1) * ga] for c in chunks_of(epoch)]  # every rank's
-            micro = [micro_batch(idx, data, args.kd, device, raw if own else None,
-                                 args.on_policy_temperature, speed)
-                     for idx, own in step_chunks[procs.rank]]
+            step_chunks = [c[i * ga:(i + 1) * ga] for c in  # every rank's, to count their tokens
+                           chunks_of_epoch(n, args.batch_size, args.seed, epoch, args.on_policy,
+                                           procs.world)]
+            micro = []
+            for idx, own in step_chunks[procs.rank]:
+                seqs, P, topk = texts_of(idx, data, kd)
+                if own:  # the student continues the teacher's prompts itself, as it is now
+                    t0 = time.time()
+                    seqs = student_samples(raw, seqs, P, args.on_policy_temperature)
+                    speed.sampled(time.time() - t0, sum(len(s) - p for s, p in zip(seqs, P)))
+                micro.append(micro_batch(seqs, P, topk, device))
             counts = tokens_of_step(step_chunks, data, micro, args.on_policy, procs)
             lr = lr_at(state.step, total_steps, warmup, args.lr, args.lr * args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, ce_sum, norm = train_step(model, optimizer, scaler, micro, counts["tokens"],
-                                                device, dtype, args.grad_clip, kd, procs.world,
-                                                teacher)
+                                                setup)
             # the step's mean loss over all its tokens (all processes); did anyone hit Ctrl-C?
             loss_sum, ce_sum, stop = distributed.all_sum(procs, [loss_sum, ce_sum,
                                                                  ctrl_c.requested])
@@ -309,26 +406,29 @@ def main():
                 log(speed.line(state, total_steps, epoch, args.log_interval, first_step))
             # --- epoch end: validate, keep the best, save ---
             if state.step % steps_per_epoch == 0:
-                v = evaluate()
+                v = val_loss(raw, data, args.batch_size, prec)
                 best = state.keep_if_best(v, raw, args.preset)
-                save()
+                train_state.save(state, procs, raw, optimizer, scaler)
                 log(f"epoch {epoch + 1} | val loss {v:.4f} | val ppl {math.exp(v):.1f}"
                     + (" | best so far" if best else ""))
             # --- stop early: Ctrl-C, or --stop-after ---
             asked = args.stop_after and state.step - first_step >= args.stop_after
             if (stop or asked) and state.step < total_steps:
                 if state.step % steps_per_epoch:  # (at an epoch end it was just saved)
-                    save()
+                    train_state.save(state, procs, raw, optimizer, scaler)
                 distributed.end(procs)
                 if stop:
-                    raise LessonError(f"interrupted at step {state.step}: saved {state_path}; "
+                    raise LessonError(f"interrupted at step {state.step}: saved {state.path}; "
                                       f"continue with --resume")
                 return log(f"stopped after {state.step - first_step} steps as asked "
-                           f"(--stop-after); wrote {state_path}; continue with --resume")
+                           f"(--stop-after); wrote {state.path}; continue with --resume")
 
     # --- done: the best student, the last one and the log (train_state.pt is already saved) ---
-    train_state.save_results(args.out, state, raw, args, dtype, procs, steps_per_epoch,
-                             state.step - first_step)
+    steps_this_run = state.step - first_step
+    train_state.save_results(state, procs, raw, args.out, {
+        "preset": args.preset, "settings": vars(args), "dtype": prec.dtype,
+        "steps_per_epoch": steps_per_epoch,
+        "allreduces_per_step": procs.allreduces / max(1, steps_this_run)})
     distributed.end(procs)
 
 

@@ -22,9 +22,9 @@ import zipfile
 import torch
 
 from common import toy_language
-from common.distill import make_batch, soft_kd_loss
+from common.distill import soft_kd_kl
 from common.model import logits_fp32
-from common.perplexity import sequences_nll, stream_nll
+from common.perplexity import score_sampled, sequences_nll, stream_nll
 from common.plumbing.artifacts import (
     LessonError,
     load_artifact,
@@ -33,7 +33,7 @@ from common.plumbing.artifacts import (
     save_artifact,
 )
 from common.plumbing.cli import existing_file, lesson_parser, nonneg_int, parse, positive_int
-from common.plumbing.device import autocast, get_device, pick_dtype
+from common.plumbing.device import get_device, precision
 from common.plumbing.download import cache_dir, download
 from common.tokenizer import EOT, get_tokenizer
 
@@ -78,23 +78,15 @@ def perplexity_by_hand(model, tokens, prompt_len):
     return math.exp(nll[prompt_len - 1:].mean().item())          # from the first sampled token on
 
 
-@torch.no_grad()
-def agreement_and_kl(model, seqs, prompt_lens, topk_ids, topk_logprobs, batch_size, device, dtype):
+def agreement_and_kl(model, seqs, prompt_lens, topk, batch_size):
     """Share of the sampled positions where the model's most likely token is the teacher's, and the
     mean KL(teacher || model) over the teacher's stored top-K (the soft-KD loss at T = 1)."""
-    agree, kl_sum, count = 0, 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        x, y, ids, lps = make_batch(seqs[i:i + batch_size], topk_ids[i:i + batch_size],
-                                    topk_logprobs[i:i + batch_size], device=device,
-                                    prompt_lens=prompt_lens[i:i + batch_size])
-        with autocast(device, dtype):
-            logits = logits_fp32(model, x)
-        mask = y != -100
-        n = int(mask.sum())
-        agree += int(((logits.argmax(-1) == ids[..., 0]) & mask).sum())  # [..., 0]: its top token
-        kl_sum += soft_kd_loss(logits, ids, lps, mask, T=1.0).item() * n
-        count += n
-    return agree / count, kl_sum / count
+    def measure(y, logits, ids, logprobs):  # (n, V) and (n, K) at the n sampled positions
+        agree = logits.argmax(-1) == ids[:, 0]  # [:, 0]: the teacher's top token
+        return torch.stack([agree.float(), soft_kd_kl(logits, ids, logprobs, T=1.0)])
+    sums, counts = score_sampled([model], seqs, prompt_lens, measure, batch_size, topk)
+    agree, kl = (sums.sum(1) / counts.sum()).tolist()
+    return agree, kl
 
 
 def get_args():
@@ -142,7 +134,7 @@ def long_texts(args, enc):
     return streams, skipped
 
 
-def perplexities(models, sets, args, device, dtype):
+def perplexities(models, sets, args, prec):
     """{set: {model: perplexity}}. A set is (sequences, prompt lengths), each sequence scored on its
     own with its prompt left out, or one long token stream, scored with sliding windows."""
     ppl = {}
@@ -150,7 +142,7 @@ def perplexities(models, sets, args, device, dtype):
         ppl[set_name] = {}
         for name, model in models.items():
             t0 = time.time()
-            with autocast(device, dtype):
+            with prec.autocast():
                 if isinstance(items, tuple):
                     nll, n = sequences_nll(model, items[0], batch_size=args.batch_size,
                                            prompt_lens=items[1])
@@ -187,8 +179,8 @@ def print_table(ppl, floor, agreement, kl):
 def main():
     args = get_args()
     enc = get_tokenizer()
-    device = get_device()
-    dtype = pick_dtype(device)
+    prec = precision(get_device())  # the device and the precision, decided once
+    device = prec.device
 
     # --- the three models ---
     models = {}
@@ -223,7 +215,7 @@ def main():
           f"{sum(len(s) - P for s, P in zip(test, test_P)):,} sampled tokens)"
           + (f", toy-language ({len(toy_docs)} documents)" if toy_docs else "")
           + "".join(f", {n} ({len(t):,} tokens)" for n, t in streams.items())
-          + f" | window {window}, stride {args.stride or window} | {device} {dtype}")
+          + f" | window {window}, stride {args.stride or window} | {device} {prec.dtype}")
 
     # --- perplexity, by hand, of the teacher on one test sample; then with common/perplexity.py ---
     one = test[0].to(device)
@@ -234,15 +226,16 @@ def main():
     sets = {"generated-test": (test, test_P)}
     if toy_docs:
         sets["toy-language"] = (toy_docs, [1] * len(toy_docs))
-    ppl = perplexities(models, {**sets, **streams}, args, device, dtype)
+    ppl = perplexities(models, {**sets, **streams}, args, prec)
 
     # --- imitation: top-1 agreement and KL on the teacher's own held-out samples ---
     agreement, kl = {}, {}
     if data.get("test_topk_ids"):
+        topk = (data["test_topk_ids"], data["test_topk_logprobs"])
         for name in ("student_init", "student", "teacher"):
-            agreement[name], kl[name] = agreement_and_kl(
-                models[name], test, test_P, data["test_topk_ids"], data["test_topk_logprobs"],
-                args.batch_size, device, dtype)
+            with prec.autocast():
+                agreement[name], kl[name] = agreement_and_kl(models[name], test, test_P, topk,
+                                                             args.batch_size)
     else:
         print("  generated.pt has no top-K data (--topk-logits 0): agreement and KL skipped")
 
@@ -259,7 +252,7 @@ def main():
                    "agreement": agreement, "kl": kl, "skipped": skipped,
                    "teacher_source": ckpt_teacher.get("source"), "sampling": sampling,
                    "stride": args.stride or window, "window": window, "device": device,
-                   "dtype": dtype}, path)
+                   "dtype": prec.dtype}, path)
     print(f"wrote {path}")
 
 

@@ -17,21 +17,17 @@ import math
 import os
 import time
 
-import matplotlib
 import torch
 
 from common import toy_language
 from common.model import logits_fp32
 from common.perplexity import sequences_nll
 from common.plumbing.artifacts import load_artifact, load_model, run_lesson, write_text
-from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_int
-from common.plumbing.device import autocast, get_device, pick_dtype, sync
+from common.plumbing.charts import plt, save_chart
+from common.plumbing.cli import lesson_parser, parse, positive_int
+from common.plumbing.device import get_device, precision, sync
 from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
-
-if not in_notebook():
-    matplotlib.use("Agg")  # from a shell: draw straight to files, no window needed
-import matplotlib.pyplot as plt  # noqa: E402
 
 # --- settings ---
 PROMPTS = ["The history of science shows that", "In the small village by the sea,",
@@ -66,16 +62,7 @@ def perplexity_chart(ppl, floor, vocab_size, path):
     top = max([v for row in ppl.values() for v in row.values()] + [vocab_size])
     ax.set_ylim(bottom=1, top=top * 6)  # room for the labels above the tallest bar
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncol=3, frameon=False)
-    show_and_save(fig, path)
-
-
-def show_and_save(fig, path):
-    """Save the chart; in a notebook, also show it under the cell."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    if in_notebook():
-        plt.show()
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 def training_chart(log, teacher_ce, path):
@@ -105,7 +92,7 @@ def training_chart(log, teacher_ce, path):
     lines = ax.get_legend_handles_labels()
     more = lr_ax.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
-    show_and_save(fig, path)
+    save_chart(fig, path)
 
 
 @torch.no_grad()
@@ -140,7 +127,7 @@ def soft_targets_chart(soft, enc, path):
     ax.set_title(f"Soft targets after {enc.decode(soft['context'][1:])!r}: what the teacher "
                  f"teaches besides its top token")
     ax.legend(fontsize=8)
-    show_and_save(fig, path)
+    save_chart(fig, path)
 
 
 def soft_targets_lines(soft, enc):
@@ -188,9 +175,9 @@ def gap_closed(r):
     return (before - after) / (before - teacher)
 
 
-def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pairs):
-    """report.md, line by line: perplexities and rates, training, the two models, side by side."""
-    ppl, st = ev["perplexity"], log["settings"]
+def perplexity_lines(ev, log, rates):
+    """report.md's head: what was trained, the perplexities with their rates, agreement and KL."""
+    ppl, st, floor = ev["perplexity"], log["settings"], ev.get("floor", {})
     L = ["# Distillation report", "",
          f"Teacher: {ev.get('teacher_source') or 'see teacher.pt'}.", ""]
     L += [f"Student trained with {st['kd']} KD, {st['epochs']} epochs, {log['tokens']:,} sampled "
@@ -238,7 +225,12 @@ def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pai
               "renormalised (what --kd soft trains on); it is not the KL to the teacher's whole "
               "distribution: the teacher's own row is not 0 but the cost of keeping only its top "
               "K.", ""]
-    L += ["## Training", "", "![training](training.png)", "",
+    return L
+
+
+def training_lines(log, teacher_ce, spec, compression, seed, pairs):
+    """report.md's rest: training, the two models side by side in numbers, then in text."""
+    L = ["## Training", "", "![training](training.png)", "",
           f"The teacher's cross-entropy on the same val samples (sampled tokens only): "
           f"{teacher_ce:.4f} nats per token, the level a perfect imitation would reach; the "
           f"student's best: {log['best_val']:.4f}.", ""]
@@ -246,7 +238,7 @@ def report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pai
     L += [f"| {a.strip()} | {b} | {c} |" for a, b, c in spec]
     L += [f"| compression | | {compression:.1f}x fewer parameters |", ""]
     L += ["## Side by side", "",
-          f"Same prompt, same seed ({args.seed}), temperature 0.9, top-k 50, top-p 0.95.", ""]
+          f"Same prompt, same seed ({seed}), temperature 0.9, top-k 50, top-p 0.95.", ""]
     for prompt, row in pairs:
         L += [f"**{prompt}**", "", f"- teacher: {prompt} {row['teacher']}",
               f"- student: {prompt} {row['student']}", ""]
@@ -261,7 +253,8 @@ def main():
     args = parse(p)
     out = args.out
     enc = get_tokenizer()
-    device = get_device()
+    prec = precision(get_device())  # the device and the precision, decided once
+    device = prec.device
     models, files = {}, {}
     for name in LABELS:
         files[name] = f"{out}/{name}.pt"
@@ -277,7 +270,7 @@ def main():
     # --- charts ---
     floor = ev.get("floor", {})
     perplexity_chart(ppl, floor, models["teacher"].config.vocab_size, f"{out}/perplexity.png")
-    with autocast(device, pick_dtype(device)):  # the teacher's level on the val samples of 04
+    with prec.autocast():  # the teacher's level on the val samples of 04
         nll, n = sequences_nll(models["teacher"], data["val"], prompt_lens=data["val_prompt_lens"])
     teacher_ce = nll / n
     training_chart(log, teacher_ce, f"{out}/training.png")
@@ -317,7 +310,8 @@ def main():
         pairs.append((prompt, row))
 
     # --- report.md ---
-    report = report_lines(args, ev, log, rates, floor, teacher_ce, spec, compression, pairs)
+    report = (perplexity_lines(ev, log, rates)
+              + training_lines(log, teacher_ce, spec, compression, args.seed, pairs))
     if soft:
         report += soft_targets_lines(soft, enc)
     write_text("\n".join(report), f"{out}/report.md")

@@ -19,8 +19,9 @@ import time
 import torch
 from torch.nn import functional as F
 
-from common.distill import KD, ONLINE, loss_sums, make_batch
+from common.distill import KD, batches, kl, loss_sums
 from common.model import logits_fp32
+from common.perplexity import score_sampled
 from common.plumbing.artifacts import (
     LessonError,
     check_preset,
@@ -31,10 +32,11 @@ from common.plumbing.artifacts import (
     write_text,
 )
 from common.plumbing.cli import lesson_parser, parse, positive_floats, positive_int
-from common.plumbing.device import autocast, get_device, pick_dtype
+from common.plumbing.device import get_device, precision
 from common.plumbing.lab_report import chart, report_lines
 from common.plumbing.runs import gpu_lent, train
 from common.sampling import continue_each
+from common.speculative import acceptance
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings ---
@@ -65,54 +67,25 @@ SAMPLE_SEED = 1234          # every model writes its own text with the same seed
 INPUTS = {"teacher.pt": "teacher", "generated.pt": "generated", "student_init.pt": "student_init"}
 
 
-def batches(seqs, prompt_lens, batch_size, device):
-    """(x, y) batches of the sequences, prompts not scored."""
-    for i in range(0, len(seqs), batch_size):
-        yield make_batch(seqs[i:i + batch_size], device=device,
-                         prompt_lens=prompt_lens[i:i + batch_size])
-
-
 # --- measuring ---
-@torch.no_grad()
-def held_out_scores(student, teacher, seqs, prompt_lens, batch_size, device, dtype):
-    """On the teacher's held-out samples, at every sampled position: the student's NLL of the
-    teacher's token, the exact forward and reverse KL between the full distributions, and the
-    acceptance sum_x min(p, q) = 1 - TVD. Returns per-sample sums (4, samples) and the scored
-    tokens per sample."""
-    sums, counts = [], []
-    for x, y in batches(seqs, prompt_lens, batch_size, device):
-        scored = y != -100
-        with autocast(device, dtype):  # (n, V) each, at the n scored positions only
-            s, t = logits_fp32(student, x, scored), logits_fp32(teacher, x, scored)
-        # token_divergence's formulas, from one log-softmax of each side (a test checks them)
-        log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
-        q, p = log_q.exp(), log_p.exp()
-        nll = -log_q.gather(-1, y[scored][:, None])[:, 0]      # -log q(teacher's token)
-        fkl = (p * (log_p - log_q)).sum(-1)                   # KL(p || q)
-        rkl = (q * (log_q - log_p)).sum(-1)                   # KL(q || p)
-        acceptance = torch.minimum(p, q).sum(-1)              # sum_x min(p, q) = 1 - TVD
-        row = scored.nonzero()[:, 0]                          # each position's sample
-        per_sample = torch.zeros(4, x.size(0), device=s.device).index_add_(
-            1, row, torch.stack([nll, fkl, rkl, acceptance]))
-        sums.append(per_sample.double().cpu())                # (4, B)
-        counts.append(scored.sum(-1).cpu())
-    return torch.cat(sums, 1), torch.cat(counts)
+def held_out_scores(y, s, t):
+    """At each of n sampled positions of the teacher's held-out samples, from the student's and
+    the teacher's logits (n, V): the student's NLL of the teacher's token, the exact forward and
+    reverse KL between the full distributions, and the acceptance sum_x min(p, q) = 1 - TVD ->
+    (4, n)."""
+    log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    nll = -log_q.gather(-1, y[:, None])[:, 0]                    # -log q(teacher's token)
+    return torch.stack([nll, kl(log_p, log_q), kl(log_q, log_p),  # KL(p || q), KL(q || p)
+                        acceptance(log_p.exp(), log_q.exp())])
 
 
-@torch.no_grad()
-def sample_nll(model, seqs, prompt_lens, batch_size, device, dtype):
+def sample_nll(model, seqs, prompt_lens, batch_size):
     """The model's NLL of each sequence's sampled tokens (prompt not scored): per-sample sums and
     counts."""
-    sums, counts = [], []
-    for x, y in batches(seqs, prompt_lens, batch_size, device):
-        scored = y != -100
-        with autocast(device, dtype):
-            logits = logits_fp32(model, x, scored)  # (n, V): the scored positions only
-        nll = F.cross_entropy(logits, y[scored], reduction="none")
-        sums.append(torch.zeros(x.size(0), device=nll.device).index_add_(
-            0, scored.nonzero()[:, 0], nll).double().cpu())
-        counts.append(scored.sum(-1).cpu())
-    return torch.cat(sums), torch.cat(counts)
+    def nll(y, logits):  # (1, n)
+        return F.cross_entropy(logits, y, reduction="none")[None]
+    sums, counts = score_sampled([model], seqs, prompt_lens, nll, batch_size)
+    return sums[0], counts
 
 
 def mean_and_spread(sums, counts):
@@ -149,13 +122,18 @@ def distinct_2(seqs, prompt_lens):
     return len(set(pairs)) / max(1, len(pairs))
 
 
-def measure(student, teacher, test, test_P, args, device, dtype):
-    """Every number of a table row for one model. The teacher's perplexity of the model's own text
-    comes with its spread within this model's texts (+-x%: two standard errors)."""
-    sums, counts = held_out_scores(student, teacher, test, test_P, args.batch_size, device, dtype)
+def measure(student, teacher, held_out, args, prec):
+    """Every number of a table row for one model, on held_out (the teacher's test samples and their
+    prompt lengths). The teacher's perplexity of the model's own text comes with its spread within
+    this model's texts (+-x%: two standard errors)."""
+    test, test_P = held_out
+    with prec.autocast():
+        sums, counts = score_sampled([student, teacher], test, test_P, held_out_scores,
+                                     args.batch_size)
     nll, fkl, rkl, acc = (sums.sum(1) / counts.sum()).tolist()  # means over every scored token
-    text, P = own_text(student, test, test_P, device, args.own_samples)
-    own, own_2se = mean_and_spread(*sample_nll(teacher, text, P, args.batch_size, device, dtype))
+    text, P = own_text(student, test, test_P, prec.device, args.own_samples)
+    with prec.autocast():
+        own, own_2se = mean_and_spread(*sample_nll(teacher, text, P, args.batch_size))
     return {"ppl": math.exp(nll), "fkl": fkl, "rkl": rkl, "acceptance": acc,
             "teacher_ppl_own": math.exp(own), "own_spread": math.exp(own_2se) - 1,
             "distinct_2": distinct_2(text, P),
@@ -168,35 +146,31 @@ def options(flags):
 
 
 @torch.no_grad()
-def val_objective(flags, student, teacher, data, args, device, dtype):
+def val_objective(flags, student, teacher, data, args, prec):
     """The method's own loss on the val split, for choosing its learning rate: what it trains on
     (its divergence, or its KD loss), on the text it trains on (the teacher's val samples, the
     student's own continuations of the val prompts, or both in its --on-policy share). rkl-sampled
     is scored by the exact reverse KL, of which its loss is an estimate. Lower is better."""
-    o = options(flags)
-    share = float(o.get("--on-policy", 0))
-    kd = KD("rkl" if o["--kd"] == "rkl-sampled" else o["--kd"],  # the loss 04 trains on, exactly
-            float(o.get("--kd-alpha", 0.5)), float(o.get("--kd-temperature", 2.0)),
-            float(o.get("--jsd-beta", 0.5)), o.get("--soft-tail", "renorm"))
+    share = float(options(flags).get("--on-policy", 0))
+    kd = KD.from_flags(flags)  # the loss 04 trains on, exactly, with 04's defaults
+    if kd.kind == "rkl-sampled":
+        kd.kind = "rkl"
     val, P = data["val"], data["val_prompt_lens"]
-    own, _ = own_text(student, val, P, device, 1, seed=SAMPLE_SEED + 1) if share else (None, None)
+    topk = (data["val_topk_ids"], data["val_topk_logprobs"]) if kd.kind == "soft" else None
+    own, _ = (own_text(student, val, P, prec.device, 1, seed=SAMPLE_SEED + 1) if share else
+              (None, None))
     total = 0.0
     for text, weight in ((val, 1 - share), (own, share)):
         if not weight:
             continue
         loss, n = 0.0, 0
-        for i, (x, y) in enumerate(batches(text, P, args.batch_size, device)):
+        for x, y, *stored in batches(text, P, args.batch_size, prec.device, topk):
             scored = y != -100
-            with autocast(device, dtype):  # (n, V): the scored positions only
+            with prec.autocast():  # (n, V): the scored positions only
                 s = logits_fp32(student, x, scored)
-                t = logits_fp32(teacher, x, scored) if kd.kind in ONLINE else None
-            topk = None
-            if kd.kind == "soft":
-                rows = slice(i * args.batch_size, (i + 1) * args.batch_size)
-                _, _, ids, lps = make_batch(text[rows], data["val_topk_ids"][rows],
-                                            data["val_topk_logprobs"][rows], device=device)
-                topk = (ids[scored], lps[scored])
-            loss += loss_sums(s, y[scored], kd, topk, t)[0].item()  # common/distill.py, as in 04
+                t = logits_fp32(teacher, x, scored) if kd.online else None
+            at_scored = tuple(v[scored] for v in stored) or None  # soft: the teacher's top-K
+            loss += loss_sums(s, y[scored], kd, at_scored, t)[0].item()  # as 04 trains
             n += int(scored.sum())
         total += weight * loss / n
     return total
@@ -236,7 +210,7 @@ def method_run(args, name, lr, seed):
     return sub, train(label, sub, flags, args.out, start, args.fresh, INPUTS)
 
 
-def train_all(args, chosen, data, teacher, device, dtype):
+def train_all(args, chosen, data, teacher, prec):
     """The start; then for each method every rate of the grid (seed SEED), each scored on the val
     split by the method's own objective; then the other seeds at the chosen rate. Returns
     {method: {"lr": chosen rate, "grid": {rate: val objective}, "runs": [(seed, folder, log)]}}."""
@@ -251,8 +225,8 @@ def train_all(args, chosen, data, teacher, device, dtype):
             with gpu_lent(teacher):  # 04 gets the whole GPU while it trains
                 sub, log = runs[lr] = method_run(args, name, lr, SEED)
             student, _ = load_model(f"{sub}/student_last.pt", "student")
-            grid[lr] = val_objective(METHODS[name], student.to(device), teacher, data, args,
-                                     device, dtype)
+            grid[lr] = val_objective(METHODS[name], student.to(prec.device), teacher, data,
+                                     args, prec)
             print(f"    {name} at lr {lr:g}: its own objective on val {grid[lr]:.4f}")
         best = min(grid, key=lambda lr: (not math.isfinite(grid[lr]), grid[lr]))
         with gpu_lent(teacher):
@@ -265,7 +239,7 @@ def train_all(args, chosen, data, teacher, device, dtype):
 
 
 # --- measuring every student: the same held-out samples, after the same number of steps ---
-def measure_all(args, trained, teacher, test, test_P, device, dtype):
+def measure_all(args, trained, teacher, held_out, prec):
     """A row per model: {"runs": [one measure per seed], "mean", "min", "max": over the runs}; the
     methods' rows also carry their rate, grid and per-run time and FLOPs."""
     n_teacher = matmul_params(teacher)
@@ -277,9 +251,9 @@ def measure_all(args, trained, teacher, test, test_P, device, dtype):
                    trained[name]["runs"])
         for seed, sub, log in folders:
             model = teacher if sub is None else load_model(f"{sub}/student_last.pt", "student")[0]
-            r = measure(model.to(device), teacher, test, test_P, args, device, dtype)
+            r = measure(model.to(prec.device), teacher, held_out, args, prec)
             if log is not None:
-                online = options(METHODS[name])["--kd"] in ONLINE
+                online = KD.from_flags(METHODS[name]).online
                 r["student_flops"], r["teacher_flops"] = training_flops(
                     log, matmul_params(model), n_teacher, online)
                 r["time"] = log["wall_time"]
@@ -343,30 +317,30 @@ def main():
         raise LessonError(f"unknown method {', '.join(unknown) or '(none)'}: choose among "
                           f"{', '.join(METHODS)}")
     enc = get_tokenizer()
-    device = get_device()
-    dtype = pick_dtype(device)
+    prec = precision(get_device())  # the device and the precision, decided once
 
     # --- inputs: checked here once, so that a problem is one line, not many failed runs ---
     for file, kind in INPUTS.items():
         check_preset(load_artifact(f"{out}/{file}", kind), f"{out}/{file}", args.preset)
     data = load_artifact(f"{out}/generated.pt", "generated",
                          keys=("train", "val", "test", "test_prompt_lens", "val_prompt_lens"))
-    if any(options(METHODS[m])["--kd"] == "soft" for m in chosen) and not data.get("val_topk_ids"):
+    soft = any(KD.from_flags(METHODS[m]).kind == "soft" for m in chosen)
+    if soft and not data.get("val_topk_ids"):
         raise LessonError("the soft methods need the teacher's top-K log-probs: run "
                           "02_generate.py with --topk-logits 32")
     test, test_P = data["test"], data["test_prompt_lens"]
     teacher, teacher_ckpt = load_model(f"{out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
-    teacher.to(device)
+    teacher.to(prec.device)
 
     # --- training: the start, then each method's grid of rates and its seeds ---
     t_lab = time.time()
-    trained = train_all(args, chosen, data, teacher, device, dtype)
+    trained = train_all(args, chosen, data, teacher, prec)
 
     # --- measuring: every student after the same number of steps, on the same held-out samples ---
     n_tokens = sum(len(s) - P for s, P in zip(test, test_P))
     print(f"\nmeasuring on generated-test ({len(test)} samples, {n_tokens:,} sampled tokens; each "
-          f"model writes {args.own_samples} texts per prompt) | {device} {dtype}")
-    rows, steps = measure_all(args, trained, teacher, test, test_P, device, dtype)
+          f"model writes {args.own_samples} texts per prompt) | {prec.device} {prec.dtype}")
+    rows, steps = measure_all(args, trained, teacher, (test, test_P), prec)
     first = load_model(f"{next(iter(trained.values()))['runs'][0][1]}/student_last.pt",
                        "student")[0]
 
@@ -375,11 +349,12 @@ def main():
     compute = {"writing": writing_flops(data, matmul_params(teacher)),
                "student_N": matmul_params(first), "teacher_N": matmul_params(teacher),
                "start_flops": training_flops(start_log, matmul_params(first), 0, False)[0]}
-    md = report_lines(args, rows, steps, len(test), compute,
-                      teacher_ckpt.get("source") or "see teacher.pt", SEED)
-    save_artifact({"kind": "methods", "preset": args.preset, "rows": rows, "steps": steps,
-                   "epochs": args.epochs, "warm_epochs": args.warm_epochs,
-                   "lr_grid": args.lr_grid, "seeds": args.seeds, "compute": compute},
+    lab = {"preset": args.preset, "steps": steps, "epochs": args.epochs,
+           "warm_epochs": args.warm_epochs, "lr_grid": args.lr_grid, "seeds": args.seeds,
+           "first_seed": SEED, "own_samples": args.own_samples, "n_test": len(test),
+           "teacher": teacher_ckpt.get("source") or "see teacher.pt"}
+    md = report_lines(lab, rows, compute)
+    save_artifact({"kind": "methods", **lab, "rows": rows, "compute": compute},
                   f"{out}/methods.pt")
     write_text("\n".join(md) + "\n", f"{out}/methods.md")
     chart(rows, f"{out}/methods.png")

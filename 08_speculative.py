@@ -16,11 +16,9 @@ import math
 import os
 import time
 
-import matplotlib
 import torch
 
-from common.distill import make_batch
-from common.model import logits_fp32
+from common.perplexity import score_sampled
 from common.plumbing.artifacts import (
     LessonError,
     check_preset,
@@ -30,15 +28,12 @@ from common.plumbing.artifacts import (
     save_artifact,
     write_text,
 )
-from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_int
+from common.plumbing.charts import plt, save_chart
+from common.plumbing.cli import lesson_parser, parse, positive_int
 from common.plumbing.device import get_device, sync
 from common.sampling import generate
-from common.speculative import sampling_probs, speculative_generate
+from common.speculative import acceptance, sampling_probs, speculative_generate
 from common.tokenizer import EOT, get_tokenizer
-
-if not in_notebook():
-    matplotlib.use("Agg")  # from a shell: draw straight to a file
-import matplotlib.pyplot as plt  # noqa: E402
 
 # --- settings ---
 PRESETS = {"gpt2": dict(prompts=16, new_tokens=64), "tiny": dict(prompts=6, new_tokens=48)}
@@ -74,19 +69,13 @@ def draft_files(out):
     return files
 
 
-@torch.no_grad()
-def held_out_overlap(teacher, draft, seqs, prompt_lens, kw, device, batch_size=8):
+def held_out_overlap(teacher, draft, seqs, prompt_lens, kw, batch_size=8):
     """The mean of sum_x min(p, q) over the sampled positions of the teacher's held-out samples,
     p and q as each side would sample (exact, full vocabulary): 1 - TVD, a proposal's chance."""
-    total, n = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        x, y = make_batch(seqs[i:i + batch_size], device=device,
-                          prompt_lens=prompt_lens[i:i + batch_size])
-        p = sampling_probs(logits_fp32(teacher, x), **kw)
-        q = sampling_probs(logits_fp32(draft, x), **kw)
-        total += float(torch.minimum(p, q).sum(-1)[y != -100].sum())
-        n += int((y != -100).sum())
-    return total / n
+    def measure(y, t, d):  # (1, n): the acceptance at each position
+        return acceptance(sampling_probs(t, **kw), sampling_probs(d, **kw))[None]
+    sums, counts = score_sampled([teacher, draft], seqs, prompt_lens, measure, batch_size)
+    return float(sums.sum() / counts.sum())
 
 
 def step_time(model, prompts, new_tokens, device):
@@ -134,9 +123,10 @@ def plain_speed(teacher, prompts, new_tokens, kw, device):
     return written / (time.time() - t0)
 
 
-def run(teacher, draft, prompts, new_tokens, g, kw, device):
+def run(teacher, draft, prompts, new_tokens, g, kw):
     """Speculative decoding over every prompt: acceptance, its expectation, tokens per teacher
     call, tokens per second, and the spread of (accepted - expected) over the proposals."""
+    device = next(teacher.parameters()).device.type
     gen = torch.Generator(device="cpu").manual_seed(SEED)
     trials, calls, written = [], 0, 0
     sync(device)
@@ -248,11 +238,7 @@ def chart(rows, overlap, gs, path):
     bx.set_ylabel("speedup over the teacher alone (measured)")
     bx.set_title(f"Does it pay? (above 1: faster; solid {settings[0]}, dashed {settings[-1]})")
     bx.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    if in_notebook():
-        plt.show()
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 def main():
@@ -291,7 +277,7 @@ def main():
           f"test prompts x {args.new_tokens} new tokens | g in {gs} | {device}")
 
     # --- what each draft is worth, without sampling: sum_x min(p, q) on held-out positions ---
-    overlap = {name: {k: held_out_overlap(teacher, d, test, test_P, v, device)
+    overlap = {name: {k: held_out_overlap(teacher, d, test, test_P, v)
                       for k, v in settings.items()} for name, d in drafts.items()}
 
     # --- the cost of one step: plain sampling, batch 1, teacher and each draft, interleaved ---
@@ -312,7 +298,7 @@ def main():
         for name, draft in drafts.items():
             for g in gs:
                 def timer(name=name, draft=draft, g=g):  # the same seed: the same run each time
-                    runs[name, g] = run(teacher, draft, prompts, args.new_tokens, g, kw, device)
+                    runs[name, g] = run(teacher, draft, prompts, args.new_tokens, g, kw)
                     return runs[name, g]["tok_s"]
                 timers[name, g] = timer
         speeds = interleaved(timers, args.repeats, warm_up=False)  # (warm: timed above)

@@ -15,12 +15,11 @@ Run:    python 09_starts.py          (add --preset tiny for a CPU run of about s
 import math
 import time
 
-import matplotlib
 import torch
+from torch.nn import functional as F
 
 from common import toy_language
-from common.distill import make_batch
-from common.model import logits_fp32
+from common.perplexity import score_sampled
 from common.plumbing.artifacts import (
     LessonError,
     check_preset,
@@ -30,14 +29,12 @@ from common.plumbing.artifacts import (
     save_artifact,
     write_text,
 )
-from common.plumbing.cli import in_notebook, lesson_parser, parse, positive_float, positive_int
-from common.plumbing.device import autocast, get_device, pick_dtype
+from common.plumbing.charts import plt, save_chart
+from common.plumbing.cli import lesson_parser, parse, positive_float, positive_int
+from common.plumbing.device import get_device, precision
 from common.plumbing.runs import train
+from common.speculative import acceptance
 from common.tokenizer import EOT, get_tokenizer
-
-if not in_notebook():
-    matplotlib.use("Agg")  # from a shell: draw straight to a file
-import matplotlib.pyplot as plt  # noqa: E402
 
 # --- settings (flags left unset take the preset's values) ---
 STARTS = {"random": [], "every other block": ["--from-teacher"], "pruned": ["--prune"]}  # 03's
@@ -64,32 +61,28 @@ def get_args():
 
 
 # --- measuring: the teacher's held-out samples, and the toy language ---
-@torch.no_grad()
-def held_out(model, teacher, seqs, prompt_lens, batch_size, device, dtype):
+def held_out(model, teacher, seqs, prompt_lens, batch_size):
     """On the sampled tokens of the teacher's samples: the model's perplexity and (given a teacher)
     its acceptance, the mean sum_x min(p, q) = 1 - TVD (a speculative draft's chance, as in 07)."""
-    nll, acceptance, n = 0.0, 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        x, y = make_batch(seqs[i:i + batch_size], device=device,
-                          prompt_lens=prompt_lens[i:i + batch_size])
-        scored = y != -100
-        with autocast(device, dtype):  # (n, V): the scored positions only
-            log_q = logits_fp32(model, x, scored).log_softmax(-1)
-            if teacher is not None:
-                p = logits_fp32(teacher, x, scored).softmax(-1)
-                acceptance += torch.minimum(p, log_q.exp()).sum().item()
-        nll -= log_q.gather(-1, y[scored][:, None]).sum().item()
-        n += int(scored.sum())
-    return {"ppl": math.exp(nll / n), "acceptance": acceptance / n}
+    def measure(y, logits, *teacher_logits):  # (2, n): the NLL, and the acceptance or 0
+        log_q = F.log_softmax(logits, -1)
+        nll = -log_q.gather(-1, y[:, None])[:, 0]
+        agreed = (acceptance(F.softmax(teacher_logits[0], -1), log_q.exp()) if teacher_logits
+                  else torch.zeros_like(nll))
+        return torch.stack([nll, agreed])
+    models = [model] if teacher is None else [model, teacher]
+    sums, counts = score_sampled(models, seqs, prompt_lens, measure, batch_size)
+    nll, acc = (sums.sum(1) / counts.sum()).tolist()
+    return {"ppl": math.exp(nll), "acceptance": acc}
 
 
-def measure(model, teacher, data, toy, args, device, dtype):
+def measure(model, teacher, data, toy, args, prec):
     """A model's numbers: held_out's, the toy language's perplexity (tiny teacher), parameters."""
-    r = held_out(model.to(device), teacher, data["test"], data["test_prompt_lens"],
-                 args.batch_size, device, dtype)
-    if toy:  # every token after the opening <|endoftext|> scored, as in 05
-        r["toy_ppl"] = held_out(model, None, toy, [1] * len(toy), args.batch_size, device,
-                                dtype)["ppl"]
+    with prec.autocast():
+        r = held_out(model.to(prec.device), teacher, data["test"], data["test_prompt_lens"],
+                     args.batch_size)
+        if toy:  # every token after the opening <|endoftext|> scored, as in 05
+            r["toy_ppl"] = held_out(model, None, toy, [1] * len(toy), args.batch_size)["ppl"]
     return {**r, "params": model.num_params()}
 
 
@@ -170,11 +163,7 @@ def chart(rows, teacher_row, path):
     bx.set_ylabel("acceptance, 1 - TVD (higher: a better draft)")
     bx.set_ylim(0, 1)
     bx.set_title("After training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    if in_notebook():
-        plt.show()
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 def main():
@@ -188,14 +177,13 @@ def main():
     if args.n_layer > teacher.config.n_layer:
         raise LessonError(f"--n-layer {args.n_layer}: the teacher has only "
                           f"{teacher.config.n_layer} blocks to cut from")
-    device = get_device()
-    dtype = pick_dtype(device)
+    prec = precision(get_device())  # the device and the precision, decided once
 
     # --- every start at every seed: 03, then 04 (each run has the GPU to itself) ---
     t0 = time.time()
     folders = {name: [run_start(args, name, SEED + i) for i in range(args.seeds)]
                for name in STARTS}
-    teacher.to(device)
+    teacher.to(prec.device)
 
     # --- measuring: before (student_init.pt) and after (student.pt, 04's best on val) ---
     toy, floor = None, None
@@ -205,7 +193,7 @@ def main():
         toy = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in docs]
     print(f"\nmeasuring on generated-test ({len(data['test'])} samples)"
           + (f" and {len(toy)} toy-language documents (floor {floor:.2f})" if toy else ""))
-    teacher_row = measure(teacher, teacher, data, toy, args, device, dtype)
+    teacher_row = measure(teacher, teacher, data, toy, args, prec)
     rows, steps = {}, set()
     for name, subs in folders.items():
         runs = {"before": [], "after": []}
@@ -213,7 +201,7 @@ def main():
             for when, file, kind in (("before", "student_init.pt", "student_init"),
                                      ("after", "student.pt", "student")):
                 model = load_model(f"{sub}/{file}", kind)[0]
-                runs[when].append(measure(model, teacher, data, toy, args, device, dtype))
+                runs[when].append(measure(model, teacher, data, toy, args, prec))
             steps.add(log["step"][-1])
             b, a = runs["before"][-1], runs["after"][-1]
             print(f"  {name:<18} seed {seed} | {b['params'] / 1e6:.2f}M | ppl {b['ppl']:,.2f} -> "

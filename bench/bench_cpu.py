@@ -20,9 +20,9 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.model import GPT  # noqa: E402
+from common.model import GPT, fused_adamw  # noqa: E402
 from common.perplexity import stream_nll, windows  # noqa: E402
-from common.plumbing.device import fused_adamw, keep_freed_memory  # noqa: E402
+from common.plumbing.device import keep_freed_memory  # noqa: E402
 from common.sampling import generate  # noqa: E402
 
 TARGETS = {"train": 1.10, "sample": 1.5, "ppl": 1.0}

@@ -16,8 +16,8 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.distill import make_batch, rest_bucket_kl, soft_kd_kl, token_divergence  # noqa: E402
-from common.model import logits_fp32  # noqa: E402
+from common.distill import rest_bucket_kl, soft_kd_kl, token_divergence  # noqa: E402
+from common.perplexity import score_sampled  # noqa: E402
 from common.plumbing.artifacts import (  # noqa: E402
     check_preset,
     load_artifact,
@@ -26,55 +26,39 @@ from common.plumbing.artifacts import (  # noqa: E402
     write_text,
 )
 from common.plumbing.cli import existing_file, lesson_parser, parse, positive_int  # noqa: E402
-from common.plumbing.device import autocast, get_device, pick_dtype  # noqa: E402
+from common.plumbing.device import get_device, precision  # noqa: E402
 from common.tokenizer import get_tokenizer  # noqa: E402
 
 TOPK = (1, 8, 32, 128)  # cache sizes
 
 
-def batches(seqs, prompt_lens, batch_size, device):
-    """(x, y) batches of the sequences, prompts not scored."""
-    for i in range(0, len(seqs), batch_size):
-        yield make_batch(seqs[i:i + batch_size], device=device,
-                         prompt_lens=prompt_lens[i:i + batch_size])
-
-
-@torch.no_grad()
-def price_of_top_k(student, teacher, seqs, prompt_lens, batch_size, device, dtype, used,
-                   ks=TOPK, group_k=32):
-    """The mean forward KL(teacher || student) on held-out positions: exact (full vocabulary), and
-    as a top-K cache gives it for each K in ks: renormalised over the K (soft_kd_kl at T = 1, the KL
-    04 --kd soft takes) or with a rest bucket (rest_bucket_kl). The teacher's log-probs are rounded
-    to float16, as 02 stores them. And the exact KL split by token group, sum_x p (log p - log q)
-    over: the teacher's top group_k at the position, the other tokens of `used` (a (V,) bool: the
-    tokens the data uses), the tokens never used; with the mass each side puts on the never-used."""
-    exact, n = 0.0, 0
-    renorm, rest = {k: 0.0 for k in ks}, {k: 0.0 for k in ks}
-    groups = dict(top=0.0, never=0.0, p_never=0.0, q_never=0.0)
-    for x, y in batches(seqs, prompt_lens, batch_size, device):
-        scored = y != -100
-        with autocast(device, dtype):  # (n, V): the scored positions only
-            s, t = logits_fp32(student, x, scored), logits_fp32(teacher, x, scored)
-        exact += token_divergence(s, t, "fkl").sum().item()
-        log_p = F.log_softmax(t, -1)
+def price_of_top_k(student, teacher, seqs, prompt_lens, used, batch_size=8, ks=TOPK, group_k=32):
+    """The mean forward KL(teacher || student) on held-out positions: exact, and as a top-K cache
+    gives it for each K in ks, renormalised (04 --kd soft at T = 1) or with a rest bucket; and the
+    exact KL split by token group: the teacher's top group_k at the position, the other tokens of
+    `used` ((V,) bool: those the data uses), the never-used ones. Call it under autocast."""
+    # the teacher's log-probs rounded to float16, as 02 stores them; with the mass each side puts
+    # on the never-used tokens
+    def measure(y, s, t):  # (1 + 2 len(ks) + 4, n): every number below, at each position
+        log_p, log_q = F.log_softmax(t, -1), F.log_softmax(s, -1)
+        values = [token_divergence(s, t, "fkl")]
         for k in ks:
             lp, ids = log_p.topk(k, dim=-1)
             lp = lp.half().float()  # what the cache keeps
-            renorm[k] += soft_kd_kl(s, ids, lp, T=1.0).sum().item()
-            rest[k] += rest_bucket_kl(s, ids, lp).sum().item()
-        p, log_q = log_p.exp(), F.log_softmax(s, -1)
+            values += [soft_kd_kl(s, ids, lp, T=1.0), rest_bucket_kl(s, ids, lp)]
+        p = log_p.exp()
         term = torch.where(p > 0, p * (log_p - log_q), 0.0)       # (n, V): each token's share
         top = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, log_p.topk(group_k).indices, True)
         never = ~used.to(p.device) & ~top
-        groups["top"] += term[top].sum().item()
-        groups["never"] += term[never].sum().item()
-        groups["p_never"] += (p * never).sum().item()
-        groups["q_never"] += (log_q.exp() * never).sum().item()
-        n += int(scored.sum())
-    groups = {k: v / n for k, v in groups.items()}
-    groups["used_rest"] = exact / n - groups["top"] - groups["never"]
-    return {"exact": exact / n, "renorm": {k: v / n for k, v in renorm.items()},
-            "rest": {k: v / n for k, v in rest.items()}, "groups": groups, "group_k": group_k}
+        values += [(term * top).sum(-1), (term * never).sum(-1), (p * never).sum(-1),
+                   (log_q.exp() * never).sum(-1)]
+        return torch.stack(values)
+    sums, counts = score_sampled([student, teacher], seqs, prompt_lens, measure, batch_size)
+    exact, *cache, top, never, p_never, q_never = (sums.sum(1) / counts.sum()).tolist()
+    groups = dict(top=top, never=never, p_never=p_never, q_never=q_never,
+                  used_rest=exact - top - never)
+    return {"exact": exact, "renorm": dict(zip(ks, cache[0::2])),
+            "rest": dict(zip(ks, cache[1::2])), "groups": groups, "group_k": group_k}
 
 
 def report(price, student, n_vocab, preset):
@@ -109,8 +93,8 @@ def main():
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch")
     args = parse(p)
     out, path = args.out, args.student or f"{args.out}/student.pt"
-    enc, device = get_tokenizer(), get_device()
-    dtype = pick_dtype(device)
+    enc, prec = get_tokenizer(), precision(get_device())
+    device = prec.device
     teacher, ckpt = load_model(f"{out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
     check_preset(ckpt, f"{out}/teacher.pt", args.preset)
     student = load_model(path, "student")[0].to(device)
@@ -120,8 +104,9 @@ def main():
     for s in data["train"]:
         used[s] = True  # the tokens the teacher's training text uses
     teacher.to(device)
-    price = price_of_top_k(student, teacher, data["test"], data["test_prompt_lens"],
-                           args.batch_size, device, dtype, used)
+    with prec.autocast():
+        price = price_of_top_k(student, teacher, data["test"], data["test_prompt_lens"], used,
+                               args.batch_size)
     price["never_zero"] = bool(teacher.transformer.wte.weight[~used.to(device)].abs().max() == 0)
     price["n_never"] = int((~used).sum())
     md = report(price, os.path.relpath(path, out), enc.n_vocab, args.preset)

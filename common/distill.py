@@ -21,16 +21,38 @@ ONLINE = ("fkl", "rkl", "jsd", "tvd", "rkl-sampled")
 
 @dataclass
 class KD:
-    """How the student learns from the teacher: 04's distillation flags in one object."""
+    """How the student learns from the teacher: 04's distillation flags in one object, and their
+    defaults (04's --help shows these)."""
     kind: str = "seq"      # seq, soft, or an ONLINE kind (--kd)
     alpha: float = 0.5     # soft: the weight of the KL term; 1 - alpha: cross-entropy (--kd-alpha)
     T: float = 2.0         # soft: the softening temperature (--kd-temperature)
     beta: float = 0.5      # jsd: the mixture's weight (--jsd-beta)
     tail: str = "renorm"   # soft: the top K renormalised, or "rest": a rest bucket (--soft-tail)
 
+    @property
+    def online(self):
+        """Whether the teacher runs beside the student (its full distributions, or its log-prob of
+        each token the student wrote)."""
+        return self.kind in ONLINE
+
     @classmethod
     def from_args(cls, args):
         return cls(args.kd, args.kd_alpha, args.kd_temperature, args.jsd_beta, args.soft_tail)
+
+    @classmethod
+    def from_flags(cls, flags):
+        """The KD of a list of 04's flags (["--kd", "jsd", "--jsd-beta", "0.3", ...], as 07 lists
+        its methods); the flags not given at their defaults, flags of other things ignored."""
+        given = dict(zip(flags[::2], flags[1::2]))
+        kd = cls()
+        for flag, name in FLAGS.items():
+            if flag in given:
+                setattr(kd, name, type(getattr(kd, name))(given[flag]))
+        return kd
+
+
+FLAGS = {"--kd": "kind", "--kd-alpha": "alpha", "--kd-temperature": "T", "--jsd-beta": "beta",
+         "--soft-tail": "tail"}  # 04's flag -> KD's field
 
 
 def loss_sums(logits, y, kd, topk=None, teacher_logits=None):
@@ -54,8 +76,8 @@ def loss_sums(logits, y, kd, topk=None, teacher_logits=None):
         # for fkl, 6.3 for rkl, 10.5 for jsd (python bench/divergence_memory.py; docs/lab.md)
         divergence = token_divergence(logits, teacher_logits, kd.kind, beta=kd.beta)
         return masked_sum(divergence, scored), ce
-    kl = rest_bucket_kl(logits, *topk) if kd.tail == "rest" else soft_kd_kl(logits, *topk, kd.T)
-    return kd.alpha * kd.T * kd.T * masked_sum(kl, scored) + (1 - kd.alpha) * ce, ce
+    top = rest_bucket_kl(logits, *topk) if kd.tail == "rest" else soft_kd_kl(logits, *topk, kd.T)
+    return kd.alpha * kd.T * kd.T * masked_sum(top, scored) + (1 - kd.alpha) * ce, ce
 
 
 def masked_sum(values, mask):
@@ -74,16 +96,16 @@ def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature
     # mass where the teacher has little, so it may drop modes but invents none (mode-seeking);
     # per token, on any text: not MiniLLM, which samples whole sequences
     if kind == "fkl":
-        return _kl(log_p, log_q)
+        return kl(log_p, log_q)
     if kind == "rkl":
-        return _kl(log_q, log_p)
+        return kl(log_q, log_p)
     if kind == "jsd":  # GKD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q;
         # bounded; / beta it tends to KL(p || q) as beta -> 0, / (1 - beta) to KL(q || p) as -> 1
         if not 0 < beta < 1:
             raise ValueError(f"the JSD's beta must be strictly between 0 and 1, got {beta}")
         # log m in log space: the log of a sum of probabilities underflows for unlikely tokens
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))  # (..., V)
-        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+        return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
     if kind == "tvd":  # (1/2) sum |p - q|: 1 - TVD = sum min(p, q), the chance the teacher keeps
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # the student's draft (DistillSpec)
     raise ValueError(f"unknown divergence {kind!r}: fkl, rkl, jsd or tvd")
@@ -91,29 +113,23 @@ def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature
 
 def sampled_rkl(student_logits, teacher_token_logprobs, tokens):
     """On-policy distillation from sampled tokens (MiniLLM's policy gradient, per token; Thinking
-    Machines' "On-Policy Distillation", 2025): the student wrote `tokens`, the teacher gives only
-    log p of each. student_logits (..., V), teacher_token_logprobs (...), tokens (...) -> the
-    per-position surrogate (...) in float32, no reduction; targets of -100 give any value (drop
-    them).
-
-    The surrogate is (log q(y) - log p(y)).detach() * log q(y). Its gradient is
-    (log q(y) - log p(y)) * grad log q(y), whose mean over y ~ q is the gradient of the reverse KL
-    sum_y q(y) (log q(y) - log p(y)) (the extra term, sum_y q grad log q = grad sum_y q = 0). The
-    detach matters: without it the gradient gains (log q(y) - log p(y))'s own, which is no longer
-    the reverse KL's. What it saves: the teacher's full distribution (one log-prob a token, what an
-    inference server returns) and the (..., V) divergence. What it costs: variance, one sampled
-    token standing for the whole sum. It is unbiased only if y was drawn from the student itself
-    at temperature 1 (04 --kd rkl-sampled needs --on-policy 1).
-    """
+    Machines' "On-Policy Distillation", 2025): student_logits (..., V), the teacher's log p of
+    each token the student wrote (...), those tokens (...) -> the surrogate (...) whose gradient,
+    over tokens drawn from the student at temperature 1, is the reverse KL's."""
+    # The surrogate is (log q(y) - log p(y)).detach() * log q(y): its gradient (log q(y) - log p(y))
+    # * grad log q(y) has, over y ~ q, the mean grad sum_y q (log q - log p), the reverse KL's (the
+    # extra term, sum_y q grad log q = grad sum_y q, is 0). Without the detach the gradient would
+    # gain the reward's own. It needs one teacher log-prob a token (what an inference server
+    # returns) and no (..., V) divergence; it costs variance. Targets of -100 give any value.
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     log_q_y = log_q.gather(-1, tokens.clamp(min=0).long()[..., None])[..., 0]   # (...)
     reward = (log_q_y - teacher_token_logprobs.float()).detach()                 # per-token cost
     return reward * log_q_y
 
 
-def _kl(log_a, log_b):
-    """KL(a || b) = sum a (log a - log b) over the last axis, from log-probabilities; a token with
-    a = 0 adds 0 (not 0 * inf = nan)."""
+def kl(log_a, log_b):
+    """KL(a || b) = sum a (log a - log b) over the last axis, from log-probabilities (..., V) ->
+    (...); a token with a = 0 adds 0 (not 0 * inf = nan)."""
     a = log_a.exp()
     return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
 
@@ -129,38 +145,34 @@ def soft_kd_kl(logits, topk_ids, topk_logprobs, T=2.0):
     # the teacher's renormalised mass there, so it also learns to leave the other tokens out
     q_log = F.log_softmax(logits.float() / T, dim=-1)            # (B, L, V) student
     q_log = q_log.gather(-1, topk_ids.long())                    # (B, L, K) read at the K ids
-    return _kl(p_log, q_log)                                     # (B, L)
+    return kl(p_log, q_log)                                      # (B, L)
 
 
 def rest_bucket_kl(logits, topk_ids, topk_logprobs):
-    """KL(teacher || student) over K + 1 buckets, at T = 1: the teacher's K stored tokens, and one
-    "rest" bucket holding all other tokens, whose mass on each side is 1 - (the K tokens' mass).
-    logits (..., V): the student's; topk_ids, topk_logprobs (..., K): the teacher's (02 stores
-    them) -> (...).
-
-    The stored log-probs are normalised over the whole vocabulary, so the cache already holds the
-    teacher's rest mass (no extra bytes): the student is then asked to leave exactly that much
-    outside the K, not none (what renormalising over the K asks). Only at T = 1: the teacher's
-    softened rest mass would need the logits of the tokens not kept. Merging tokens into one bucket
-    can only hide differences, so this is never above the exact KL: a lower bound that tightens as
-    K grows (TRL's loss_add_tail is the same bucket).
-    """
+    """KL(teacher || student) over K + 1 buckets at T = 1: the teacher's K stored tokens and one
+    "rest" bucket for all others, its mass 1 - the K tokens' on each side. logits (..., V): the
+    student's; topk_ids, topk_logprobs (..., K): the teacher's (02 stores them) -> (...)."""
+    # The stored log-probs are normalised over the whole vocabulary, so the cache already holds the
+    # teacher's rest mass (no extra bytes), and the student is asked to leave that much outside the
+    # K, not none (what renormalising over the K asks). Only at T = 1: a softened rest mass would
+    # need the logits not kept. Merging tokens can only hide differences, so this is never above
+    # the exact KL: a lower bound that tightens as K grows (TRL's loss_add_tail is this bucket).
     log_q = F.log_softmax(logits.float(), dim=-1)                                 # (..., V)
     ids = topk_ids.long()
     log_p = topk_logprobs.float()                                                 # (..., K)
-    kl = _kl(log_p, log_q.gather(-1, ids))                                       # the K tokens
+    kept = kl(log_p, log_q.gather(-1, ids))                                      # the K tokens
     log_q_rest = log_q.scatter(-1, ids, -math.inf).logsumexp(-1)                 # the others
     p_rest = (-torch.expm1(torch.logsumexp(log_p, -1))).clamp(min=0)            # 1 - sum of p's
     rest = p_rest * (p_rest.clamp(min=1e-30).log() - log_q_rest)
     # no rest term where p_rest is 0, or where the bucket is empty (K = V: p_rest is rounding)
-    return kl + torch.where((p_rest > 0) & (log_q_rest > -math.inf), rest, 0.0)
+    return kept + torch.where((p_rest > 0) & (log_q_rest > -math.inf), rest, 0.0)
 
 
 def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
     """T^2 * KL(teacher_T || student_T), averaged over the positions where mask is True (see
     soft_kd_kl)."""
-    kl = soft_kd_kl(logits, topk_ids, topk_logprobs, T)
-    return T * T * (kl * mask).sum() / mask.sum().clamp(min=1)
+    per_position = soft_kd_kl(logits, topk_ids, topk_logprobs, T)
+    return T * T * (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
 def pad_batch(seqs, prompt_lens=None, device="cpu"):
@@ -184,14 +196,10 @@ def pad_batch(seqs, prompt_lens=None, device="cpu"):
 
 
 def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu", prompt_lens=None):
-    """Pad a list of token sequences into model inputs and targets (see perplexity.pad_batch).
-
-    x[:, t] is token t, y[:, t] is token t+1 (the one to predict); padding and prompt targets are
-    -100, which cross_entropy skips. We pad rather than pack several samples into one row: each
-    sample is a document that starts with <|endoftext|>, and its stored teacher distributions line
-    up with its own positions. The padding costs a little compute. Returns x, y and, if given, the
-    teacher's top-K ids and log-probs padded to (B, L, K).
-    """
+    """pad_batch's inputs x (B, L) and targets y (B, L) and, if given, the teacher's top-K ids and
+    log-probs padded to (B, L, K)."""
+    # Padded, not packed several to a row: each sample is a document that starts with
+    # <|endoftext|>, and its stored teacher distributions line up with its own positions.
     x, y = pad_batch(seqs, prompt_lens)
     out = [x.to(device), y.to(device)]
     if topk_ids is not None:
@@ -203,3 +211,13 @@ def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu", prompt_len
             lps[i, :len(b)] = b
         out += [ids.to(device), lps.to(device)]
     return out
+
+
+def batches(seqs, prompt_lens, batch_size, device="cpu", topk=None):
+    """The sequences in order, batch_size at a time, as make_batch's (x, y) or, given the
+    teacher's stored top-K (topk: its ids and its log-probs, a list of each), (x, y, ids,
+    log-probs)."""
+    for i in range(0, len(seqs), batch_size):
+        rows = slice(i, i + batch_size)
+        stored = (topk[0][rows], topk[1][rows]) if topk is not None else ()
+        yield make_batch(seqs[rows], *stored, device=device, prompt_lens=prompt_lens[rows])

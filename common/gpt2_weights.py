@@ -2,7 +2,7 @@
 
 Accepted: a folder with config.json plus model.safetensors or pytorch_model.bin (the hub layout of
 openai-community/gpt2, or what transformers' save_pretrained writes), or a single weights file.
-With no path, the weights are downloaded from the Hugging Face hub once and cached.
+(common/plumbing/download.py fetches them from the Hugging Face hub.)
 """
 import json
 import mmap
@@ -12,14 +12,13 @@ import re
 import torch
 
 from common.model import GPTConfig
-from common.plumbing.artifacts import LessonError
-from common.plumbing.download import cache_dir, download
 
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-# Published size and sha256 of gpt2 (124M)'s model.safetensors, to catch a corrupt download.
-KNOWN_FILES = {
-    "gpt2": (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
-}
+
+
+class CheckpointError(ValueError):
+    """A file that is not the GPT-2 checkpoint it should be: the message says what is wrong."""
+
 
 # GPT-2 was written in TensorFlow with "Conv1D" layers that store weights as (in, out); nn.Linear
 # stores (out, in) and computes x @ W.T. So these four matrices are transposed on the way in.
@@ -41,19 +40,19 @@ def read_safetensors(path):
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
-            raise LessonError(f"{path} is not a safetensors file: only {size} bytes")
+            raise CheckpointError(f"{path} is not a safetensors file: only {size} bytes")
         # copy-on-write: torch wants a writable buffer
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     n = int.from_bytes(buf[:8], "little")
     if n > size - 8:
-        raise LessonError(f"{path} is not a valid safetensors file: header of {n:,} bytes in a "
-                          f"{size:,}-byte file")
+        raise CheckpointError(f"{path} is not a valid safetensors file: header of {n:,} bytes in a "
+                              f"{size:,}-byte file")
     try:
         header = json.loads(bytes(buf[8:8 + n]))
         assert isinstance(header, dict)
     except (ValueError, AssertionError):
-        raise LessonError(f"{path} is not a valid safetensors file: its header is not "
-                          f"JSON") from None
+        raise CheckpointError(f"{path} is not a valid safetensors file: its header is not "
+                              f"JSON") from None
     header.pop("__metadata__", None)
     data_start, tensors = 8 + n, {}
     for name, info in header.items():
@@ -62,14 +61,14 @@ def read_safetensors(path):
             shape = [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise LessonError(f"{path} is not a valid safetensors file: bad header entry for "
-                              f"{name}") from None
+            raise CheckpointError(f"{path} is not a valid safetensors file: bad header entry for "
+                                  f"{name}") from None
         numel = 1
         for s in shape:
             numel *= s
         if end - begin != numel * dtype.itemsize or data_start + end > size or begin < 0:
-            raise LessonError(f"{path} is truncated or corrupt: tensor {name} lies outside the "
-                              f"file")
+            raise CheckpointError(f"{path} is truncated or corrupt: tensor {name} lies outside the "
+                                  f"file")
         if numel == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
@@ -88,12 +87,13 @@ def read_weights_file(path):
         # weights_only: never run pickled code
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise LessonError(f"{path} is not a GPT-2 checkpoint (not safetensors, and PyTorch cannot "
-                          f"load it)") from None
+        raise CheckpointError(f"{path} is not a GPT-2 checkpoint (not safetensors, and PyTorch "
+                              f"cannot load it)") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise LessonError(f"{path} is not a GPT-2 checkpoint: it does not hold a dict of tensors")
+        raise CheckpointError(f"{path} is not a GPT-2 checkpoint: it does not hold a dict of "
+                              f"tensors")
     return sd
 
 
@@ -103,26 +103,26 @@ def config_from_json(path):
     with open(path) as f:
         c = json.load(f)
     if c.get("model_type", "gpt2") != "gpt2":
-        raise LessonError(f"{path} describes a {c['model_type']!r} model, not GPT-2")
+        raise CheckpointError(f"{path} describes a {c['model_type']!r} model, not GPT-2")
     try:
         return GPTConfig(block_size=c.get("n_positions", c.get("n_ctx")),
                          vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
                          n_embd=c["n_embd"],
                          layer_norm_eps=c.get("layer_norm_epsilon", 1e-5))
     except KeyError as e:
-        raise LessonError(f"{path} lacks {e.args[0]}, so it is not a GPT-2 config") from None
+        raise CheckpointError(f"{path} lacks {e.args[0]}, so it is not a GPT-2 config") from None
 
 
 def infer_config(sd, path):
     """Shapes from the tensors themselves; every GPT-2 size uses 64-wide heads."""
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         missing = [k for k in ("wte.weight", "wpe.weight") if k not in sd]
-        raise LessonError(f"{path} is not a GPT-2 checkpoint: missing {', '.join(missing)}")
+        raise CheckpointError(f"{path} is not a GPT-2 checkpoint: missing {', '.join(missing)}")
     vocab, n_embd = sd["wte.weight"].shape
     layers = {int(m.group(1)) for k in sd for m in [re.match(r"h\.(\d+)\.", k)] if m}
     if n_embd % 64:
-        raise LessonError(f"{path}: width {n_embd} is not a multiple of 64, so the number of heads "
-                          f"cannot be inferred; pass a folder that holds its config.json")
+        raise CheckpointError(f"{path}: width {n_embd} is not a multiple of 64, so the number of "
+                              f"heads cannot be inferred; pass a folder that holds its config.json")
     return GPTConfig(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab,
                      n_layer=max(layers, default=-1) + 1, n_head=n_embd // 64, n_embd=n_embd)
 
@@ -145,8 +145,8 @@ def convert(sd, config, path):
     C, V = config.n_embd, config.vocab_size
     lm_head = sd.pop("lm_head.weight", None)
     if lm_head is not None and "wte.weight" in sd and not torch.equal(lm_head, sd["wte.weight"]):
-        raise LessonError(f"{path}: lm_head.weight differs from wte.weight; GPT-2 ties them, so "
-                          f"this is not GPT-2")
+        raise CheckpointError(f"{path}: lm_head.weight differs from wte.weight; GPT-2 ties them, "
+                              f"so this is not GPT-2")
     expected = {"wte.weight": (V, C), "wpe.weight": (config.block_size, C), "ln_f.weight": (C,),
                 "ln_f.bias": (C,)}
     shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
@@ -159,17 +159,17 @@ def convert(sd, config, path):
     missing = [k for k in expected if k not in sd]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise LessonError(f"{path} is not a complete GPT-2 checkpoint: missing "
-                          f"{', '.join(missing[:5])}{more}")
+        raise CheckpointError(f"{path} is not a complete GPT-2 checkpoint: missing "
+                              f"{', '.join(missing[:5])}{more}")
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
-        raise LessonError(f"{path} does not match a {config.n_layer}-layer GPT-2: unexpected "
-                          f"{', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{path} does not match a {config.n_layer}-layer GPT-2: unexpected "
+                              f"{', '.join(unexpected[:5])}")
     out = {}
     for k, shape in expected.items():
         t = sd[k]
         if tuple(t.shape) != shape:
-            raise LessonError(f"{path}: {k} has shape {tuple(t.shape)}, expected {shape}")
+            raise CheckpointError(f"{path}: {k} has shape {tuple(t.shape)}, expected {shape}")
         t = t.float()
         if k.endswith(CONV1D):
             t = t.t()  # Conv1D (in, out) -> Linear (out, in)
@@ -187,34 +187,13 @@ def load_gpt2(path):
                 weights = os.path.join(path, name)
                 break
         else:
-            raise LessonError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+            raise CheckpointError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
     elif os.path.isfile(path):
         folder, weights = os.path.dirname(path) or ".", path
     else:
-        raise LessonError(f"{path} does not exist: pass a GPT-2 folder or weights file to "
-                          f"--weights")
+        raise CheckpointError(f"{path} does not exist: pass a GPT-2 folder or weights file to "
+                              f"--weights")
     sd = strip_names(read_weights_file(weights))
     cfg_file = os.path.join(folder, "config.json")
     config = config_from_json(cfg_file) if os.path.exists(cfg_file) else infer_config(sd, weights)
     return config, convert(sd, config, weights)
-
-
-def hub_url(name, filename):
-    """The file's address on the Hugging Face hub; HF_ENDPOINT points to a mirror instead."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/openai-community/{name}/resolve/main/{filename}"
-
-
-def download_gpt2(name):
-    """Download config.json and model.safetensors of openai-community/<name> into the cache;
-    returns the folder."""
-    folder = os.path.join(cache_dir(), name)
-    size, sha = KNOWN_FILES.get(name, (None, None))
-    try:
-        download(hub_url(name, "config.json"), os.path.join(folder, "config.json"), quiet=True)
-        download(hub_url(name, "model.safetensors"), os.path.join(folder, "model.safetensors"),
-                 size=size, sha256=sha)
-    except LessonError as e:
-        raise LessonError(f"{e}. Without internet, download the GPT-2 files elsewhere and pass "
-                          f"their folder with --weights, or use --preset tiny") from None
-    return folder

@@ -23,9 +23,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from common.distill import pad_batch
+from common.distill import batches, pad_batch
 from common.model import logits_fp32
-from common.plumbing.device import autocast
 
 
 def windows(n_tokens, block_size, stride=None):
@@ -103,18 +102,29 @@ def sequences_nll(model, seqs, batch_size=8, prompt_lens=None):
     return total, count
 
 
-def mean_nll(model, seqs, prompt_lens, batch_size, device, dtype):
-    """The mean NLL per sampled token of these sequences (prompts not scored), in eval mode and
-    under the autocast of `dtype`; the model is left in training mode (the caller is training)."""
-    model.eval()
-    with autocast(device, dtype):
-        nll, n = sequences_nll(model, seqs, batch_size, prompt_lens=prompt_lens)
-    model.train()
-    return nll / n
-
-
 def sequences_perplexity(model, seqs, batch_size=8, prompt_lens=None):
     """Token-weighted perplexity over a list of 1-D LongTensors (prompt tokens not scored, if
     given)."""
     total, count = sequences_nll(model, seqs, batch_size, prompt_lens)
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def score_sampled(models, seqs, prompt_lens, measure, batch_size=8, topk=None):
+    """Held-out scoring: measure(y (n,), each model's float32 logits (n, V)[, the stored top-K ids
+    and log-probs (n, K)]) -> (k, n) at the n positions whose next token was sampled (no prompt,
+    no padding). Returns its sums per sequence (k, len(seqs)), float64, and the positions per
+    sequence (len(seqs),)."""
+    # the one loop every lesson that measures uses (05, 07, 08, 09); its precision is the caller's
+    # autocast
+    sums, counts = [], []
+    device = next(models[0].parameters()).device
+    for x, y, *stored in batches(seqs, prompt_lens, batch_size, device, topk):
+        scored = y != -100
+        logits = [logits_fp32(m, x, scored) for m in models]       # (n, V) each: scored only
+        values = measure(y[scored], *logits, *(t[scored] for t in stored))  # (k, n)
+        row = scored.nonzero()[:, 0]                                # each position's sequence
+        per_seq = torch.zeros(values.size(0), x.size(0), dtype=values.dtype, device=values.device)
+        sums.append(per_seq.index_add_(1, row, values).double().cpu())  # (k, B)
+        counts.append(scored.sum(-1).cpu())
+    return torch.cat(sums, 1), torch.cat(counts)

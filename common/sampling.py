@@ -51,14 +51,10 @@ def uniform(shape, generator, device):
 
 
 def linear_weights_in_rows_first_layout(model):
-    """Keep every nn.Linear weight's values and shape (out, in), but lay it out in memory as
-    (in, out).
-
-    nn.Linear computes x @ W.T. At a generation step x has only a few rows, and a CPU runs that
-    product about 1.3x faster when W.T is the contiguous one (it streams the weights row by row).
-    Only the strides change: the same values, so the same results (up to float rounding); done once.
-    Measured on CPUs only, so on a GPU the weights are left as they are.
-    """
+    """Keep every nn.Linear weight's values and shape (out, in), laid out in memory as (in, out):
+    on a CPU, x @ W.T for a few rows of x runs about 1.3x faster when W.T is the contiguous one."""
+    # only the strides change (the same values, the same results up to rounding); done once, and
+    # on CPUs only (measured there)
     for m in model.modules():
         if not isinstance(m, nn.Linear) or m.weight is model.transformer.wte.weight:
             continue  # (the tied embedding: see `head` in generate)
@@ -69,27 +65,17 @@ def linear_weights_in_rows_first_layout(model):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
              generator=None, prompt_lens=None, fast_layout=True):
-    """Continue each row of idx (B, T) by max_new_tokens tokens -> LongTensor
-    (B, T + max_new_tokens).
-
-    The prompt is run through the model in one forward pass that fills the KV cache; after that each
-    step feeds only the newest token. If eos_token is given, a row that samples it is finished: all
-    its later positions are filled with eos_token (so every row has the same length), and generation
-    stops early once every row is finished. temperature 0 is greedy decoding. Pass a seeded
-    torch.Generator (on the model's device) for reproducible samples.
-
-    Prompts of different lengths can share a batch: pad idx on the right to the longest and pass
-    prompt_lens (B,). The shortest prompt goes through in the first forward pass; after that a row
-    still inside its prompt is fed its own next prompt token instead of a sampled one, so every row
-    moves one position per step and no attention mask is needed. Row i's result is
-    out[i, :prompt_lens[i] + max_new_tokens]; with eos_token given, the positions after it are
-    filled with eos_token, otherwise they hold more samples, to be cut off.
-
-    Contexts longer than the model's block_size are cropped: when the cache is full, the last half
-    window of tokens becomes the new prompt and generation goes on from there.
-    The model is left in eval mode. fast_layout=False leaves its weights' memory layout alone (for a
-    model in training, whose optimizer holds state laid out like its weights).
-    """
+    """Continue each row of idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
+    temperature 0 is greedy; a row that samples eos_token is filled with it from there on (and
+    generation stops once every row has); prompt_lens (B,): prompts of different lengths, padded on
+    the right (row i's result is out[i, :prompt_lens[i] + max_new_tokens]). The model is left in
+    eval mode; fast_layout=False leaves its weights' memory layout alone (a model in training: its
+    optimizer's state is laid out like its weights)."""
+    # The prompt fills the KV cache in one forward pass; then each step feeds only the newest token.
+    # Mixed prompt lengths: the shortest goes through first, and a row still inside its prompt is
+    # fed its own next prompt token instead of a sampled one, so every row moves one position a
+    # step and no attention mask is needed. Past block_size the context is cropped: when the cache
+    # is full, the last half window becomes the new prompt.
     model.eval()
     if fast_layout:
         linear_weights_in_rows_first_layout(model)

@@ -25,11 +25,11 @@ from common.sampling import uniform
 
 def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """The distribution a sampler with these settings draws from: logits (..., V) -> probabilities
-    (..., V) in float64, after temperature, top-k and top-p exactly as common.sampling.sample_next
-    applies them. Speculative decoding must use these, not softmax(logits): the acceptance ratio
-    and the residual are only exact for the distributions each side actually samples from. (This
-    is where libraries got it wrong: transformers #47932 took the ratio from the unprocessed
-    distribution while drawing tokens from the top-k one, a 0.05 TVD error in the output.)"""
+    (..., V) in float64, after temperature, top-k and top-p exactly as sample_next applies them."""
+    # Speculative decoding must use these, not softmax(logits): the acceptance ratio and the
+    # residual are exact only for the distributions each side samples from (transformers #47932
+    # took the ratio from the unprocessed distribution while drawing from the top-k one: a 0.05
+    # TVD error in its output).
     logits = logits.double() / temperature
     if top_k is None and top_p is None:
         return F.softmax(logits, dim=-1)
@@ -42,6 +42,12 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return torch.zeros_like(logits).scatter(-1, ids, probs)
+
+
+def acceptance(p, q):
+    """sum_x min(p, q) over the last axis, (..., V) -> (...): the chance the target keeps a token
+    the draft drew from q where the target samples from p, 1 - TVD(p, q)."""
+    return torch.minimum(p, q).sum(-1)
 
 
 def draw(probs, generator=None):
@@ -79,15 +85,12 @@ class CachedModel:
 @torch.no_grad()
 def speculative_generate(target, draft, prompt, max_new_tokens, draft_tokens=4, temperature=1.0,
                          top_k=None, top_p=None, generator=None, eos_token=None):
-    """Continue `prompt` (a 1-D LongTensor) by exactly max_new_tokens tokens (or up to and including
-    eos_token, if given), distributed as the target's own sampling with these settings, with
-    `draft` proposing draft_tokens at a time.
-    temperature 0 is greedy: the draft proposes its argmax, the target keeps it while its own argmax
-    agrees, so the output is the target's greedy output. One sequence at a time (batch 1, as in
-    serving). Returns (new_tokens as a list of ints, stats): proposed and accepted draft tokens,
-    target_calls and draft_calls (forward passes, the prompt's included), and trials: for each
-    proposal, (accepted?, sum_x min(p, q) at its context), whose mean equals the acceptance rate in
-    expectation."""
+    """Continue `prompt` (1-D) by max_new_tokens tokens (or up to and including eos_token),
+    distributed as the target's own sampling with these settings, `draft` proposing draft_tokens at
+    a time; batch 1, as in serving; temperature 0: the target's greedy output. Returns (new tokens,
+    stats): proposed, accepted, target_calls, draft_calls (forward passes, the prompt's included)
+    and trials, (accepted?, sum_x min(p, q) at its context) for each proposal."""
+    # trials' overlaps average to the acceptance rate in expectation: 08 checks one by the other
     for model in (target, draft):
         if model.training:
             model.eval()
@@ -120,7 +123,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, draft_tokens=4, 
         # --- 3. accept in order; at the first rejection draw from the residual and stop ---
         new = []  # the accepted proposals, then one token from the residual or the bonus
         for i, x in enumerate(proposals):
-            overlap = float(torch.minimum(p[i], q[i]).sum())  # the chance x_i is accepted
+            overlap = float(acceptance(p[i], q[i]))  # the chance x_i is accepted
             if greedy:
                 keep = int(p[i].argmax()) == x
             else:

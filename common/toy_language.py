@@ -275,16 +275,13 @@ def used_tokens(encode, eot, n_docs=3000, seed=7):
 
 
 def train_on_toy_language(model, steps, encode, eot, batch_size=8, lr=3e-3, seed=1, log=print):
-    """Train `model` (a GPT with GPT-2's vocabulary) on fresh documents of the language, in place.
-
-    One trick makes this take seconds on a CPU: the language uses a few hundred of GPT-2's 50,257
-    tokens, so the others get a zero embedding, kept at zero. Their logits (hidden state .
-    embedding) are then exactly 0, and the full-vocabulary softmax needs only the used tokens'
-    logits: log Z = logsumexp(used logits, and log(n_unused) for the n_unused logits of 0). That is
-    the same model and the same cross-entropy as the full 50,257-way softmax, without its cost.
-    AdamW with no weight decay never moves a parameter whose gradient is always zero, so the zero
-    rows stay zero.
-    """
+    """Train `model` (a GPT with GPT-2's vocabulary) in place on fresh documents of the language,
+    in seconds on a CPU: the tokens it never uses keep a zero embedding, so the softmax needs only
+    the used tokens' logits. Returns how many tokens it uses."""
+    # The language uses a few hundred of GPT-2's 50,257 tokens. The others' embedding rows are
+    # zeroed and stay zero (AdamW without weight decay never moves a parameter whose gradient is
+    # always zero), so their logits are exactly 0 and log Z = logsumexp(the used logits, and
+    # log(n_unused) for the zeros): the same model and cross-entropy as the full softmax.
     import torch  # here, so that the language itself needs only the standard library
 
     rng = random.Random(seed)
@@ -298,11 +295,9 @@ def train_on_toy_language(model, steps, encode, eot, batch_size=8, lr=3e-3, seed
     with torch.no_grad():
         wte[unused] = 0
     log_n_unused = torch.tensor(math.log(V - len(used)))
-    from common.plumbing.device import fused_adamw, keep_freed_memory
-    if wte.device.type == "cpu":
-        keep_freed_memory()  # 2x faster steps: no fresh pages for the embedding's dense gradient
+    from common.model import fused_adamw
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
-                            fused=fused_adamw(str(wte.device)))
+                            fused=fused_adamw(wte.device))
     T = model.config.block_size
     model.train()
     for step in range(steps):

@@ -5,9 +5,10 @@ import threading
 
 import pytest
 
-import common.gpt2_weights as gw
-from common.gpt2_weights import download_gpt2, load_gpt2
+import common.plumbing.download as gw
+from common.gpt2_weights import load_gpt2
 from common.plumbing.artifacts import LessonError
+from common.plumbing.download import download_gpt2
 from conftest import hf_model
 
 

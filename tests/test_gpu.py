@@ -65,16 +65,14 @@ def test_auto_precision_follows_the_gpu_fp16_with_a_scaler_before_ampere(monkeyp
 def test_04s_first_log_line_on_a_t4_says_fp16_with_a_gradscaler(monkeypatch):
     mock_gpu(monkeypatch, "T4")
     from common.plumbing.distributed import Processes
-    from common.plumbing.progress import describe_run
     train = load_lesson("04_train.py")
     monkeypatch.setattr(sys, "argv", ["04_train.py", "--preset", "gpt2"])
     args = train.get_args()
     procs = Processes(ddp=False, rank=0, world=1, device="cuda")
-    prec = precision(procs.device, args.dtype)  # as 04's main
-    dtype, scaler = prec.dtype, prec.scaler()
+    setup = train.Setup(precision(procs.device, args.dtype), KD())  # as 04's main
     data = {"train": [torch.zeros(9)] * 3, "train_prompt_lens": [1] * 3, "val": [torch.zeros(9)]}
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=50257))
-    first = describe_run(args, model, data, procs, dtype, scaler, None, 1, 1).splitlines()[0]
+    first = train.describe_run(args, model, data, procs, setup, (1, 1)).splitlines()[0]
     assert "| cuda fp16 + GradScaler |" in first, first
 
 
@@ -407,7 +405,7 @@ def test_the_lab_lends_the_gpu_to_each_run_of_04_it_starts(monkeypatch):
     monkeypatch.setattr(LAB, "val_objective", lambda *a, **k: seen.append(("scored on", teacher.where)) or 1.0)
     args = SimpleNamespace(out="lab", preset="tiny", warm_epochs=1, epochs=1, lr_grid=[1e-3, 1e-2],
                            seeds=2, fresh=False)
-    LAB.train_all(args, ["seq"], {}, teacher, "cuda", "fp16")
+    LAB.train_all(args, ["seq"], {}, teacher, precision("cuda", "fp16"))
     runs_seen = [s for s in seen if s[0] != "scored on"]
     assert len(runs_seen) == 1 + 2 + 1  # the start, the grid, the second seed
     assert all(where == "cpu" for where, _ in runs_seen), seen

@@ -10,8 +10,10 @@ from torch.nn import functional as F
 
 from common.distill import make_batch
 from common.model import GPT, GPTConfig
+from common.perplexity import score_sampled
 from common.plumbing import lab_report as REPORT
 from common.plumbing.artifacts import load_artifact, load_model
+from common.plumbing.device import Precision
 from conftest import load_lesson, run_here
 from test_train import keep_train_samples
 
@@ -40,7 +42,7 @@ def test_held_out_scores_are_the_nll_the_two_kls_and_the_acceptance():
     the teacher's token, KL(p||q), KL(q||p) (in that order: swapped columns fail) and sum min(p, q)."""
     student, teacher = model(0), model(1)
     seqs, P = samples()
-    sums, counts = LAB.held_out_scores(student, teacher, seqs, P, 2, "cpu", "fp32")
+    sums, counts = score_sampled([student, teacher], seqs, P, LAB.held_out_scores, 2)
     x, y = make_batch(seqs, prompt_lens=P)
     with torch.no_grad():
         log_q = torch.log_softmax(student(x)[0].double(), -1)
@@ -63,8 +65,7 @@ def test_price_of_top_k_at_k_equal_to_the_vocabulary_is_the_exact_kl():
     seqs, P = samples(1, 3)
     used = torch.zeros(V, dtype=torch.bool)
     used[:500] = True
-    price = PRICE.price_of_top_k(student, teacher, seqs, P, 2, "cpu", "fp32", used, ks=(8, V),
-                               group_k=8)
+    price = PRICE.price_of_top_k(student, teacher, seqs, P, used, 2, ks=(8, V), group_k=8)
     assert price["renorm"][V] == pytest.approx(price["exact"], rel=1e-4)
     assert price["rest"][V] == pytest.approx(price["exact"], rel=1e-4)
     assert price["rest"][8] <= price["exact"] + 1e-6
@@ -114,7 +115,7 @@ def test_the_teacher_grades_the_students_own_text(monkeypatch):
     student, teacher = model(5), model(6)
     seqs, P = samples(2, 4)
     args = type("Args", (), {"batch_size": 2, "own_samples": 2})()
-    row = LAB.measure(student, teacher, seqs, P, args, "cpu", "fp32")
+    row = LAB.measure(student, teacher, (seqs, P), args, Precision("cpu", "fp32"))
     texts, PP = LAB.own_text(student, seqs, P, "cpu", 2)
     nll, n = 0.0, 0
     for t, p in zip(texts, PP):
@@ -149,7 +150,7 @@ def test_each_methods_val_objective_is_its_own_loss():
     log_q, log_p, y, scored = logprobs(seqs)
     ce = -log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0]
     fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    objective = lambda name: LAB.val_objective(LAB.METHODS[name], student, teacher, data, args, "cpu", "fp32")  # noqa: E731
+    objective = lambda name: LAB.val_objective(LAB.METHODS[name], student, teacher, data, args, Precision("cpu", "fp32"))  # noqa: E731
     assert objective("seq") == pytest.approx(ce[scored].mean().item(), rel=1e-4)
     assert objective("fkl") == pytest.approx(fkl[scored].mean().item(), rel=1e-4)
     own, _ = LAB.own_text(student, seqs, P, "cpu", 1, seed=LAB.SAMPLE_SEED + 1)

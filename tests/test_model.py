@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from common import toy_language
-from common.gpt2_weights import load_gpt2, read_safetensors
+from common.gpt2_weights import CheckpointError, load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
-from common.plumbing.artifacts import LessonError, load_model
+from common.plumbing.artifacts import load_model
 from conftest import hf_model, load_lesson, run_here
 
 
@@ -86,20 +86,20 @@ def test_missing_key_wrong_shape_and_junk_are_clear_errors(tmp_path):
     sd = hub_state(ref)
     del sd["h.1.mlp.c_fc.weight"]
     save_file(sd, os.path.join(folder, "model.safetensors"))
-    with pytest.raises(LessonError, match=r"missing h\.1\.mlp\.c_fc\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing h\.1\.mlp\.c_fc\.weight"):
         load_gpt2(folder)
     sd = hub_state(ref)
     sd["h.0.attn.c_proj.weight"] = torch.zeros(96, 95)
     save_file(sd, os.path.join(folder, "model.safetensors"))
-    with pytest.raises(LessonError, match=r"h\.0\.attn\.c_proj\.weight has shape \(96, 95\)"):
+    with pytest.raises(CheckpointError, match=r"h\.0\.attn\.c_proj\.weight has shape \(96, 95\)"):
         load_gpt2(folder)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(os.urandom(1000))
-    with pytest.raises(LessonError, match="not a GPT-2 checkpoint"):
+    with pytest.raises(CheckpointError, match="not a GPT-2 checkpoint"):
         load_gpt2(str(junk))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
-    with pytest.raises(LessonError, match="not a valid safetensors file"):
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         load_gpt2(str(broken))
 
 
@@ -109,7 +109,7 @@ def test_untied_lm_head_is_refused(tmp_path):
     sd["lm_head.weight"] = torch.randn_like(sd["transformer.wte.weight"])
     torch.save(sd, tmp_path / "pytorch_model.bin")
     ref.config.to_json_file(tmp_path / "config.json")
-    with pytest.raises(LessonError, match="lm_head.weight differs"):
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
         load_gpt2(str(tmp_path))
 
 

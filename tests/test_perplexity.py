@@ -173,15 +173,19 @@ def test_the_perplexity_written_out_in_lesson_05_equals_common_perplexity(course
             assert lesson.perplexity_by_hand(model, seq, P) == pytest.approx(want, rel=1e-5)
 
 
-def test_mean_nll_scores_in_eval_mode_and_hands_the_model_back_training():
+def test_04s_val_loss_scores_in_eval_mode_and_hands_the_model_back_training():
     """04 validates between training steps: dropout off while scoring, back on afterwards (a
     student left in eval mode would train without its --dropout from the first epoch end on)."""
-    from common.perplexity import mean_nll
+    from common.plumbing.device import Precision
+    from conftest import load_lesson
+    val_loss = load_lesson("04_train.py").val_loss
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, dropout=0.5)).train()
-    seqs = [torch.randint(0, 50, (9,)), torch.randint(0, 50, (6,))]
-    a = mean_nll(m, seqs, [2, 1], 2, "cpu", "fp32")
-    assert m.training and a == mean_nll(m, seqs, [2, 1], 2, "cpu", "fp32")  # no dropout inside
+    data = {"val": [torch.randint(0, 50, (9,)), torch.randint(0, 50, (6,))], "val_prompt_lens": [2, 1]}
+    a = val_loss(m, data, 2, Precision("cpu", "fp32"))
+    assert m.training and a == val_loss(m, data, 2, Precision("cpu", "fp32"))  # no dropout inside
+    nll, n = sequences_nll(m.eval(), data["val"], 2, [2, 1])
+    assert a == nll / n
 
 
 def test_agreement_counts_only_the_positions_the_teacher_sampled():
@@ -198,7 +202,7 @@ def test_agreement_counts_only_the_positions_the_teacher_sampled():
         teacher = [torch.log_softmax(torch.randn(len(s) - 1, 30), -1).topk(4, -1) for s in seqs]
     ids = [t.indices.int() for t in teacher]
     lps = [t.values.half() for t in teacher]
-    agree, kl = L05.agreement_and_kl(m, seqs, P, ids, lps, 2, "cpu", "fp32")
+    agree, kl = L05.agreement_and_kl(m, seqs, P, (ids, lps), 2)
     hits = n = 0
     for s, p, i in zip(seqs, P, ids):
         with torch.no_grad():

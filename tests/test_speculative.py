@@ -238,8 +238,13 @@ def test_lesson_08_end_to_end_on_the_course(course_copy):
         (d, s, g) for d in ("student_init", "student") for s in ("T=1", "02's sampling") for g in (1, 4)}
     for x in rows:
         assert 0 <= x["acceptance"] <= 1 and x["proposals"] > 0
-        assert abs(x["acceptance"] - x["expected"]) <= max(2 * x["diff_2se"], 0.05), x
         assert 1 <= x["tokens_per_call"] <= x["g"] + 1
+    # the acceptance near its expectation, pooled over the rows (a row has 10-50 proposals: one row
+    # in twenty misses its own 2 standard errors by chance, on one CPU's rounding or another's)
+    n = sum(x["proposals"] for x in rows)
+    gap = sum(x["proposals"] * (x["acceptance"] - x["expected"]) for x in rows) / n
+    se = math.sqrt(sum((x["proposals"] * x["diff_2se"] / 2) ** 2 for x in rows)) / n
+    assert abs(gap) <= 4 * se + 0.01, (gap, se)
     trained = {x["g"]: x for x in rows if x["draft"] == "student" and x["setting"] == "T=1"}
     untrained = {x["g"]: x for x in rows if x["draft"] == "student_init" and x["setting"] == "T=1"}
     assert trained[1]["acceptance"] > untrained[1]["acceptance"] + 0.3  # distillation pays here
@@ -260,7 +265,7 @@ def test_lesson_08_end_to_end_on_the_course(course_copy):
         tvd += float(0.5 * (p - q).abs().sum(-1).sum())
         n += len(p)
     got = lesson.held_out_overlap(teacher, student, gen["test"], gen["test_prompt_lens"],
-                                  dict(temperature=1.0), "cpu")
+                                  dict(temperature=1.0))
     assert got == pytest.approx(1 - tvd / n, rel=1e-6)
     assert res["overlap"]["student"]["T=1"] == pytest.approx(got, rel=1e-6)
 

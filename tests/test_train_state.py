@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,16 +33,27 @@ def one_step(model, optimizer):
 SETTINGS = {"kd": "seq", "lr": 0.01, "grad_clip": 1.0, "dtype": "fp32"}
 
 
+def new_state(path, settings=SETTINGS, config=None, total_steps=10, **kw):
+    """A TrainState for a run with these settings, of the student {"n_layer": 1}."""
+    return train_state.TrainState(str(path), settings, config or {"n_layer": 1}, total_steps, **kw)
+
+
+def loaded(path, procs, model, optimizer, scaler, settings=SETTINGS, config=None):
+    """A fresh state filled in from train_state.pt, as a --resume does."""
+    state = new_state(path, settings, config)
+    train_state.load(state, procs, model, optimizer, scaler)
+    return state
+
+
 def saved_state(tmp_path, procs=None, step=3, total_steps=10, settings=SETTINGS, rng=None):
     """A train_state.pt after one real optimizer step, as 04 saves it."""
     model, optimizer, scaler = parts()
     one_step(model, optimizer)
     procs = procs or Processes(ddp=False, rank=0, world=1, device="cpu")
-    state = train_state.TrainState(step=step, best_val=2.5, history=train_state.new_history())
-    state.history["loss"] = [3.0, 2.0, 1.0]
     path = str(tmp_path / "train_state.pt")
-    train_state.save(path, procs, state, model, optimizer, scaler, total_steps=total_steps,
-                     config={"n_layer": 1}, settings=settings)
+    state = new_state(path, settings, total_steps=total_steps, step=step, best_val=2.5)
+    state.history["loss"] = [3.0, 2.0, 1.0]
+    train_state.save(state, procs, model, optimizer, scaler)
     if rng is not None:  # the states of other ranks, as 2 processes would have saved them
         st = torch.load(path, weights_only=True)
         st["rng"] = rng
@@ -55,7 +65,7 @@ def test_save_then_load_gives_back_the_weights_optimizer_and_history(tmp_path):
     path, model, optimizer = saved_state(tmp_path)
     fresh, fresh_opt, scaler = parts(seed=1)
     procs = Processes(ddp=False, rank=0, world=1, device="cpu")
-    state = train_state.load(path, procs, fresh, fresh_opt, scaler, SETTINGS, {"n_layer": 1}, "x")
+    state = loaded(path, procs, fresh, fresh_opt, scaler)
     assert state.step == 3 and state.best_val == 2.5 and state.history["loss"] == [3.0, 2.0, 1.0]
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
     one_step(model, optimizer)
@@ -77,11 +87,10 @@ def test_an_fp16_gradscalers_scale_and_growth_tracker_come_back(tmp_path):
     assert scaler.get_scale() == 2.0**9 and scaler._get_growth_tracker() == 1
     procs = Processes(ddp=False, rank=0, world=1, device="cpu")
     path = str(tmp_path / "train_state.pt")
-    train_state.save(path, procs, train_state.TrainState(step=3), model, optimizer, scaler,
-                     total_steps=9, config={"n_layer": 1}, settings=SETTINGS)
+    train_state.save(new_state(path, total_steps=9, step=3), procs, model, optimizer, scaler)
     fresh, fresh_opt, _ = parts(seed=1)
     fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
-    train_state.load(path, procs, fresh, fresh_opt, fresh_scaler, SETTINGS, {"n_layer": 1}, "x")
+    loaded(path, procs, fresh, fresh_opt, fresh_scaler)
     assert fresh_scaler.get_scale() == 2.0**9 and fresh_scaler._get_growth_tracker() == 1
     assert fresh_scaler.state_dict() == scaler.state_dict()
 
@@ -96,14 +105,13 @@ def test_the_best_weights_are_written_once_when_they_are_the_current_ones(tmp_pa
     procs = Processes(ddp=False, rank=0, world=1, device="cpu")
     sizes = {}
     for best_step in (2, 3):  # the state is at step 3
-        state = train_state.TrainState(step=3, best_val=1.5)
-        state.best = model_checkpoint(model, "student", val_loss=1.5, step=best_step, preset="tiny")
         path = str(tmp_path / f"best_at_{best_step}.pt")
-        train_state.save(path, procs, state, model, optimizer, scaler, total_steps=9,
-                         config={"n_layer": 1}, settings=SETTINGS)
+        state = new_state(path, total_steps=9, step=3, best_val=1.5)
+        state.best = model_checkpoint(model, "student", val_loss=1.5, step=best_step, preset="tiny")
+        train_state.save(state, procs, model, optimizer, scaler)
         sizes[best_step] = os.path.getsize(path)
         fresh, fresh_opt, _ = parts(seed=1)
-        back = train_state.load(path, procs, fresh, fresh_opt, scaler, SETTINGS, {"n_layer": 1}, "x")
+        back = loaded(path, procs, fresh, fresh_opt, scaler)
         assert back.best["step"] == best_step and back.best["val_loss"] == 1.5
         assert back.best["model"].keys() == state.best["model"].keys()
         assert all(torch.equal(back.best["model"][k], v) for k, v in state.best["model"].items())
@@ -115,19 +123,18 @@ def test_a_changed_flag_is_refused_naming_it_and_its_saved_value(tmp_path):
     path, _, _ = saved_state(tmp_path)
     procs = Processes(ddp=False, rank=0, world=1, device="cpu")
     with pytest.raises(LessonError) as e:
-        train_state.load(path, procs, *parts(), {**SETTINGS, "lr": 0.001}, {"n_layer": 1}, "x")
+        loaded(path, procs, *parts(), {**SETTINGS, "lr": 0.001})
     assert "other settings (lr: it had --lr 0.01)" in str(e.value)
     two = Processes(ddp=False, rank=0, world=2, device="cpu")
     with pytest.raises(LessonError, match=r"other settings \(process count\)"):
-        train_state.load(path, two, *parts(), SETTINGS, {"n_layer": 1}, "x")
+        loaded(path, two, *parts())
     with pytest.raises(LessonError, match="for a different student than init.pt"):
-        train_state.load(path, procs, *parts(), SETTINGS, {"n_layer": 2}, "init.pt")
+        loaded(path, procs, *parts(), {**SETTINGS, "init": "init.pt"}, {"n_layer": 2})
 
 
 def test_settings_of_leave_out_the_flags_that_may_change_on_resume():
-    args = SimpleNamespace(out="a", preset="tiny", resume=True, log_interval=1, stop_after=3,
-                           lr=0.01, kd="seq")
-    assert train_state.settings_of(args, "fp32") == {"lr": 0.01, "kd": "seq", "dtype": "fp32"}
+    flags = dict(out="a", preset="tiny", resume=True, log_interval=1, stop_after=3, lr=0.01, kd="seq")
+    assert train_state.settings_of(flags, "fp32") == {"lr": 0.01, "kd": "seq", "dtype": "fp32"}
 
 
 def test_an_unfinished_state_is_kept_as_prev_and_a_finished_one_is_not(tmp_path):
@@ -153,21 +160,21 @@ def test_each_rank_gets_its_own_random_stream_back(tmp_path):
     path, _, _ = saved_state(tmp_path, rng=streams)
     for rank in (1, 0):
         procs = Processes(ddp=False, rank=rank, world=1, device="cpu")  # world 1: as saved
-        train_state.load(path, procs, *parts(), SETTINGS, {"n_layer": 1}, "x")
+        loaded(path, procs, *parts())
         assert torch.equal(torch.rand(5), torch.rand(5, generator=expected[rank]))
 
 
 def test_failures_are_explained_in_one_line():
-    state = train_state.TrainState(step=7)
+    state = new_state("s.pt", step=7)
     with pytest.raises(LessonError, match="loss became nan at step 8: stopped without saving"):
-        with train_state.failures_explained(state, "s.pt", 8, 1):
+        with train_state.failures_explained(state, 8, 1):
             raise FloatingPointError("loss became nan at step 8")
     with pytest.raises(LessonError, match="at step 7 \\(batch 8\\): try --batch-size 4 "
                                           "--grad-accum 2 \\(same effective batch\\)"):
-        with train_state.failures_explained(state, "s.pt", 8, 1):
+        with train_state.failures_explained(state, 8, 1):
             raise torch.OutOfMemoryError("CUDA out of memory")
     with pytest.raises(LessonError, match="stopped at once at step 7; s.pt holds"):
-        with train_state.failures_explained(state, "s.pt", 8, 1):
+        with train_state.failures_explained(state, 8, 1):
             raise KeyboardInterrupt
 
 
@@ -233,7 +240,7 @@ def test_the_log_lines_eta_is_the_time_per_step_times_the_steps_left(monkeypatch
     from common.plumbing import progress
     monkeypatch.setattr(progress.time, "time", lambda: 130.0)  # the line at 130 s
     speed = progress.Speedometer(started=100.0, last=100.0)
-    state = train_state.TrainState(step=10)
+    state = new_state("s.pt", step=10)
     state.history.update(loss=[2.0], ce=[2.0], lr=[1e-3], grad_norm=[1.0])
     line = speed.line(state, 40, 0, 10, 0)  # 10 steps in 30 s, 30 steps left: 90 s
     assert line.endswith("| eta 1m30s"), line

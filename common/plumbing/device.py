@@ -36,14 +36,12 @@ def gpu_has_bf16():
 
 
 def pick_dtype(device, requested="auto", bf16=None):
-    """The training/inference precision: 'fp32', 'bf16' or 'fp16'.
-
-    auto: bf16 on GPUs with bf16 units (Ampere and newer: fp32's range, no loss scaling needed),
-    fp16 on older GPUs such as Colab's T4 (needs a GradScaler, see needs_scaler), fp32 on the CPU
-    (CPU autocast only pays off on chips with bf16 matrix units) and on Apple's MPS (autocast there
-    needs torch 2.5). bf16: whether every GPU of the run has bf16 units (default: this one's); bf16
-    asked for where one has not is refused: it would run emulated, slower than fp32.
-    """
+    """The precision on `device`: 'fp32', 'bf16' or 'fp16'. auto: bf16 on GPUs with bf16 units,
+    fp16 (with a GradScaler) on older GPUs such as Colab's T4, fp32 on a CPU and on Apple's MPS.
+    bf16: whether every GPU of the run has bf16 units (default: this one's)."""
+    # bf16 has fp32's range: no loss scaling. A CPU's autocast pays off only with bf16 matrix
+    # units; MPS autocast needs torch 2.5. bf16 asked for without bf16 units is refused: it would
+    # run emulated, slower than fp32.
     kind = device.split(":")[0]
     if kind == "mps" and requested not in ("auto", "fp32"):
         raise LessonError(f"--dtype {requested}: on Apple's MPS the course runs in fp32 (autocast "
@@ -115,12 +113,16 @@ class Precision:
     device: str  # "cuda", "cuda:1", "mps", "cpu"
     dtype: str   # "fp32", "bf16" or "fp16"
 
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
     def autocast(self):
         """Mixed precision: matmuls in dtype, reductions in fp32; a no-op for fp32. A new context
         each time (one torch.autocast object must not be entered twice at once)."""
         if self.dtype == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=DTYPES[self.dtype])
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.torch_dtype)
 
     def scaler(self):
         """A GradScaler, enabled only for fp16 (scale 2^16, halved on an overflow)."""
@@ -130,11 +132,6 @@ class Precision:
 def precision(device, requested="auto", bf16=None):
     """The Precision of a run on `device` ("cuda:1" too); bf16 as in pick_dtype."""
     return Precision(device, pick_dtype(device, requested, bf16))
-
-
-def autocast(device, dtype):
-    """Mixed-precision context: matmuls in dtype, reductions in fp32; a no-op for fp32."""
-    return Precision(device, dtype).autocast()
 
 
 def deterministic():
@@ -154,28 +151,14 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def fused_adamw(device):
-    """Whether torch.optim.AdamW can update all parameters in one fused kernel here: on CUDA, and on
-    the CPU from torch 2.4. Measured on a 2-core CPU for the student's 45M parameters: 43 ms a step
-    against 137 ms for the default per-parameter loop."""
-    if device.startswith("cuda"):
-        return True
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    return device == "cpu" and (major, minor) >= (2, 4)
-
-
 def keep_freed_memory():
-    """On Linux, make malloc keep freed memory for reuse instead of handing it back to the system.
-
-    glibc's malloc serves every request above 32 MB with fresh pages from the kernel and returns
-    them on free. Training on the CPU makes tensors that big every step (the student's logits at
-    batch 4 x 256 are 1,024 x 50,257 floats, 206 MB), and the first write to each fresh 4 KB page is
-    a page fault: a third of a training step, measured on a 2-core CPU (bench/bench_cpu.py). Telling
-    malloc never to use fresh mappings (M_MMAP_MAX = 0) and to keep up to 2 GB of freed memory
-    (M_TRIM_THRESHOLD) makes the next step reuse the same pages. The cost: the process holds on to
-    its peak memory until it exits. Returns whether the setting took (False on macOS, Windows,
-    musl).
-    """
+    """On Linux, make malloc keep freed memory for reuse instead of handing it back to the system
+    (a third of a CPU training step, bench/bench_cpu.py). Returns whether it took (not on macOS,
+    Windows, musl)."""
+    # glibc serves a request over 32 MB with fresh pages from the kernel and returns them on free;
+    # the first write to each fresh 4 KB page is a page fault. A CPU training step makes several
+    # such tensors (the 6/512 student's logits at batch 4 x 256: 206 MB). M_MMAP_MAX = 0: no fresh
+    # mappings; M_TRIM_THRESHOLD: keep up to 2 GB freed. The cost: the process keeps its peak.
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:

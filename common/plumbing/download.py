@@ -120,3 +120,31 @@ def _copy(response, part, mode, have, total, name, quiet):
         raise http.client.IncompleteRead(b"", total - done)
     if not quiet:
         sys.stdout.write("\n")
+
+
+# --- GPT-2's files on the Hugging Face hub ---
+# Published size and sha256 of gpt2 (124M)'s model.safetensors, to catch a corrupt download.
+KNOWN_FILES = {
+    "gpt2": (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+}
+
+
+def hub_url(name, filename):
+    """The file's address on the Hugging Face hub; HF_ENDPOINT points to a mirror instead."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/openai-community/{name}/resolve/main/{filename}"
+
+
+def download_gpt2(name):
+    """Download config.json and model.safetensors of openai-community/<name> into the cache;
+    returns the folder."""
+    folder = os.path.join(cache_dir(), name)
+    size, sha = KNOWN_FILES.get(name, (None, None))
+    try:
+        download(hub_url(name, "config.json"), os.path.join(folder, "config.json"), quiet=True)
+        download(hub_url(name, "model.safetensors"), os.path.join(folder, "model.safetensors"),
+                 size=size, sha256=sha)
+    except LessonError as e:
+        raise LessonError(f"{e}. Without internet, download the GPT-2 files elsewhere and pass "
+                          f"their folder with --weights, or use --preset tiny") from None
+    return folder

@@ -2,14 +2,9 @@
 and methods.png. A row is {"mean", "min", "max"}: a measurement's mean over seeds and its range.
 docs/lab.md reads the table.
 """
-import matplotlib
 import matplotlib.ticker
 
-from common.plumbing.cli import in_notebook
-
-if not in_notebook():
-    matplotlib.use("Agg")  # from a shell: draw straight to a file
-import matplotlib.pyplot as plt  # noqa: E402
+from common.plumbing.charts import plt, save_chart
 
 REFERENCES = ("teacher", "start")  # the rows that are not methods
 COLUMNS = {  # table column -> (the row's key, format, which way is better)
@@ -54,23 +49,25 @@ def verdicts(rows, seeds):
     return lines
 
 
-def report_lines(args, rows, steps, n_test, compute, who, seed):
-    """methods.md: the setup, the table, what it claims, the rates, the compute (docs/lab.md reads
-    it)."""
+def report_lines(lab, rows, compute):
+    """methods.md: the setup (lab: 07's settings and what it measured on), the table, what it
+    claims, the rates, the compute (docs/lab.md reads it)."""
+    seeds, grid, seed = lab["seeds"], lab["lr_grid"], lab["first_seed"]
     first = next(r for n, r in rows.items() if n not in REFERENCES)
-    spread = args.seeds > 1
-    label = {"teacher": "teacher (reference)", "start": f"start ({args.warm_epochs} epochs of seq)"}
+    spread = seeds > 1
+    warm = lab["warm_epochs"]
+    label = {"teacher": "teacher (reference)", "start": f"start ({warm} epochs of seq)"}
     md = ["# The divergence lab\n",
-          f"Teacher: {who}. Every method starts from the same student (student_init.pt after "
-          f"{args.warm_epochs} epochs of sequence-level KD) and trains {steps} optimizer steps "
-          f"({args.epochs} epochs, 04's defaults for the {args.preset} preset otherwise), at the "
-          f"learning rate its own objective chose on the val split from {{"
-          f"{', '.join(f'{lr:g}' for lr in args.lr_grid)}}}, with {args.seeds} seed(s) ("
-          f"{', '.join(str(seed + i) for i in range(args.seeds))}: data order, dropout, the "
+          f"Teacher: {lab['teacher']}. Every method starts from the same student (student_init.pt "
+          f"after {warm} epochs of sequence-level KD) and trains {lab['steps']} optimizer steps "
+          f"({lab['epochs']} epochs, 04's defaults for the {lab['preset']} preset otherwise), at "
+          f"the learning rate its own objective chose on the val split from {{"
+          f"{', '.join(f'{lr:g}' for lr in grid)}}}, with {seeds} seed(s) ("
+          f"{', '.join(str(seed + i) for i in range(seeds))}: data order, dropout, the "
           f"student's sampling)." + (" Each cell: the mean over seeds (the seeds' min–max)." if
                                     spread else "") +
-          f" Measured on the teacher's {n_test} held-out test samples (prompts not scored); own "
-          f"text: {args.own_samples} continuations of each test prompt at temperature 1, "
+          f" Measured on the teacher's {lab['n_test']} held-out test samples (prompts not scored); "
+          f"own text: {lab['own_samples']} continuations of each test prompt at temperature 1, "
           f"{first['runs'][0]['own_tokens']:,} tokens or fewer per model.\n",
           "| method | lr | " + " | ".join(COLUMNS) + " | FLOPs, student + teacher | time |",
           "|---|---:|" + "---:|" * (len(COLUMNS) + 2)]
@@ -84,12 +81,12 @@ def report_lines(args, rows, steps, n_test, compute, who, seed):
         md.append(f"| {label.get(name, name)} | {lr}" + " | ".join(cells)
                   + f" | {flops} | {time_} |")
     md += ["", "What the table supports (a difference is claimed only where the seeds' ranges do "
-           "not overlap; with 2 or 3 seeds even that is a weak test):", *verdicts(rows, args.seeds),
+           "not overlap; with 2 or 3 seeds even that is a weak test):", *verdicts(rows, seeds),
            "", "## The learning rate each method chose\n",
            f"Each method's own objective on the val split (lower is better), seed {seed}:\n",
-           "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lr_grid) + " | chosen |",
-           "|---|" + "---:|" * (len(args.lr_grid) + 1)]
-    md += [f"| {name} | " + " | ".join(f"{r['grid'][lr]:.4f}" for lr in args.lr_grid)
+           "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
+           "|---|" + "---:|" * (len(grid) + 1)]
+    md += [f"| {name} | " + " | ".join(f"{r['grid'][lr]:.4f}" for lr in grid)
            + f" | {r['lr']:g} |" for name, r in rows.items() if "grid" in r]
     md += ["", "## Compute\n",
            f"FLOPs as Kaplan et al. (2020) count them (docs/lab.md): student N = "
@@ -143,8 +140,4 @@ def chart(rows, path):
     bx.set_ylabel("acceptance: mean sum min(p, q)\n(higher: a better draft for the teacher)")
     bx.set_title("What it bought for its compute (upper left is better)")
     bx.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    if in_notebook():
-        plt.show()  # in a notebook: shown under the cell, and saved
-    plt.close(fig)
+    save_chart(fig, path)

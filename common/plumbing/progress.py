@@ -1,54 +1,13 @@
-"""What a training run prints: the lines that describe it, and one log line per interval with the
-loss, the learning rate, the speed and the time left."""
+"""What a training run prints once per interval: the loss, the learning rate, the speed and the
+time left."""
 import math
 import time
 from dataclasses import dataclass, field
-
-import torch
-
-from common.model import logits_fp32
-from common.plumbing.device import autocast
 
 
 def fmt_time(s):
     """Seconds as 42s or 3m05s."""
     return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
-
-
-def describe_run(args, model, data, procs, dtype, scaler, online, steps_per_epoch, warmup):
-    """The two lines that say what this run of lesson 04 trains, on what, and how."""
-    tokens = sum(len(s) - P for s, P in zip(data["train"], data["train_prompt_lens"]))
-    tail = ", rest bucket" if args.soft_tail == "rest" else ""
-    kd = (f" (T={args.kd_temperature}, alpha={args.kd_alpha}{tail})" if args.kd == "soft" else
-          f" (beta={args.jsd_beta})" if args.kd == "jsd" else "")
-    if args.on_policy:
-        kd += f", on-policy {args.on_policy:g} (T={args.on_policy_temperature:g})"
-    return (f"student {model.num_params() / 1e6:.1f}M params | {len(data['train'])} train / "
-            f"{len(data['val'])} val samples, {tokens:,} sampled tokens to learn from | "
-            f"{procs.device} {dtype}{' + GradScaler' if scaler.is_enabled() else ''} | "
-            f"{procs.world} process(es)\n"
-            f"kd {args.kd}{kd}{' with the teacher online' if online else ''} | {args.epochs} "
-            f"epochs x {steps_per_epoch} steps | batch {args.batch_size} x accum {args.grad_accum} "
-            f"x {procs.world} | lr {args.lr:.1e}, warmup {warmup}")
-
-
-def show_first_loss(history, batch, model, teacher, procs, dtype, by_hand, sums, kd):
-    """Print the val loss before training, and the first batch's loss written out (by_hand: 04's
-    loss_by_hand) beside the loss the loop trains on (sums: its loss_sums): the same number."""
-    v = history["val"][-1][1]
-    procs.print(f"val before training: loss {v:.4f} | ppl {math.exp(v):.1f}")
-    if not procs.master:
-        return
-    x, y, topk = batch
-    model.eval()
-    with torch.no_grad(), autocast(procs.device, dtype):
-        logits = model(x)[0]
-        t_logits = logits_fp32(teacher, x) if teacher is not None else None
-    model.train()
-    plain = by_hand(logits, y, kd, topk, t_logits)
-    trained = sums(logits, y, kd, topk, t_logits)[0] / (y != -100).sum()
-    procs.print(f"the first batch's loss written out (loss_by_hand): {float(plain):.4f}; "
-                f"as the loop computes it (loss_sums): {float(trained):.4f}")
 
 
 @dataclass

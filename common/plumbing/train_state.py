@@ -39,7 +39,12 @@ def new_history():
 
 @dataclass
 class TrainState:
-    """What changes as the run goes; saved with the weights and the optimizer."""
+    """What changes as the run goes, saved with the weights and the optimizer; and what is fixed
+    for the run and saved beside it."""
+    path: str                       # train_state.pt
+    settings: dict                  # the flags that decide the weights (settings_of)
+    config: dict                    # the student's config (a resume must be of the same student)
+    total_steps: int
     step: int = 0                   # optimizer steps done
     best_val: float = math.inf      # the lowest validation loss so far
     best: dict = None               # the checkpoint that had it (written as student.pt at the end)
@@ -71,10 +76,10 @@ class TrainState:
         return True
 
 
-def settings_of(args, dtype):
-    """The flags that decide the trained weights, with the dtype as resolved ("auto" becomes fp32 on
-    a CPU, bf16 or fp16 on a GPU)."""
-    settings = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
+def settings_of(flags, dtype):
+    """The flags (a dict) that decide the trained weights, with the dtype as resolved ("auto"
+    becomes fp32 on a CPU, bf16 or fp16 on a GPU)."""
+    settings = {k: v for k, v in flags.items() if k not in RESUME_MAY_CHANGE}
     settings["dtype"] = dtype
     return settings
 
@@ -85,9 +90,9 @@ def changed_settings(saved, settings, saved_world, world):
     return changed + (["process count"] if saved_world != world else [])
 
 
-def save(path, procs, state, model, optimizer, scaler, **meta):
+def save(state, procs, model, optimizer, scaler):
     """Write train_state.pt (every process calls this: each gives its random-number state; rank 0
-    writes). meta: total_steps, config, settings."""
+    writes)."""
     t0, rng = time.time(), gather_rng_states(procs)
     best = state.best
     if best is not None and best["step"] == state.step:  # the best IS the current weights: once
@@ -97,14 +102,16 @@ def save(path, procs, state, model, optimizer, scaler, **meta):
                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                        "step": state.step, "best_val": state.best_val, "best": best,
                        "history": state.history, "rng": rng, "world": procs.world,
-                       "wall_time": state.wall_time(), **meta}, path)
+                       "wall_time": state.wall_time(), "total_steps": state.total_steps,
+                       "config": state.config, "settings": state.settings}, state.path)
     h = state.history  # what saving costs (bench/course_speed.py prints it)
     h["save_seconds"] = h.get("save_seconds", 0.0) + time.time() - t0
 
 
-def save_results(out, state, model, args, dtype, procs, steps_per_epoch, steps_this_run):
+def save_results(state, procs, model, out, log):
     """A finished run's files, written by rank 0: student.pt (the lowest val loss),
-    student_last.pt, train_log.pt; then the line that says so."""
+    student_last.pt, train_log.pt (the history and `log`, the lesson's own entries, its preset
+    among them); then the line that says so."""
     if state.best is None:
         raise LessonError("the validation loss was never finite, so there is no student to save: "
                           "try a lower --lr")
@@ -113,31 +120,29 @@ def save_results(out, state, model, args, dtype, procs, steps_per_epoch, steps_t
     h = state.history
     save_artifact(state.best, f"{out}/student.pt")
     last = model_checkpoint(model, "student", val_loss=h["val"][-1][1], step=state.step,
-                            preset=args.preset)
+                            preset=log["preset"])
     save_artifact(last, f"{out}/student_last.pt")
-    save_artifact({"kind": "train_log", "preset": args.preset, **h, "settings": vars(args),
-                   "dtype": dtype, "world": procs.world, "wall_time": state.wall_time(),
-                   "steps_per_epoch": steps_per_epoch, "best_val": state.best_val,
-                   "allreduces_per_step": procs.allreduces / max(1, steps_this_run)},
-                  f"{out}/train_log.pt")
+    save_artifact({"kind": "train_log", "preset": log["preset"], **h, **log,
+                   "world": procs.world, "wall_time": state.wall_time(),
+                   "best_val": state.best_val}, f"{out}/train_log.pt")
     print(f"trained in {fmt_time(state.wall_time())} | {h['tokens']:,} tokens seen | best val "
           f"loss {state.best_val:.4f} (ppl {math.exp(state.best_val):.1f}) | wrote "
           f"{out}/student.pt, student_last.pt, train_log.pt")
 
 
-def load(path, procs, model, optimizer, scaler, settings, config, init_path):
+def load(state, procs, model, optimizer, scaler):
     """Load train_state.pt into the model, optimizer and scaler, after checking it belongs to this
-    student and these flags; each process takes back its own random stream. Returns the
-    TrainState."""
+    student and these flags; each process takes back its own random stream. Fills `state` in."""
+    path = state.path
     st = load_artifact(path, "train_state",
                        keys=("model", "optimizer", "step", "config", "settings"))
-    if st["config"] != config:
-        raise LessonError(f"{path} is for a different student than {init_path}: "
-                          f"run without --resume")
-    changed = changed_settings(st["settings"], settings, st.get("world", 1), procs.world)
+    if st["config"] != state.config:
+        start = state.settings.get("init") or "student_init.pt"
+        raise LessonError(f"{path} is for a different student than {start}: run without --resume")
+    changed = changed_settings(st["settings"], state.settings, st.get("world", 1), procs.world)
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {st['settings'].get(k)}"
-                        for k in changed if k in settings)
+                        for k in changed if k in state.settings)
         raise LessonError(f"{path} was made with other settings ({', '.join(changed)}"
                           f"{': it had ' + was if was else ''}): resume with the same flags, "
                           f"or run without --resume")
@@ -148,21 +153,19 @@ def load(path, procs, model, optimizer, scaler, settings, config, init_path):
     best = st.get("best")
     if best is not None and best["model"] is None:  # saved as the weights of the saved step
         best = {**best, "model": state_snapshot(model)}
-    return TrainState(step=st["step"], best_val=st["best_val"], best=best,
-                      history=st["history"], wall_before=st.get("wall_time", 0.0))
+    state.step, state.best_val, state.best = st["step"], st["best_val"], best
+    state.history, state.wall_before = st["history"], st.get("wall_time", 0.0)
 
 
-def start(path, resume, procs, model, optimizer, scaler, settings, config, init_path, total_steps):
-    """The run's TrainState: loaded from `path` with --resume (see load), else a fresh one, keeping
-    an unfinished run's state as train_state.prev.pt. Says which on rank 0."""
+def start(state, resume, procs, model, optimizer, scaler):
+    """Load train_state.pt into a fresh state with --resume (see load); else keep an unfinished
+    run's state as train_state.prev.pt. Says which on rank 0."""
     if resume:
-        state = load(path, procs, model, optimizer, scaler, settings, config, init_path)
-        procs.print(f"resumed from {path} at step {state.step}/{total_steps}")
-        return state
-    if procs.master and keep_unfinished(path):
-        procs.print(f"an unfinished run's {path} is kept as train_state.prev.pt (rename it back "
-                    f"to resume it)")
-    return TrainState()
+        load(state, procs, model, optimizer, scaler)
+        procs.print(f"resumed from {state.path} at step {state.step}/{state.total_steps}")
+    elif procs.master and keep_unfinished(state.path):
+        procs.print(f"an unfinished run's {state.path} is kept as train_state.prev.pt (rename it "
+                    f"back to resume it)")
 
 
 def keep_unfinished(path):
@@ -181,17 +184,17 @@ def keep_unfinished(path):
 
 
 @contextlib.contextmanager
-def failures_explained(state, path, batch_size, grad_accum):
+def failures_explained(state, batch_size, grad_accum):
     """What can go wrong in the loop, said in one line with what to do (no traceback): a second
     Ctrl-C, a loss that is no longer finite, a GPU out of memory. Files written stay as they are."""
     try:
         yield
     except KeyboardInterrupt:  # the second Ctrl-C
-        raise LessonError(f"stopped at once at step {state.step}; {path} holds the last saved "
-                          f"state") from None
+        raise LessonError(f"stopped at once at step {state.step}; {state.path} holds the last "
+                          f"saved state") from None
     except FloatingPointError as e:
-        raise LessonError(f"{e}: stopped without saving it; the last good state ({path}) and the "
-                          f"earlier student.pt are kept. Try a lower --lr or --dtype "
+        raise LessonError(f"{e}: stopped without saving it; the last good state ({state.path}) "
+                          f"and the earlier student.pt are kept. Try a lower --lr or --dtype "
                           f"fp32") from None
     except torch.cuda.OutOfMemoryError:
         raise LessonError(f"the GPU ran out of memory at step {state.step} (batch {batch_size}): "
