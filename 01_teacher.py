@@ -22,12 +22,10 @@ import torch
 from common import toy_language
 from common.gpt2_weights import SIZES, load_gpt2, read_safetensors
 from common.model import GPT, GPTConfig
-from common.perplexity import perplexity, sequences_perplexity
 from common.plumbing.artifacts import model_checkpoint, run_lesson, save_artifact
 from common.plumbing.cli import existing_path, lesson_parser, parse
 from common.plumbing.device import keep_freed_memory
 from common.plumbing.download import download_gpt2
-from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings ---
@@ -52,6 +50,31 @@ def peek_at_checkpoint(path):
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return n, header
+
+
+# --- first looks: the plain ways (lesson 02 writes the real sampler, lesson 05 the real perplexity)
+@torch.no_grad()
+def greedy(model, tokens, n, eos):
+    """The model's most likely continuation of tokens (a list), n tokens at most, ending after eos:
+    the whole text through the model at every step (02's generate keeps a KV cache instead)."""
+    x = torch.tensor([tokens])                           # (1, T)
+    for _ in range(n):
+        nxt = model(x)[0][0, -1].argmax()                # the likeliest token after the last one
+        x = torch.cat([x, nxt.view(1, 1)], dim=1)
+        if int(nxt) == eos:
+            break
+    return x[0, len(tokens):].tolist()
+
+
+@torch.no_grad()
+def plain_perplexity(model, texts):
+    """exp of the mean negative log-likelihood per predicted token over texts (1-D token tensors
+    that fit the context), every token after a text's first predicted from the ones before it."""
+    nll, n = 0.0, 0
+    for t in texts:
+        _, loss = model(t[None, :-1], t[None, 1:])       # the mean over this text's predictions
+        nll, n = nll + loss.item() * (len(t) - 1), n + len(t) - 1
+    return math.exp(nll / n)
 
 
 def main():
@@ -115,21 +138,21 @@ def main():
     # Perplexity = exp(mean negative log-likelihood per token): the number of equally likely tokens
     # the model is, on average, choosing between. A uniform guess over the vocabulary gives 50,257.
     toy = state is None
-    prompt = torch.tensor([[EOT] + enc.encode(toy_language.OPENINGS[0] if toy else PROMPT)])
-    greedy = generate(model, prompt, max_new_tokens=40 if toy else 24, temperature=0, eos_token=EOT)
-    greedy_text = enc.decode([t for t in greedy[0, 1:].tolist() if t != EOT])
+    prompt = enc.encode(toy_language.OPENINGS[0] if toy else PROMPT)
+    written = greedy(model, [EOT] + prompt, 40 if toy else 24, EOT)
+    greedy_text = enc.decode([t for t in prompt + written if t != EOT])
     print(f"  greedy continuation: {greedy_text!r}")
     if toy:  # held-out documents of the toy language, and the floor no model can beat on them
         held_out = toy_language.documents(20, TOY_HELD_OUT_SEED)
-        seqs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in held_out]
-        ppl = sequences_perplexity(model, seqs, prompt_lens=[1] * len(seqs))
+        ppl = plain_perplexity(model, [torch.tensor([EOT] + enc.encode(d) + [EOT])
+                                       for d in held_out])
         floor = math.exp(toy_language.entropy_per_token(held_out, enc.encode))
         print(f"  perplexity on 20 held-out toy documents: {ppl:.2f}  (the language's own -log p "
               f"on them gives {floor:.2f}, what a model knowing the language exactly would "
               f"score; its entropy rate over 2,000 documents gives "
               f"{math.exp(toy_language.ENTROPY_RATE):.2f}; a uniform guess {config.vocab_size:,})")
     else:
-        ppl, floor = perplexity(model, torch.tensor(enc.encode(PASSAGE))), None
+        ppl, floor = plain_perplexity(model, [torch.tensor(enc.encode(PASSAGE))]), None
         print(f"  perplexity on a short English passage: {ppl:.1f}  (GPT-2 124M gives a few tens; "
               f"a uniform guess over the vocabulary would give {config.vocab_size:,})")
 

@@ -10,14 +10,14 @@ Reads:  artifacts/teacher.pt (and generated.pt with --prune: 02's texts calibrat
 Writes: artifacts/student_init.pt  (as teacher.pt: {"kind": "student_init", "config", "model"})
 Run:    python 03_student.py              (add --preset tiny for the tiny course)
 """
+import math
 from functools import partial
 
 import torch
 from torch.nn import functional as F
 
-from common.distill import make_batch
+from common.data import batches
 from common.model import GPT, GPTConfig
-from common.perplexity import sequences_perplexity
 from common.plumbing.artifacts import (
     LessonError,
     check_preset,
@@ -66,8 +66,8 @@ def every_other_block(teacher):
 
 # --- pruning: score every unit of the teacher on calibration text, keep the most important ---
 @torch.no_grad()
-def importance(teacher, batches):
-    """Minitron's activation-based scores, means over the real positions of batches [(x, y)]:
+def importance(teacher, batch_list):
+    """Minitron's activation-based scores, means over the real positions of batch_list [(x, y)]:
     heads (L, n_head), neurons (L, 4C), channels (C,); and blocks (L,), the loss when skipped."""
     L, nh, C = teacher.config.n_layer, teacher.config.n_head, teacher.config.n_embd
     zeros = partial(torch.zeros, device=teacher.lm_head.weight.device)
@@ -89,7 +89,7 @@ def importance(teacher, batches):
                   b.mlp.c_proj.register_forward_hook(add("neurons", i, True))]  # |GELU out|
     n = 0
     try:
-        for x, y in batches:
+        for x, y in batch_list:
             real = y != -100
             teacher(x)
             n += int(real.sum())
@@ -99,15 +99,15 @@ def importance(teacher, batches):
     score = {k: v.cpu() / n for k, v in score.items()}
     # a block's importance: the calibration loss without it, what the student will be judged on.
     # Not 1 - cos(input, output): how far a block turns the stream is not how much the loss needs it
-    score["blocks"] = torch.tensor([loss_on(teacher, batches, skip=i) for i in range(L)])
+    score["blocks"] = torch.tensor([loss_on(teacher, batch_list, skip=i) for i in range(L)])
     return score
 
 
 @torch.no_grad()
-def loss_on(model, batches, skip=None):
-    """The mean next-token loss over batches [(x, y)], block `skip` left out (None: none)."""
+def loss_on(model, batch_list, skip=None):
+    """The mean next-token loss over batch_list [(x, y)], block `skip` left out (None: none)."""
     total, n = 0.0, 0
-    for x, y in batches:
+    for x, y in batch_list:
         logits = model.lm_head(hidden_skipping(model, x, skip))
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         n += int((y != -100).sum())
@@ -145,13 +145,14 @@ def prune(teacher, args):
     data = load_artifact(f"{args.out}/generated.pt", "generated",
                          keys=("train", "val", "val_prompt_lens"))
     calib, device = data["train"][:CALIBRATION], get_device()  # fp32: scores, not speed
-    batches = [make_batch(calib[i:i + 8], device=device) for i in range(0, len(calib), 8)]
-    score = importance(teacher.to(device), batches)  # all tokens scored: calibration is just text
+    # every token scored (prompt length 1): calibration is just text
+    calibration = list(batches(calib, [1] * len(calib), 8, device))
+    score = importance(teacher.to(device), calibration)
     shape = (args.n_layer, args.n_head, args.n_embd)
     student = pruned(teacher, score, shape)
     t = teacher.config
     print(f"importance on {len(calib)} texts of generated.pt's train split (loss "
-          f"{loss_on(teacher, batches):.3f}):")
+          f"{loss_on(teacher, calibration):.3f}):")
     print("  blocks, the loss when skipped: "
           + ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(score["blocks"].tolist())))
     layers = choose(score["blocks"], args.n_layer).tolist()
@@ -160,6 +161,7 @@ def prune(teacher, args):
           f"{t.n_embd}")
     # the check that the scores matter: the same shape with other units kept, on held-out text
     val, P = data["val"][:HELD_OUT], data["val_prompt_lens"][:HELD_OUT]
+    held_out = list(batches(val, P, 8, device))  # the sampled tokens scored, not the prompts
     g = torch.Generator().manual_seed(args.seed)
     rows = {"teacher": teacher, "pruned: the most important": student,
             "random units kept": pruned(teacher, score, shape, "random", g),
@@ -167,7 +169,7 @@ def prune(teacher, args):
             "random init (no teacher)": GPT(student.config).to(device)}
     print(f"perplexity on {len(val)} held-out texts (02's val split), before any training:")
     for name, model in rows.items():
-        print(f"  {name:<28}{sequences_perplexity(model.eval(), val, 8, P):>12,.2f}")
+        print(f"  {name:<28}{math.exp(loss_on(model.eval(), held_out)):>12,.2f}")
     teacher.cpu()
     return student.cpu()
 

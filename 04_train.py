@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from common.distill import KD, ONLINE, loss_sums, make_batch
+from common.data import batches, make_batch
+from common.distill import KD, ONLINE, loss_sums
 from common.model import GPT, logits_fp32
-from common.perplexity import sequences_nll
 from common.plumbing import cli, distributed, train_state
 from common.plumbing.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
 from common.plumbing.device import Precision, deterministic, keep_freed_memory, sync
@@ -276,12 +276,17 @@ def tokens_of_step(step_chunks, data, micro, on_policy, procs):
 
 
 # --- what the run shows ---
+@torch.no_grad()
 def val_loss(model, data, batch_size, prec):
     """The mean NLL per sampled token of the val texts (prompts not scored), in eval mode; the
     model is handed back in training mode (the caller is training)."""
     model.eval()
-    with prec.autocast():
-        nll, n = sequences_nll(model, data["val"], batch_size, prompt_lens=data["val_prompt_lens"])
+    nll, n = 0.0, 0
+    for x, y in batches(data["val"], data["val_prompt_lens"], batch_size, prec.device):
+        with prec.autocast():
+            logits = logits_fp32(model, x)                   # (B, L, V), float32
+        nll += loss_sums(logits, y, KD("seq"))[1].item()     # the cross-entropy, summed
+        n += int((y != -100).sum())
     model.train()
     return nll / n
 
@@ -416,20 +421,22 @@ def main():
             if (stop or asked) and state.step < total_steps:
                 if state.step % steps_per_epoch:  # (at an epoch end it was just saved)
                     train_state.save(state, procs, raw, optimizer, scaler)
-                distributed.end(procs)
-                if stop:
-                    raise LessonError(f"interrupted at step {state.step}: saved {state.path}; "
-                                      f"continue with --resume")
-                return log(f"stopped after {state.step - first_step} steps as asked "
-                           f"(--stop-after); wrote {state.path}; continue with --resume")
+                break
 
-    # --- done: the best student, the last one and the log (train_state.pt is already saved) ---
+    # --- done: the best student, the last one and the log; or stopped early, to resume ---
     steps_this_run = state.step - first_step
-    train_state.save_results(state, procs, raw, args.out, {
-        "preset": args.preset, "settings": vars(args), "dtype": prec.dtype,
-        "steps_per_epoch": steps_per_epoch,
-        "allreduces_per_step": procs.allreduces / max(1, steps_this_run)})
+    if state.step == total_steps:  # (train_state.pt is already saved)
+        train_state.save_results(state, procs, raw, args.out, {
+            "preset": args.preset, "settings": vars(args), "dtype": prec.dtype,
+            "steps_per_epoch": steps_per_epoch,
+            "allreduces_per_step": procs.allreduces / max(1, steps_this_run)})
     distributed.end(procs)
+    if state.step < total_steps and stop:
+        raise LessonError(f"interrupted at step {state.step}: saved {state.path}; continue with "
+                          f"--resume")
+    if state.step < total_steps:
+        log(f"stopped after {steps_this_run} steps as asked (--stop-after); wrote {state.path}; "
+            f"continue with --resume")
 
 
 if __name__ == "__main__":

@@ -78,10 +78,12 @@ def training_chart(log, teacher_ce, path):
             label="val cross-entropy (per epoch)")
     ax.axhline(teacher_ce, color=COLORS["teacher"], ls="--", lw=1.2,
                label=f"teacher on the same val samples ({teacher_ce:.2f})")
-    # the y range leaves out the untrained student's ~10.8, which would flatten the rest
-    ax.set_ylim(0, max(vl[min(1, len(vl) - 1)] * 1.6, teacher_ce * 2))
+    # a log scale: the untrained student's ~10.8 nats and the last epochs' ~1.4 both in view
+    ax.set_yscale("log")
+    values = [*vl, *log.get("ce", log["loss"]), teacher_ce]
+    ax.set_ylim(min(values) * 0.9, max(values) * 1.1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats per sampled token)")
+    ax.set_ylabel("cross-entropy (nats per sampled token, log scale)")
     ax.set_title(f"Training the student (--kd {log['settings']['kd']})")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()  # the learning rate, warmup then cosine decay
@@ -123,7 +125,8 @@ def soft_targets_chart(soft, enc, path):
         ax.bar([i + (k - 1.5) * width for i in range(len(names))], vals, width, label=label,
                color=color)
     ax.set_xticks(range(len(names)), [repr(n) for n in names], rotation=30, fontsize=8)
-    ax.set_ylabel("probability of the next token")
+    ax.set_yscale("log")  # the untrained student's 0.00002 a token beside the teacher's 0.1
+    ax.set_ylabel("probability of the next token (log scale)")
     ax.set_title(f"Soft targets after {enc.decode(soft['context'][1:])!r}: what the teacher "
                  f"teaches besides its top token")
     ax.legend(fontsize=8)

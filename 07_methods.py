@@ -19,7 +19,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from common.distill import KD, batches, kl, loss_sums
+from common.data import batches
+from common.distill import KD, acceptance, kl, loss_sums
 from common.model import logits_fp32
 from common.perplexity import score_sampled
 from common.plumbing.artifacts import (
@@ -36,7 +37,6 @@ from common.plumbing.device import get_device, precision
 from common.plumbing.lab_report import chart, report_lines
 from common.plumbing.runs import gpu_lent, train
 from common.sampling import continue_each
-from common.speculative import acceptance
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings ---

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from common.distill import acceptance
 from common.perplexity import score_sampled
 from common.plumbing.artifacts import (
     LessonError,
@@ -32,7 +33,7 @@ from common.plumbing.charts import plt, save_chart
 from common.plumbing.cli import lesson_parser, parse, positive_int
 from common.plumbing.device import get_device, sync
 from common.sampling import generate
-from common.speculative import acceptance, sampling_probs, speculative_generate
+from common.speculative import sampling_probs, speculative_generate
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings ---

@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from common import toy_language
+from common.distill import acceptance
 from common.perplexity import score_sampled
 from common.plumbing.artifacts import (
     LessonError,
@@ -33,7 +34,6 @@ from common.plumbing.charts import plt, save_chart
 from common.plumbing.cli import lesson_parser, parse, positive_float, positive_int
 from common.plumbing.device import get_device, precision
 from common.plumbing.runs import train
-from common.speculative import acceptance
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
@@ -56,6 +56,8 @@ def get_args():
     p.add_argument("--lr", type=positive_float, help="04's --lr, for every start (default: 04's)")
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="sequences per batch when measuring")
+    p.add_argument("--starts", default=",".join(STARTS),
+                   help=f"the starts to run, comma-separated (default: all: {','.join(STARTS)})")
     p.add_argument("--fresh", action="store_true", help="run every start again")
     return parse(p, PRESETS)
 
@@ -154,7 +156,8 @@ def chart(rows, teacher_row, path):
     ax.set_yscale("log")
     ax.set_xticks([i + 0.2 for i in x], names)
     ax.set_ylabel("perplexity on the teacher's held-out text")
-    ax.set_title("Before and after the same training")
+    ax.set_title("Before and after the same training\n(bars: the mean over seeds; whiskers: "
+                 "min-max)")
     ax.legend()
     a = [r["after"]["acceptance"] for r in rows.values()]
     bx.bar(list(x), [v[0] for v in a], 0.5, color="tab:green", capsize=3,
@@ -162,13 +165,18 @@ def chart(rows, teacher_row, path):
     bx.set_xticks(list(x), names)
     bx.set_ylabel("acceptance, 1 - TVD (higher: a better draft)")
     bx.set_ylim(0, 1)
-    bx.set_title("After training")
+    bx.set_title("After training\n(bars: the mean over seeds; whiskers: min-max)")
     save_chart(fig, path)
 
 
 def main():
     args = get_args()
     out = args.out
+    chosen = [name.strip() for name in args.starts.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in STARTS]
+    if unknown or not chosen:
+        raise LessonError(f"unknown start {', '.join(unknown) or '(none)'}: choose among "
+                          f"{', '.join(STARTS)}")
     enc = get_tokenizer()
     for file in INPUTS:  # checked here once: a problem is one line, not many failed runs
         check_preset(load_artifact(f"{out}/{file}", file[:-3]), f"{out}/{file}", args.preset)
@@ -182,7 +190,7 @@ def main():
     # --- every start at every seed: 03, then 04 (each run has the GPU to itself) ---
     t0 = time.time()
     folders = {name: [run_start(args, name, SEED + i) for i in range(args.seeds)]
-               for name in STARTS}
+               for name in chosen}
     teacher.to(prec.device)
 
     # --- measuring: before (student_init.pt) and after (student.pt, 04's best on val) ---

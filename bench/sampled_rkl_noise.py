@@ -18,7 +18,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common.distill import KD, loss_sums, make_batch  # noqa: E402
+from common.data import make_batch  # noqa: E402
+from common.distill import KD, loss_sums  # noqa: E402
 from common.model import logits_fp32  # noqa: E402
 from common.plumbing.artifacts import load_artifact, load_model  # noqa: E402
 from common.sampling import continue_each  # noqa: E402

@@ -80,6 +80,12 @@ def loss_sums(logits, y, kd, topk=None, teacher_logits=None):
     return kd.alpha * kd.T * kd.T * masked_sum(top, scored) + (1 - kd.alpha) * ce, ce
 
 
+def acceptance(p, q):
+    """sum_x min(p, q) over the last axis, (..., V) -> (...): the chance a target that samples from
+    p keeps a token a draft drew from q (speculative decoding), 1 - TVD(p, q)."""
+    return torch.minimum(p, q).sum(-1)
+
+
 def masked_sum(values, mask):
     """The sum of values where mask is True (same shapes). Not values[mask].sum(): selecting by a
     mask makes a tensor whose size depends on the data, so the CPU waits for the GPU to count it."""
@@ -173,51 +179,3 @@ def soft_kd_loss(logits, topk_ids, topk_logprobs, mask, T=2.0):
     soft_kd_kl)."""
     per_position = soft_kd_kl(logits, topk_ids, topk_logprobs, T)
     return T * T * (per_position * mask).sum() / mask.sum().clamp(min=1)
-
-
-def pad_batch(seqs, prompt_lens=None, device="cpu"):
-    """Pad token sequences into inputs x (B, L) and targets y (B, L); y[i, t] = seqs[i][t + 1].
-
-    Padding targets are -100 (cross_entropy skips them). So are the targets inside a prompt: with
-    prompt_lens[i] = P, tokens 0 .. P-1 were given, not predicted, so only targets t >= P - 1
-    (tokens P, P+1, ...) are scored. The <|endoftext|> that ends a sample is a real target: the
-    model must learn when to stop.
-    """
-    B, L = len(seqs), max(len(s) for s in seqs) - 1
-    x = torch.zeros(B, L, dtype=torch.long)
-    y = torch.full((B, L), -100, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        s = torch.as_tensor(s)
-        x[i, :len(s) - 1] = s[:-1]
-        y[i, :len(s) - 1] = s[1:]
-        if prompt_lens is not None:
-            y[i, :max(0, prompt_lens[i] - 1)] = -100
-    return x.to(device), y.to(device)
-
-
-def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu", prompt_lens=None):
-    """pad_batch's inputs x (B, L) and targets y (B, L) and, if given, the teacher's top-K ids and
-    log-probs padded to (B, L, K)."""
-    # Padded, not packed several to a row: each sample is a document that starts with
-    # <|endoftext|>, and its stored teacher distributions line up with its own positions.
-    x, y = pad_batch(seqs, prompt_lens)
-    out = [x.to(device), y.to(device)]
-    if topk_ids is not None:
-        B, L, K = x.size(0), x.size(1), topk_ids[0].size(-1)
-        ids = torch.zeros(B, L, K, dtype=torch.int32)
-        lps = torch.zeros(B, L, K, dtype=torch.float16)
-        for i, (a, b) in enumerate(zip(topk_ids, topk_logprobs)):
-            ids[i, :len(a)] = a
-            lps[i, :len(b)] = b
-        out += [ids.to(device), lps.to(device)]
-    return out
-
-
-def batches(seqs, prompt_lens, batch_size, device="cpu", topk=None):
-    """The sequences in order, batch_size at a time, as make_batch's (x, y) or, given the
-    teacher's stored top-K (topk: its ids and its log-probs, a list of each), (x, y, ids,
-    log-probs)."""
-    for i in range(0, len(seqs), batch_size):
-        rows = slice(i, i + batch_size)
-        stored = (topk[0][rows], topk[1][rows]) if topk is not None else ()
-        yield make_batch(seqs[rows], *stored, device=device, prompt_lens=prompt_lens[rows])

@@ -19,6 +19,9 @@ SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 class CheckpointError(ValueError):
     """A file that is not the GPT-2 checkpoint it should be: the message says what is wrong."""
 
+    def _render_traceback_(self):  # IPython's hook: in a notebook cell, this line, not a traceback
+        return [f"error: {self}"]
+
 
 # GPT-2 was written in TensorFlow with "Conv1D" layers that store weights as (in, out); nn.Linear
 # stores (out, in) and computes x @ W.T. So these four matrices are transposed on the way in.

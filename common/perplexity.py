@@ -23,7 +23,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from common.distill import batches, pad_batch
+from common.data import batches, pad_batch
 from common.model import logits_fp32
 
 

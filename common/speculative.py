@@ -19,6 +19,7 @@ Both models keep a KV cache; after a rejection each cache is rolled back to the 
 import torch
 from torch.nn import functional as F
 
+from common.distill import acceptance
 from common.model import KVCache
 from common.sampling import uniform
 
@@ -42,12 +43,6 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return torch.zeros_like(logits).scatter(-1, ids, probs)
-
-
-def acceptance(p, q):
-    """sum_x min(p, q) over the last axis, (..., V) -> (...): the chance the target keeps a token
-    the draft drew from q where the target samples from p, 1 - TVD(p, q)."""
-    return torch.minimum(p, q).sum(-1)
 
 
 def draw(probs, generator=None):

@@ -20,10 +20,22 @@ EOT = 50256  # <|endoftext|>: separates documents in GPT-2's training data
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
+class TokenizerError(RuntimeError):
+    """GPT-2's ranks are neither beside this file nor in tiktoken's cache, and cannot be fetched."""
+
+    def _render_traceback_(self):  # IPython's hook: in a notebook cell, this line, not a traceback
+        return [f"error: {self}"]
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
     if not os.path.exists(RANKS_FILE):  # the notebook alone: the same ranks, through tiktoken
-        return tiktoken.get_encoding("r50k_base")
+        try:
+            return tiktoken.get_encoding("r50k_base")
+        except Exception as e:  # offline, and tiktoken has not cached the file yet
+            raise TokenizerError(f"GPT-2's tokenizer: {RANKS_FILE} is missing and tiktoken "
+                                 f"could not download r50k_base ({type(e).__name__}): connect "
+                                 f"once, or put gpt2.tiktoken from the repository there") from None
     ranks = {}
     with open(RANKS_FILE, "rb") as f:
         for line in f:  # each line: base64 of a byte string, then its rank (= token id)

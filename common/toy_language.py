@@ -19,6 +19,7 @@ can beat (`entropy_per_token`).
 import functools
 import math
 import random
+import time
 
 # --- the vocabulary ---
 NAMES = {"Tom": "he", "Sam": "he", "Ben": "he", "Max": "he", "Leo": "he", "Jack": "he",
@@ -300,6 +301,7 @@ def train_on_toy_language(model, steps, encode, eot, batch_size=8, lr=3e-3, seed
                             fused=fused_adamw(wte.device))
     T = model.config.block_size
     model.train()
+    started = time.time()
     for step in range(steps):
         for group in opt.param_groups:  # warmup, then cosine down to lr / 10
             cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
@@ -317,7 +319,9 @@ def train_on_toy_language(model, steps, encode, eot, batch_size=8, lr=3e-3, seed
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            log(f"  step {step + 1:4d}/{steps} | loss {loss.item():.3f} nats/token")
+        if (step + 1) % max(1, steps // 10) == 0:
+            seconds = time.time() - started
+            log(f"  step {step + 1:4d}/{steps} | loss {loss.item():.3f} nats/token | {seconds:.0f}s"
+                f" | eta {seconds / (step + 1) * (steps - step - 1):.0f}s")
     model.eval()
     return len(used)

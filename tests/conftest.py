@@ -224,9 +224,10 @@ START = ("teacher.pt", "generated.pt", "student_init.pt")  # what lessons 01-03 
 def course(tmp_path_factory):
     """The whole tiny course, run once, the way a learner runs it in Colab: the committed
     course.ipynb, alone in an empty folder (it writes common/ itself; the tokenizer's ranks come
-    from tiktoken's cache, as after its one download), executed top to bottom in a headless kernel
-    started with KD_PRESET=tiny. Returns the artifacts folder, everything the cells printed, the
-    executed notebook (its folder is the artifacts folder's parent)."""
+    from tiktoken's cache, as after its one download), its setup cell's PRESET set to "tiny",
+    executed top to bottom in a headless kernel to where "Run all" stops. Returns the artifacts
+    folder, everything the cells printed, the executed notebook (its folder is the artifacts
+    folder's parent)."""
     import nbformat
     folder = shared_course(tmp_path_factory, "executed.ipynb")
     nb = nbformat.read(folder / "executed.ipynb", as_version=4)
@@ -236,8 +237,8 @@ def course(tmp_path_factory):
 @pytest.fixture(scope="session")
 def course_start(tmp_path_factory):
     """The tiny course's teacher, texts and student's start (START), copied aside as soon as the
-    notebook's lesson 03 has run: under xdist, the tests that train from them start while the
-    other worker's kernel runs lessons 04-06."""
+    notebook's lesson 03 has run (when lesson 04 begins): under xdist, the tests that train from
+    them start while the other worker's kernel runs lessons 04-06."""
     return shared_course(tmp_path_factory, "start/done") / "start"
 
 
@@ -265,26 +266,45 @@ def shared_course(tmp_path_factory, wait_for):
     return folder
 
 
+def as_a_learner_sets_it(nb, preset="tiny", more=False):
+    """course.ipynb as a learner runs it: the setup cell's PRESET (and MORE_LESSONS) edited; without
+    MORE_LESSONS, "Run all" ends at the cell that stops it (the cells after it are left out)."""
+    setup = next(c for c in nb.cells if c.cell_type == "code" and "\nPRESET = " in c.source)
+    setup.source = setup.source.replace('PRESET = "gpt2"', f'PRESET = "{preset}"')
+    if more:
+        setup.source = setup.source.replace("MORE_LESSONS = False", "MORE_LESSONS = True")
+    else:
+        stop = next(i for i, c in enumerate(nb.cells) if c.source.startswith("if not MORE_LESSONS"))
+        nb.cells = nb.cells[:stop]
+    return nb
+
+
+def first_cell_of(nb, lesson):
+    """The index of a lesson's first cell (its heading) in a notebook."""
+    return next(i for i, c in enumerate(nb.cells) if c.source.startswith(f"## Lesson {lesson[:2]}:"))
+
+
 def run_course(folder):
-    """course.ipynb copied into folder and executed there with KD_PRESET=tiny, cell by cell: the
-    start copied to folder/start after lesson 03's cell, the executed notebook written last."""
+    """course.ipynb copied into folder and executed there as a learner would on the tiny preset,
+    cell by cell: the start copied to folder/start as soon as lesson 04 begins, the executed
+    notebook written last."""
     import nbclient
     import nbformat
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(os.path.join(ROOT, "course.ipynb"), folder / "course.ipynb")
-    nb = nbformat.read(folder / "course.ipynb", as_version=4)
+    nb = as_a_learner_sets_it(nbformat.read(folder / "course.ipynb", as_version=4))
     out = folder / "artifacts"
-    env = {"KD_PRESET": "tiny", "KD_OUT": str(out), "KD_CACHE": str(folder / "cache"),
-           "TIKTOKEN_CACHE_DIR": tiktoken_cache(folder / "tiktoken")}
+    env = {"KD_CACHE": str(folder / "cache"), "TIKTOKEN_CACHE_DIR": tiktoken_cache(folder / "tiktoken")}
+    lesson_04 = first_cell_of(nb, "04")
 
-    def after(cell, **_):
-        if cell.source.startswith('"""Lesson 03'):
+    def before(cell, cell_index, **_):
+        if cell_index > lesson_04 and not (folder / "start").exists():
             (folder / "start").mkdir()
             for name in START:
                 shutil.copyfile(out / name, folder / "start" / name)
             (folder / "start" / "done").touch()
     try:
-        run_notebook(nb, env, folder=folder, on_cell_executed=after)
+        run_notebook(nb, env, folder=folder, on_cell_start=before)
     except nbclient.exceptions.CellExecutionError as e:
         (folder / "failed").write_text(f"a cell of course.ipynb failed: {str(e)[-3000:]}")
         pytest.fail((folder / "failed").read_text())

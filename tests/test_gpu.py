@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from common.distill import KD, make_batch
+from common.data import make_batch
+from common.distill import KD
 from common.model import GPT, GPTConfig, logits_fp32
 from common.plumbing.artifacts import run_lesson
 from common.plumbing.device import (

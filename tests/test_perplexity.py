@@ -191,7 +191,7 @@ def test_04s_val_loss_scores_in_eval_mode_and_hands_the_model_back_training():
 def test_agreement_counts_only_the_positions_the_teacher_sampled():
     """05's top-1 agreement and top-K KL against a position-by-position count, on a batch with
     prompts and padding: prompt and padding positions never count."""
-    from common.distill import make_batch
+    from common.data import make_batch
     from conftest import load_lesson
     L05 = load_lesson("05_evaluate.py")
     torch.manual_seed(0)

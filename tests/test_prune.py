@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.distill import make_batch
+from common.data import make_batch
 from common.model import GPT, GPTConfig
 from common.plumbing.artifacts import load_artifact, load_model
 from common.prune import choose, cut, hidden_skipping

@@ -98,3 +98,9 @@ def test_a_run_is_a_command_and_its_failure_one_line(tmp_path, capsys):
         run_or_refuse("04_train.py", ["--preset", "tiny", "--out", str(tmp_path)], "seq, seed 1")
     assert "04_train.py failed for seq, seed 1 (error: " in str(e.value)
     assert "run 02_generate.py first" in str(e.value)  # 04's own line, passed on
+
+
+def test_starts_refuses_an_unknown_start_in_one_line(start_copy):
+    r = run_here(["09_starts.py", "--preset", "tiny", "--out", str(start_copy), "--starts", "random,distilled"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown start distilled" in r.stderr
+    assert not (start_copy / "starts").exists()

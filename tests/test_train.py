@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.distill import KD, make_batch, soft_kd_loss, token_divergence
+from common.data import make_batch
+from common.distill import KD, soft_kd_loss, token_divergence
 from common.model import GPT, GPTConfig, fused_adamw, logits_fp32
 from common.plumbing.artifacts import load_artifact, model_checkpoint, save_artifact
 from common.plumbing.device import Precision, keep_freed_memory, needs_scaler, pick_dtype

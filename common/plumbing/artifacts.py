@@ -18,6 +18,7 @@ from common.gpt2_weights import CheckpointError
 from common.model import GPT, GPTConfig
 from common.plumbing.cli import preset_advice
 from common.plumbing.errors import LessonError
+from common.tokenizer import TokenizerError
 
 # kind -> (what it is, in words; the lesson that writes it)
 KINDS = {
@@ -36,14 +37,14 @@ MODEL_KINDS = ("teacher", "student_init", "student")
 
 
 def run_lesson(main, oom="a smaller --batch-size"):
-    """Run a lesson's main(); LessonError, a file that is not GPT-2, a GPU out of memory and Ctrl-C
-    become a one-line message and an exit code. oom: what to lower in this lesson when the GPU
-    runs out of memory."""
+    """Run a lesson's main(); LessonError, a file that is not GPT-2, no tokenizer, a GPU out of
+    memory and Ctrl-C become a one-line message and an exit code. oom: what to lower in this
+    lesson when the GPU runs out of memory."""
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, one process speaks for all
     code = 0
     try:
         main()
-    except (LessonError, CheckpointError, torch.cuda.OutOfMemoryError) as e:
+    except (LessonError, CheckpointError, TokenizerError, torch.cuda.OutOfMemoryError) as e:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             e = (f"the GPU ran out of memory: try {oom}, and close other programs on the GPU (in "
                  f"a notebook, restart the runtime); files already written are kept")

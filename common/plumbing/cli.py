@@ -1,11 +1,13 @@
 """Command-line flags that work from a shell and inside a notebook cell.
 
 A Jupyter/Colab kernel starts Python as `ipykernel_launcher.py -f .../kernel-XXXX.json`, so sys.argv
-holds the kernel's arguments, not ours. In a notebook we parse no arguments and use the defaults;
-set KD_PRESET / KD_OUT (e.g. `%env KD_PRESET=tiny`) or edit the defaults at the top of the lesson.
+holds the kernel's arguments, not ours. In a notebook a lesson's flags are the string ARGS of the
+notebook ("--kd soft --kd-temperature 2", each lesson's section sets it); the preset and the folder
+come from KD_PRESET and KD_OUT (the setup cell sets them; `%env KD_PRESET=tiny` also works).
 """
 import argparse
 import os
+import shlex
 import sys
 
 
@@ -76,9 +78,17 @@ def lesson_parser(description):
     return p
 
 
+def notebook_args():
+    """The flags of the lesson a notebook runs: its ARGS string, split as a shell would."""
+    from IPython import get_ipython
+    shell = get_ipython()
+    return shlex.split(str(shell.user_ns.get("ARGS", ""))) if shell is not None else []
+
+
 def parse(parser, presets=None):
-    """Parse flags (none in a notebook); flags left unset (None) take the chosen preset's values."""
-    args = parser.parse_args([] if in_notebook() else sys.argv[1:])
+    """Parse the flags (in a notebook, its ARGS); flags left unset (None) take the chosen preset's
+    values."""
+    args = parser.parse_args(notebook_args() if in_notebook() else sys.argv[1:])
     for name, value in (presets or {}).get(args.preset, {}).items():
         if getattr(args, name) is None:
             setattr(args, name, value)

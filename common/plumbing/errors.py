@@ -3,3 +3,6 @@
 
 class LessonError(Exception):
     """A problem the learner can fix (a missing file, a bad flag): one line, no traceback."""
+
+    def _render_traceback_(self):  # IPython's hook: in a notebook cell, this line, not a traceback
+        return [f"error: {self}"]

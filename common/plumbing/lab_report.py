@@ -133,11 +133,13 @@ def chart(rows, path):
                   "(lower: covers what the teacher says)")
     ax.set_ylabel("teacher's perplexity on the student's own text\n"
                   "(lower: writes what the teacher would)")
-    ax.set_title("What each method trades (lower left is better)")
+    ax.set_title("What each method trades (lower left is better)\n(the mean over seeds; bars: "
+                 "min-max)")
     ax.grid(alpha=0.3, which="both")
     bx.set_xscale("log")
     bx.set_xlabel("training FLOPs, student + teacher (the start and 02 not counted)")
     bx.set_ylabel("acceptance: mean sum min(p, q)\n(higher: a better draft for the teacher)")
-    bx.set_title("What it bought for its compute (upper left is better)")
+    bx.set_title("What it bought for its compute (upper left is better)\n(the mean over seeds; "
+                 "bars: min-max)")
     bx.grid(alpha=0.3, which="both")
     save_chart(fig, path)
