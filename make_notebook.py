@@ -53,8 +53,8 @@ start (09). Each lesson is a section: what it teaches, its flags in one line (`A
 
 **On Colab:** File > Upload notebook (this file alone is enough), Runtime > Change runtime type >
 T4 GPU, then Runtime > Run all. GPT-2's weights are downloaded once. Without a GPU, set
-`PRESET = "tiny"` in the setup cell: a small teacher trained on a toy language, a few minutes on a
-CPU, offline.
+`PRESET = "tiny"` in the setup cell: a small teacher trained on a toy language, about 70 seconds
+of lessons 01-06 on 2 CPU cores, offline.
 
 **Change the course and run it again.** A lesson's flags: edit its `ARGS` line (e.g. `ARGS =
 "--kd soft --kd-temperature 2"`; each lesson's `--help` lists them) and run the lesson again from
@@ -111,19 +111,20 @@ def course_file(line, cell):
     WRITTEN[path] = text
     for name in [m for m in sys.modules if m == "common" or m.startswith("common.")]:
         del sys.modules[name]  # the lessons run after this import the file as it is now'''
-SETUP = '''!pip install -q tiktoken
-# Edit and run again: every setting takes effect at once.
+SETUP = '''# Edit and run again: every setting takes effect at once.
 PRESET = "gpt2"       # "gpt2": the real course (use a GPU runtime); "tiny": a small teacher on a
-#                       toy language, a few minutes on any CPU, offline
+#                       toy language, about 70 s on 2 CPU cores, offline
 OUT = "artifacts"     # the folder the lessons pass their .pt files through
 MORE_LESSONS = False  # True: "Run all" goes on after the course to lessons 07-09 (see their times)
-import importlib
+import importlib.util
 import os
 import sys
 
 import torch
 from IPython import get_ipython
 
+if importlib.util.find_spec("tiktoken") is None:  # (Colab has none: GPT-2's tokenizer, once)
+    get_ipython().system("pip install -q tiktoken")
 os.environ["KD_PRESET"], os.environ["KD_OUT"] = PRESET, OUT
 importlib.invalidate_caches()  # common/ may have just been written
 from common.plumbing.device import get_device, pick_dtype  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole course, lessons 01 to 06 in order.
 #   bash run_all.sh                      the real course (downloads GPT-2 once; a GPU is recommended)
-#   bash run_all.sh --preset tiny        a small teacher trained on a toy language: offline, about a minute on a CPU
+#   bash run_all.sh --preset tiny        a small teacher trained on a toy language: offline, about 70 s on 2 CPU cores
 #   bash run_all.sh --out DIR            put the artifacts in DIR (default: artifacts)
 # Only --preset and --out are passed on; to change a lesson's other settings, run it on its own.
 set -u

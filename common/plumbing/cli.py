@@ -74,7 +74,7 @@ def lesson_parser(description):
                    help="folder for the artifacts (default: %(default)s)")
     p.add_argument("--preset", default=default_preset(), choices=["gpt2", "tiny"],
                    help="gpt2: the real course; tiny: a small teacher that knows a toy language, "
-                        "about a minute on a CPU (default: %(default)s)")
+                        "about 70 s on 2 CPU cores (default: %(default)s)")
     return p
 
 
