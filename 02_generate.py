@@ -2,13 +2,15 @@
 on text the teacher wrote, so these samples ARE the knowledge passed on. Sampling (temperature,
 top-k, top-p, KV cache) is written from scratch in common/sampling.py, one step of it out here
 (sampling_step_by_hand, on the teacher's real logits). The lesson drops degenerate samples, stores
-the teacher's top-K next-token log-probabilities (04's soft targets), remembers each sample's prompt
+the teacher's top-K next-token log-probabilities (04's soft targets; --cache-draws: also a sampled
+cache, N tokens drawn from the teacher at each position), remembers each sample's prompt
 length (only the tokens the teacher chose are trained on and scored), and splits the samples by
 opening into train, val (04 picks its best student on it) and test (05 reports on it).
 
 Reads:  artifacts/teacher.pt
 Writes: artifacts/generated.pt  ({"kind": "generated", "train"/"val"/"test": [token tensors],
         "{split}_texts", "{split}_prompt_lens", "{split}_topk_ids", "{split}_topk_logprobs",
+        "{split}_sampled_ids", "{split}_sampled_counts",
         "soft_targets": the teacher's top 10 at one position, at T = 1 and 2, ...})
 Run:    python 02_generate.py             (add --preset tiny for a CPU smoke run)
 """
@@ -36,7 +38,7 @@ from common.plumbing.cli import (
     prob_float,
 )
 from common.plumbing.device import get_device, precision, sync
-from common.sampling import generate, sample_next
+from common.sampling import generate, sample_next, sampled_cache
 from common.tokenizer import EOT, get_tokenizer
 
 # --- settings (flags left unset take the preset's values) ---
@@ -112,6 +114,9 @@ def get_args():
          help="share of the openings (and of the unconditional samples) held out for the test set")
     flag("--topk-logits", type=nonneg_int, default=32,
          help="store the teacher's K most likely next tokens per position for soft KD (0: none)")
+    flag("--cache-draws", type=nonneg_int, default=0,
+         help="also store a sampled cache: N tokens drawn from the teacher at T = 1 per position, "
+              "as distinct ids and counts, up to 255 (04 --soft-tail sampled; 0: none)")
     flag("--prompts", choices=["mixed", "unconditional", "topics"], default="mixed",
          help="start from <|endoftext|>, from our topic openings, or half and half")
     flag("--prompts-file",
@@ -246,23 +251,41 @@ def keep_good(samples, max_repeat):
 
 
 @torch.no_grad()
-def teacher_topk(teacher, seqs, K, device):
-    """For each sequence, the teacher's K most likely next tokens and their log-probs at every
-    position: row t is its distribution over the token that follows token t. Stored as int32 ids
-    and float16 log-probs: K=32 costs 192 bytes per token instead of 200 KB."""
-    topk_ids, topk_logprobs = [], []
+def teacher_caches(teacher, seqs, K, draws, device, generator):
+    """For each sequence, at every position (row t: the teacher's distribution over the token that
+    follows token t): its K most likely next tokens and their log-probs (int32 ids, float16: K=32
+    costs 192 bytes a position instead of 200 KB), and, if draws, its sampled cache (ids and counts
+    of draws tokens drawn at T = 1: sampled_cache). {"topk_ids": [...], ...}, a list per key."""
+    cache = {key: [] for key in ("topk_ids", "topk_logprobs", "sampled_ids", "sampled_counts")}
     for i in range(0, len(seqs), 16):  # 16 at a time: each holds a (16, L, 50257) float32 tensor
         group = seqs[i:i + 16]
         x = torch.full((len(group), max(len(t) for t in group) - 1), EOT, dtype=torch.long)
         for j, t in enumerate(group):
             x[j, :len(t) - 1] = t[:-1]  # padding after the end is never looked at (causal)
         logits = logits_fp32(teacher, x.to(device))  # (B, L, V), float32 even for a half teacher
-        top, ids = torch.topk(logits, K, dim=-1)                            # (B, L, K)
-        logp = top - torch.logsumexp(logits, dim=-1, keepdim=True)          # log-softmax at those K
+        if K:
+            top, ids = torch.topk(logits, K, dim=-1)                        # (B, L, K)
+            logp = top - torch.logsumexp(logits, dim=-1, keepdim=True)      # log-softmax at the K
         for j, t in enumerate(group):
-            topk_ids.append(ids[j, :len(t) - 1].to(torch.int32).cpu())
-            topk_logprobs.append(logp[j, :len(t) - 1].to(torch.float16).cpu())
-    return topk_ids, topk_logprobs
+            n = len(t) - 1  # the positions of this sequence (the rest is padding)
+            if K:
+                cache["topk_ids"].append(ids[j, :n].to(torch.int32).cpu())
+                cache["topk_logprobs"].append(logp[j, :n].to(torch.float16).cpu())
+            if draws:
+                sampled = sampled_cache(logits[j, :n], draws, generator)
+                cache["sampled_ids"].append(sampled[0].cpu())
+                cache["sampled_counts"].append(sampled[1].cpu())
+    return cache
+
+
+def cache_bytes(cache, K, draws):
+    """What a position of each cache costs, as one line."""
+    line = [f"top-{K}: {K * 6} bytes (an int32 id and a float16 log-prob each)"] if K else []
+    if draws:
+        distinct = torch.cat([(c > 0).sum(-1) for c in cache["sampled_counts"]]).float().mean()
+        line.append(f"sampled, {draws} draws: {distinct:.1f} distinct ids, {distinct * 5:.0f} "
+                    f"bytes (an int32 id and a uint8 count each)")
+    return "teacher's cache a position: " + " | ".join(line)
 
 
 def split_by_opening(kept, plan, args):
@@ -311,6 +334,8 @@ def main():
     topics = toy_language.OPENINGS if ckpt.get("language") == "toy" else TOPICS
     plan = plan_openings(args, read_openings(args.prompts_file) if args.prompts_file else topics)
     prompts = [[EOT] + enc.encode(text) for text in plan]
+    if args.cache_draws > 255:
+        raise LessonError(f"--cache-draws {args.cache_draws}: at most 255 (its counts are uint8)")
     if args.val_fraction + args.test_fraction >= 1:
         raise LessonError("--val-fraction plus --test-fraction must leave some samples for "
                           "training (sum < 1)")
@@ -336,9 +361,13 @@ def main():
     if len(kept) < 2:
         raise LessonError("fewer than 2 usable samples: raise --num-samples or --temperature")
 
-    # --- the teacher's top-K next-token log-probabilities at every position, for soft KD ---
-    topk_ids, topk_logprobs = teacher_topk(teacher, [t for t, _, _ in kept], args.topk_logits,
-                                           device) if args.topk_logits else ([], [])
+    # --- the teacher's top-K next-token log-probabilities at every position, for soft KD; and
+    # its sampled cache (tokens drawn from it: unbiased, where top-K drops the tail) ---
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # not the samples' stream
+    cache = teacher_caches(teacher, [t for t, _, _ in kept], args.topk_logits, args.cache_draws,
+                           device, gen)
+    if args.topk_logits or args.cache_draws:
+        print(cache_bytes(cache, args.topk_logits, args.cache_draws))
 
     # --- train / val / test, split by opening ---
     splits = split_by_opening(kept, plan, args)
@@ -350,8 +379,8 @@ def main():
         data[f"{name}_prompt_lens"] = [kept[j][1] for j in rows]
         data[f"{name}_openings"] = sorted(set(plan[kept[j][2]] for j in rows if plan[kept[j][2]]))
         data[f"{name}_texts"] = [enc.decode(kept[j][0].tolist()) for j in rows]
-        data[f"{name}_topk_ids"] = [topk_ids[j] for j in rows] if topk_ids else []
-        data[f"{name}_topk_logprobs"] = [topk_logprobs[j] for j in rows] if topk_ids else []
+        for key, values in cache.items():  # topk_ids, topk_logprobs, sampled_ids, sampled_counts
+            data[f"{name}_{key}"] = [values[j] for j in rows] if values else []
     n_tok = sum(len(t) for t, _, _ in kept)
     n_new = sum(len(t) - P for t, P, _ in kept)
     print(" | ".join(f"{name} {len(rows)} samples ({len(data[f'{name}_openings'])} openings)"

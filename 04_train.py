@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from common.data import batches, make_batch
-from common.distill import KD, ONLINE, loss_sums
+from common.distill import KD, ONLINE, SAMPLED, loss_sums, stored_targets
 from common.model import GPT, logits_fp32
 from common.plumbing import cli, distributed, train_state
 from common.plumbing.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
@@ -48,13 +48,24 @@ def get_args():
     p = cli.lesson_parser(__doc__)
     flag = p.add_argument
     flag("--kd", choices=["seq", "soft", *ONLINE], default=KD.kind,
-         help="seq: CE on the teacher's text; soft: + its stored top-K distributions; fkl, rkl, "
-              "jsd, tvd: a divergence to its full distributions, the teacher running beside the "
-              "student; rkl-sampled: reverse KL from the teacher's log-prob of each token the "
-              "student sampled (needs --on-policy 1) (default: seq)")
-    flag("--soft-tail", choices=["renorm", "rest"], default=KD.tail,
+         help="seq: CE on the teacher's text; soft: + its stored distributions; fkl, rkl, jsd, "
+              "tvd, skl (skew KL), akl (adaptive KL), eopd (entropy-aware): a divergence to its "
+              "full distributions, the teacher running beside the student; rkl-sampled, rkl-vopd "
+              "(with a baseline): reverse KL from the teacher's log-prob of each token the "
+              "student sampled (need --on-policy 1) (default: seq)")
+    flag("--soft-tail", choices=["renorm", "rest", "sampled"], default=KD.tail,
          help="--kd soft: the teacher's top K renormalised (renorm), or with the rest of the "
-              "vocabulary as one bucket (rest, needs --kd-temperature 1) (default: renorm)")
+              "vocabulary as one bucket (rest), or 02's sampled cache (sampled, from "
+              "02 --cache-draws); rest and sampled need --kd-temperature 1 (default: renorm)")
+    flag("--soft-k", type=cli.nonneg_int, default=KD.k,
+         help="--kd soft: use the teacher's k most likely of the K tokens 02 stored (a smaller "
+              "cache, for comparing caches at equal bytes; default: 0, all K)")
+    flag("--skew", type=cli.unit_float, default=KD.skew,
+         help="--kd skl: the teacher's share a of the mixture in KL(p || a p + (1 - a) q), "
+              "strictly between 0 and 1 (default: 0.1)")
+    flag("--entropy-threshold", type=cli.nonneg_float, default=KD.entropy,
+         help="--kd eopd: the teacher's entropy (nats) above which forward KL is added to the "
+              "reverse KL (default: 1.0)")
     flag("--jsd-beta", type=cli.unit_float, default=KD.beta,
          help="--kd jsd: beta of the generalized JSD, strictly between 0 and 1 (default: 0.5)")
     flag("--on-policy", type=cli.unit_float, default=0.0,
@@ -108,13 +119,19 @@ def refuse_misfits(args):
         raise LessonError(f"--on-policy needs the teacher online to grade the student's text: use "
                           f"it with --kd {', '.join(ONLINE)}, not --kd {args.kd} (which train on "
                           f"the teacher's stored samples)")
-    if args.kd == "rkl-sampled" and (args.on_policy != 1 or args.on_policy_temperature != 1):
-        raise LessonError("--kd rkl-sampled needs --on-policy 1 (and --on-policy-temperature 1): "
+    if args.kd in SAMPLED and (args.on_policy != 1 or args.on_policy_temperature != 1):
+        raise LessonError(f"--kd {args.kd} needs --on-policy 1 (and --on-policy-temperature 1): "
                           "its estimate of the reverse KL is unbiased only on tokens the student "
                           "drew from itself")
-    if args.soft_tail == "rest" and (args.kd != "soft" or args.kd_temperature != 1):
-        raise LessonError("--soft-tail rest needs --kd soft and --kd-temperature 1: the stored "
-                          "log-probs give the teacher's rest mass at T = 1 only")
+    if args.kd == "skl" and not 0 < args.skew < 1:
+        raise LessonError(f"--skew must be strictly between 0 and 1 (got {args.skew}): 0 is "
+                          f"--kd fkl, 1 a divergence of 0")
+    if args.soft_k and (args.kd != "soft" or args.soft_tail == "sampled"):
+        raise LessonError("--soft-k keeps part of the top-K cache: use it with --kd soft and the "
+                          "renorm or rest tail")
+    if args.soft_tail != "renorm" and (args.kd != "soft" or args.kd_temperature != 1):
+        raise LessonError(f"--soft-tail {args.soft_tail} needs --kd soft and --kd-temperature 1: "
+                          f"the cache gives the teacher's distribution at T = 1 only")
 
 
 # --- the losses, written out ---
@@ -126,6 +143,12 @@ def loss_by_hand(logits, y, kd, topk=None, teacher_logits=None):
     ce = -log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0][scored].mean()  # -log q(teacher's)
     if kd.kind == "seq":
         return ce
+    if kd.kind == "soft" and kd.tail == "sampled":  # at T = 1: the draws' frequencies as the target
+        ids, counts = topk
+        t = counts.float() / counts.float().sum(-1, keepdim=True).clamp(min=1)   # sums to 1
+        log_q_t = log_q.gather(-1, ids.long())
+        kl = torch.where(t > 0, t * (t.clamp(min=1e-30).log() - log_q_t), 0.0).sum(-1)
+        return kd.alpha * kl[scored].mean() + (1 - kd.alpha) * ce
     if kd.kind == "soft" and kd.tail == "rest":  # at T = 1: the K tokens, the rest as one bucket
         ids, lps = topk
         p, q_k = lps.float().exp(), log_q.exp().gather(-1, ids.long())
@@ -149,11 +172,27 @@ def loss_by_hand(logits, y, kd, topk=None, teacher_logits=None):
         return (q * (log_q - log_p)).sum(-1)[scored].mean()
     if kd.kind == "tvd":                                           # (1/2) sum |p - q|
         return 0.5 * (p - q).abs().sum(-1)[scored].mean()
-    if kd.kind == "rkl-sampled":  # y: the tokens the student wrote; the teacher's log p of each
+    fkl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    rkl = (q * (log_q - log_p)).sum(-1)
+    if kd.kind == "skl":                               # KL(p || m), m = a p + (1 - a) q
+        m = kd.skew * p + (1 - kd.skew) * q
+        return torch.where(p > 0, p * (log_p - m.log()), 0.0).sum(-1)[scored].mean()
+    if kd.kind == "akl":  # the head: the teacher's top tokens to half its mass; the gap's shares
+        p_sorted, order = p.sort(-1, descending=True)
+        in_head = (p_sorted.cumsum(-1) - p_sorted) < 0.5
+        head = torch.zeros_like(in_head).scatter(-1, order, in_head)
+        gap = (p - q).abs().detach()
+        w_head = (gap * head).sum(-1) / gap.sum(-1).clamp(min=1e-12)
+        return (w_head * fkl + (1 - w_head) * rkl)[scored].mean()
+    if kd.kind == "eopd":                        # reverse KL; + forward KL where H(p) > threshold
+        entropy = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+        return (rkl + (entropy > kd.entropy) * fkl)[scored].mean()
+    if kd.kind in SAMPLED:  # y: the tokens the student wrote; the teacher's log p of each
         log_q_y = log_q.gather(-1, y.clamp(min=0)[..., None])[..., 0]
         log_p_y = log_p.gather(-1, y.clamp(min=0)[..., None])[..., 0]
         reward = (log_q_y - log_p_y).detach()
-        surrogate = reward * log_q_y          # its gradient, over y ~ q, is the reverse KL's
+        baseline = rkl.detach() if kd.kind == "rkl-vopd" else 0   # vOPD: minus the exact RKL
+        surrogate = (reward - baseline) * log_q_y  # its gradient, over y ~ q, is the RKL's
         # the value shown is the reverse-KL estimate (reward); the gradient is the surrogate's
         return (surrogate - surrogate.detach() + reward)[scored].mean()
     # jsd: the mixture m, and log(m) of a sum (token_divergence keeps it in log space)
@@ -242,13 +281,11 @@ def chunks_of_epoch(n, batch_size, seed, epoch, on_policy, world):
 
 
 def texts_of(idx, data, kd):
-    """The teacher's samples idx of the train split: (texts, prompt lengths, their stored top-K
-    (ids, log-probs) for --kd soft, else None)."""
+    """The teacher's samples idx of the train split: (texts, prompt lengths, for --kd soft the
+    teacher's cache of each: top-K (ids, log-probs) or sampled (ids, counts), else None)."""
     seqs = [data["train"][k] for k in idx]
     P = [data["train_prompt_lens"][k] for k in idx]
-    topk = ([data["train_topk_ids"][k] for k in idx],
-            [data["train_topk_logprobs"][k] for k in idx]) if kd.kind == "soft" else None
-    return seqs, P, topk
+    return seqs, P, stored_targets(data, "train", kd, idx) if kd.kind == "soft" else None
 
 
 def micro_batch(seqs, prompt_lens, topk, device):
@@ -294,9 +331,12 @@ def val_loss(model, data, batch_size, prec):
 def describe_run(args, model, data, procs, setup, schedule):
     """The two lines that say what this run trains, on what, and how."""
     tokens = sum(len(s) - P for s, P in zip(data["train"], data["train_prompt_lens"]))
-    tail = ", rest bucket" if args.soft_tail == "rest" else ""
+    tail = {"rest": ", rest bucket", "sampled": ", sampled cache"}.get(args.soft_tail, "")
+    tail += f", top {args.soft_k}" if args.soft_k else ""
     kd = (f" (T={args.kd_temperature}, alpha={args.kd_alpha}{tail})" if args.kd == "soft" else
-          f" (beta={args.jsd_beta})" if args.kd == "jsd" else "")
+          f" (beta={args.jsd_beta})" if args.kd == "jsd" else
+          f" (a={args.skew})" if args.kd == "skl" else
+          f" (entropy above {args.entropy_threshold:g} nats)" if args.kd == "eopd" else "")
     if args.on_policy:
         kd += f", on-policy {args.on_policy:g} (T={args.on_policy_temperature:g})"
     scaled = " + GradScaler" if setup.prec.dtype == "fp16" else ""
@@ -340,7 +380,11 @@ def main():
 
     # --- data, models, optimizer (each misfit refused in one line: plumbing/train_inputs.py) ---
     kd = KD.from_args(args)  # the distillation flags, as one object
-    data = load_generated(f"{args.out}/generated.pt", args.preset, kd.kind == "soft")
+    cache = None if kd.kind != "soft" else "sampled" if kd.tail == "sampled" else "topk"
+    data = load_generated(f"{args.out}/generated.pt", args.preset, cache)  # the teacher's texts
+    if cache == "topk" and kd.k > data["train_topk_ids"][0].size(-1):
+        raise LessonError(f"--soft-k {kd.k}: generated.pt keeps the teacher's top "
+                          f"{data['train_topk_ids'][0].size(-1)}: use --soft-k up to that")
     init_path = args.init or f"{args.out}/student_init.pt"
     raw, init_ckpt = load_student(init_path, args.preset, args.dropout, longest_sample(data))
     teacher = (load_teacher(f"{args.out}/teacher.pt", longest_sample(data), prec) if kd.online

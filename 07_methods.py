@@ -1,5 +1,6 @@
 """Lesson 07: the divergence lab. One teacher, one data set, one starting student and the same
-number of optimizer steps, trained nine ways (METHODS below), each at the learning rate its own
+number of optimizer steps, trained nine ways (METHODS below; --methods all adds four of 2025-26),
+each at the learning rate its own
 objective picks on val from --lr-grid, then over --seeds; every student measured alike on the
 teacher's held-out samples: perplexity, the exact KL both ways, acceptance (1 - TVD, the chance a
 teacher keeps its speculative-decoding draft), the teacher's perplexity of the student's own text,
@@ -20,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from common.data import batches
-from common.distill import KD, acceptance, kl, loss_sums
+from common.distill import KD, SAMPLED, acceptance, kl, loss_sums, stored_targets
 from common.model import logits_fp32
 from common.perplexity import score_sampled
 from common.plumbing.artifacts import (
@@ -55,7 +56,24 @@ METHODS = {  # name: 04's flags
     # the same in expectation from one sampled token a position (MiniLLM's family; on-policy
     # distillation as Thinking Machines and Qwen3 use it, 2025): one teacher log-prob a token
     "rkl-sampled+on-policy 1": ["--kd", "rkl-sampled", "--on-policy", "1"],
+    # 2024-26 (docs/lab.md): DistiLLM's skew KL(p || 0.1 p + 0.9 q); AKL, FKL and RKL mixed by
+    # where p and q differ (head or tail); entropy-aware on-policy, RKL + FKL where the teacher's
+    # entropy is above 1 nat; rkl-sampled with the exact RKL as its baseline (vOPD)
+    "skl": ["--kd", "skl"],
+    "akl": ["--kd", "akl"],
+    "eopd+on-policy 1": ["--kd", "eopd", "--on-policy", "1"],
+    "rkl-vopd+on-policy 1": ["--kd", "rkl-vopd", "--on-policy", "1"],
+    # caches at about equal bytes a position, all at T = 1: the teacher's top 5 (30 bytes),
+    # renormalised or with a rest bucket, against 32 tokens drawn from it (02 --cache-draws 32:
+    # about 6 distinct ids, 31 bytes, on the tiny teacher; unbiased, Anshumann et al., 2025)
+    "top-5": ["--kd", "soft", "--soft-k", "5", "--kd-temperature", "1"],
+    "top-5 + rest": ["--kd", "soft", "--soft-k", "5", "--soft-tail", "rest", "--kd-temperature",
+                     "1"],
+    "sampled": ["--kd", "soft", "--soft-tail", "sampled", "--kd-temperature", "1"],
 }
+GROUPS = {"default": list(METHODS)[:9],  # the lab in its time on the tiny preset
+          "2025": ["skl", "akl", "eopd+on-policy 1", "rkl-vopd+on-policy 1"],
+          "caches": ["seq", "top-5", "top-5 + rest", "sampled"]}  # needs 02 --cache-draws 32
 # The budget: epochs of sequence-level KD for the start (from student_init.pt, at 04's from-scratch
 # rate), then the same epochs for every method at a fine-tuning rate from the grid; the seeds.
 PRESETS = {"gpt2": dict(warm_epochs=3, epochs=1, lr_grid=[1e-4, 3e-4, 1e-3], seeds=1,
@@ -153,10 +171,10 @@ def val_objective(flags, student, teacher, data, args, prec):
     is scored by the exact reverse KL, of which its loss is an estimate. Lower is better."""
     share = float(options(flags).get("--on-policy", 0))
     kd = KD.from_flags(flags)  # the loss 04 trains on, exactly, with 04's defaults
-    if kd.kind == "rkl-sampled":
+    if kd.kind in SAMPLED:  # an estimate of the reverse KL: scored by the exact one
         kd.kind = "rkl"
     val, P = data["val"], data["val_prompt_lens"]
-    topk = (data["val_topk_ids"], data["val_topk_logprobs"]) if kd.kind == "soft" else None
+    topk = stored_targets(data, "val", kd, range(len(val))) if kd.kind == "soft" else None
     own, _ = (own_text(student, val, P, prec.device, 1, seed=SAMPLE_SEED + 1) if share else
               (None, None))
     total = 0.0
@@ -297,8 +315,10 @@ def get_args():
               "1e-3,3e-3,1e-2)")
     flag("--seeds", type=positive_int,
          help="runs per method at its chosen rate, seeds 1337, 1338, ... (gpt2: 1, tiny: 3)")
-    flag("--methods", default=",".join(METHODS),
-         help=f"the methods to run, comma-separated (default: all: {','.join(METHODS)})")
+    flag("--methods", default="default",
+         help=f"the methods to run, comma-separated: names ({', '.join(METHODS)}) or groups "
+              f"({', '.join(f'{g}: {len(m)}' for g, m in GROUPS.items())}, all) (default: default, "
+              f"the first nine)")
     flag("--batch-size", type=positive_int, default=8, help="sequences per batch when measuring")
     flag("--own-samples", type=positive_int,
          help="texts each model writes per held-out prompt, graded by the teacher (gpt2: 4, "
@@ -311,7 +331,9 @@ def get_args():
 def main():
     args = get_args()
     out = args.out
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    groups = {**GROUPS, "all": list(METHODS)}
+    named = [m.strip() for m in args.methods.split(",") if m.strip()]
+    chosen = list(dict.fromkeys(m for n in named for m in groups.get(n, [n])))  # in order, once
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
         raise LessonError(f"unknown method {', '.join(unknown) or '(none)'}: choose among "
@@ -328,6 +350,9 @@ def main():
     if soft and not data.get("val_topk_ids"):
         raise LessonError("the soft methods need the teacher's top-K log-probs: run "
                           "02_generate.py with --topk-logits 32")
+    if "sampled" in chosen and not data.get("train_sampled_ids"):
+        raise LessonError("the sampled method needs the teacher's sampled cache: run "
+                          "02_generate.py with --cache-draws 32")
     test, test_P = data["test"], data["test_prompt_lens"]
     teacher, teacher_ckpt = load_model(f"{out}/teacher.pt", "teacher", vocab_size=enc.n_vocab)
     teacher.to(prec.device)

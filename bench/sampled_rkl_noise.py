@@ -1,9 +1,11 @@
-"""How noisy is on-policy distillation from sampled tokens (04 --kd rkl-sampled)?
+"""How noisy is on-policy distillation from sampled tokens (04 --kd rkl-sampled), and how much
+does vOPD's baseline (04 --kd rkl-vopd: the exact reverse KL at the position subtracted from the
+reward) take away?
 
 On the student's own texts (continuing training prompts, at temperature 1), the gradient of 04's
-rkl-sampled loss (one sampled token a position) against the gradient of the exact per-position
-reverse KL (04's rkl, the full vocabulary) on the same batch: their cosine, 5 batches each of 4
-texts (the lab's micro-batch on the tiny preset), 16 and 64. Then, for each student file given,
+rkl-sampled and rkl-vopd losses (one sampled token a position) against the gradient of the exact
+per-position reverse KL (04's rkl, the full vocabulary) on the same batch: their cosine, 5 batches
+each of 4 texts (the lab's micro-batch on the tiny preset), 16 and 64. Then, for each student file given,
 lesson 07's val objective of the two reverse-KL methods: the exact reverse KL on the student's own
 continuations of the val prompts (lower is better).
 
@@ -15,6 +17,7 @@ import os
 import sys
 
 import torch
+from torch.nn import functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -22,6 +25,7 @@ from common.data import make_batch  # noqa: E402
 from common.distill import KD, loss_sums  # noqa: E402
 from common.model import logits_fp32  # noqa: E402
 from common.plumbing.artifacts import load_artifact, load_model  # noqa: E402
+from common.plumbing.device import Precision  # noqa: E402
 from common.sampling import continue_each  # noqa: E402
 from common.tokenizer import EOT  # noqa: E402
 
@@ -40,7 +44,7 @@ def main():
     data = load_artifact(f"{out}/generated.pt", "generated")
     start = f"{out}/methods/start/student_last.pt"
     for B in (4, 16, 64):
-        cosines = []
+        cosines = {"rkl-sampled": [], "rkl-vopd": []}
         for rep in range(5):
             student, _ = load_model(start, "student")
             g = torch.Generator().manual_seed(rep)
@@ -52,20 +56,22 @@ def main():
             x, y = make_batch(own, prompt_lens=P)
             with torch.no_grad():
                 teacher_logits = logits_fp32(teacher, x)
-            grads = []
-            for kd in ("rkl", "rkl-sampled"):
+            grads = {}
+            for kd in ("rkl", "rkl-sampled", "rkl-vopd"):
                 student.zero_grad()
                 loss, _ = loss_sums(student(x)[0], y, KD(kd), teacher_logits=teacher_logits)
                 loss.backward()
-                grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
-            cosines.append(torch.nn.functional.cosine_similarity(*grads, dim=0).item())
-        print(f"batch of {B:2d} texts: cosine(sampled, exact) "
-              + " ".join(f"{c:.2f}" for c in cosines))
+                grads[kd] = torch.cat([p.grad.flatten() for p in student.parameters()])
+            for kd in cosines:
+                cosines[kd].append(F.cosine_similarity(grads[kd], grads["rkl"], dim=0).item())
+        for kd, values in cosines.items():
+            print(f"batch of {B:2d} texts: cosine({kd}, exact) "
+                  + " ".join(f"{c:.2f}" for c in values))
     args = type("Args", (), {"batch_size": 8})()
     for path in [start, *students]:
         student, _ = load_model(path, "student")
         objective = L07.val_objective(L07.METHODS["rkl+on-policy 1"], student, teacher, data,
-                                      args, "cpu", "fp32")
+                                      args, Precision("cpu", "fp32"))
         print(f"{path}: exact reverse KL on its own val continuations {objective:.4f}")
 
 

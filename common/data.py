@@ -28,19 +28,19 @@ def pad_batch(seqs, prompt_lens=None, device="cpu"):
 
 
 def make_batch(seqs, topk_ids=None, topk_logprobs=None, device="cpu", prompt_lens=None):
-    """pad_batch's inputs x (B, L) and targets y (B, L) and, if given, the teacher's top-K ids and
-    log-probs padded to (B, L, K)."""
+    """pad_batch's inputs x (B, L) and targets y (B, L) and, if given, the teacher's cache: top-K
+    ids and log-probs, or sampled ids and counts, padded to (B, L, K) (K the widest row's)."""
     # Padded, not packed several to a row: each sample is a document that starts with
     # <|endoftext|>, and its stored teacher distributions line up with its own positions.
     x, y = pad_batch(seqs, prompt_lens)
     out = [x.to(device), y.to(device)]
     if topk_ids is not None:
-        B, L, K = x.size(0), x.size(1), topk_ids[0].size(-1)
+        B, L, K = x.size(0), x.size(1), max(a.size(-1) for a in topk_ids)
         ids = torch.zeros(B, L, K, dtype=torch.int32)
-        lps = torch.zeros(B, L, K, dtype=torch.float16)
+        lps = torch.zeros(B, L, K, dtype=topk_logprobs[0].dtype)  # a padded count is 0: no weight
         for i, (a, b) in enumerate(zip(topk_ids, topk_logprobs)):
-            ids[i, :len(a)] = a
-            lps[i, :len(b)] = b
+            ids[i, :len(a), :a.size(-1)] = a
+            lps[i, :len(b), :b.size(-1)] = b
         out += [ids.to(device), lps.to(device)]
     return out
 

@@ -1,4 +1,5 @@
-"""Sampling text from a GPT, from scratch: temperature, top-k, top-p (nucleus) and a KV cache."""
+"""Sampling text from a GPT, from scratch: temperature, top-k, top-p (nucleus) and a KV cache; and
+the teacher's sampled cache (tokens drawn from it at every position, for soft KD: sampled_cache)."""
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -145,3 +146,21 @@ def continue_each(model, prompts, new_tokens, eos_token, temperature=1.0, top_k=
             sampled = sampled[:int(ends[0]) + 1]  # up to and including the first eos_token
         result.append(torch.cat([p.cpu(), sampled]))
     return result
+
+
+def sampled_cache(logits, draws, generator=None):
+    """The teacher's sampled cache (Sparse Logit Sampling, Anshumann et al., 2025): draws tokens
+    drawn from softmax(logits) at T = 1 at each of n positions, kept as the distinct ids and how
+    often each came: logits (n, V) -> ids (n, U) int32, counts (n, U) uint8 (U the most distinct ids
+    at any position; shorter rows padded with count 0). counts / draws has mean p: unbiased."""
+    probs = F.softmax(logits.float(), dim=-1)                   # T = 1: the teacher's own p
+    drawn = torch.multinomial(probs, draws, replacement=True, generator=generator)   # (n, N)
+    drawn = drawn.sort(-1).values
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]                 # the first of each run of an id
+    counts = (drawn[:, :, None] == drawn[:, None, :]).sum(-1)    # (n, N): how often each id came
+    counts = torch.where(first, counts, 0)                       # counted once, at its first
+    order = torch.argsort((~first).to(torch.uint8), dim=-1, stable=True)  # the firsts to the front
+    U = int(first.sum(-1).max())
+    return (drawn.gather(-1, order)[:, :U].to(torch.int32),
+            counts.gather(-1, order)[:, :U].to(torch.uint8))

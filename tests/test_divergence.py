@@ -210,3 +210,95 @@ def test_a_token_one_side_rules_out_adds_nothing_not_nan(kind):
     got = token_divergence(s, t, kind, beta=0.3)
     assert torch.isfinite(got).all()
     assert torch.allclose(got.double(), brute(s, t, kind, beta=0.3), rtol=1e-5, atol=1e-6)
+
+
+# --- the divergences of 2024-26: skew KL (DistiLLM), AKL, entropy-aware (EOPD), vOPD's baseline ---
+def brute_new(s, t, kind, skew=0.1, entropy=1.0):
+    """The papers' formulas, one position at a time, in float64 Python arithmetic."""
+    def softmax(z):
+        e = [math.exp(x - max(z)) for x in z]
+        return [x / sum(e) for x in e]
+
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+    out = torch.empty(s.shape[:-1], dtype=torch.float64)
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in s.shape[:-1]]).tolist():
+        q, p = softmax(s[tuple(idx)].double().tolist()), softmax(t[tuple(idx)].double().tolist())
+        if kind == "skl":  # KL(p || a p + (1 - a) q)
+            out[tuple(idx)] = kl(p, [skew * x + (1 - skew) * y for x, y in zip(p, q)])
+        elif kind == "akl":  # the head: the teacher's top tokens until their mass reaches 1/2
+            order, mass, head = sorted(range(len(p)), key=lambda i: -p[i]), 0.0, set()
+            for i in order:
+                if mass >= 0.5:
+                    break
+                head.add(i)
+                mass += p[i]
+            g_head = sum(abs(p[i] - q[i]) for i in head)
+            g_tail = sum(abs(p[i] - q[i]) for i in range(len(p)) if i not in head)
+            out[tuple(idx)] = (g_head * kl(p, q) + g_tail * kl(q, p)) / (g_head + g_tail)
+        else:  # eopd: reverse KL, plus forward KL where the teacher's entropy is above the threshold
+            h = -sum(x * math.log(x) for x in p if x > 0)
+            out[tuple(idx)] = kl(q, p) + (kl(p, q) if h > entropy else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("kind,skew,entropy", [("skl", 0.1, 1.0), ("skl", 0.4, 1.0), ("akl", 0.1, 1.0),
+                                               ("eopd", 0.1, 1.5), ("eopd", 0.1, 2.0)])
+def test_the_new_divergences_equal_their_papers_formulas_in_float64(kind, skew, entropy):
+    """At 12 positions with different teachers: the value, and for eopd the threshold crossed at some
+    positions and not at others (fails with the skew's two weights swapped, the head cut one token
+    early or late, the gap's shares swapped, or the entropy taken of the student)."""
+    s, t = logits_pair(5)
+    t = t / 2  # entropies from about 0.5 to 2.3 nats: on both sides of the thresholds
+    got = token_divergence(s, t, kind, skew=skew, entropy=entropy)
+    assert got.shape == (3, 4) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), brute_new(s, t, kind, skew, entropy), rtol=1e-5, atol=1e-7)
+    if kind == "eopd":
+        h = -(torch.softmax(t, -1) * torch.log_softmax(t, -1)).sum(-1)
+        assert (h > entropy).any() and (h < entropy).any()
+
+
+def test_the_new_divergences_closed_cases():
+    """skew KL of two disjoint one-hot distributions is -log a; AKL of two tokens whose head and tail
+    gaps are equal is (FKL + RKL) / 2; EOPD on a uniform teacher over 4 tokens (entropy log 4) adds
+    the forward KL below log 4 and not above it; each is 0 where student and teacher agree."""
+    big = -1e4
+    s, t = torch.tensor([[0.0, big]]), torch.tensor([[big, 0.0]])
+    for a in (0.1, 0.3):
+        assert token_divergence(s, t, "skl", skew=a).item() == pytest.approx(-math.log(a), rel=1e-5)
+    p, q = torch.tensor([[0.8, 0.2]]), torch.tensor([[0.6, 0.4]])  # head {0}: gaps 0.2 and 0.2
+    fkl, rkl = (p * (p / q).log()).sum(), (q * (q / p).log()).sum()
+    assert token_divergence(q.log(), p.log(), "akl").item() == pytest.approx(((fkl + rkl) / 2).item(), rel=1e-5)
+    uniform, s4 = torch.zeros(1, 4), torch.tensor([[1.0, 0.0, -1.0, 0.5]])
+    fkl4, rkl4 = (token_divergence(s4, uniform, k).item() for k in ("fkl", "rkl"))
+    assert token_divergence(s4, uniform, "eopd", entropy=1.38).item() == pytest.approx(fkl4 + rkl4, rel=1e-5)
+    assert token_divergence(s4, uniform, "eopd", entropy=1.39).item() == pytest.approx(rkl4, rel=1e-5)
+    x, _ = logits_pair(6)
+    for kind in ("skl", "akl", "eopd"):
+        assert token_divergence(x, x, kind).abs().max() < 1e-5
+
+
+def test_vopds_baseline_keeps_the_mean_gradient_and_lowers_its_variance():
+    """Sampled-token on-policy distillation with the exact reverse KL as the baseline (vOPD): over
+    200,000 tokens drawn from the student at three positions, the mean gradient is still the exact
+    reverse KL's (within 4 Monte Carlo standard errors) and the variance of a token's gradient (its
+    trace) is below the plain estimator's (fails with the baseline not detached, or taken of the
+    forward KL, which moves the mean)."""
+    g = torch.Generator().manual_seed(7)
+    L, N, V5 = 3, 200_000, 5
+    s, t = torch.randn(L, V5, generator=g), torch.randn(L, V5, generator=g) * 2
+    tokens = torch.multinomial(torch.softmax(s, -1), N, replacement=True, generator=g).T  # (N, L)
+    lp_y = torch.log_softmax(t, -1).gather(-1, tokens.T).T
+    s_ex = s.clone().requires_grad_()
+    token_divergence(s_ex, t, "rkl").sum().backward()
+    grads = {}
+    for name in ("plain", "vopd"):
+        x = s.expand(N, L, V5).clone().requires_grad_()
+        base = token_divergence(x, t.expand(N, L, V5), "rkl") if name == "vopd" else 0
+        sampled_rkl(x, lp_y, tokens, base).sum().backward()
+        grads[name] = x.grad                                    # (N, L, V): a token's gradient each
+        se = grads[name].std(0) / math.sqrt(N)
+        assert ((grads[name].mean(0) - s_ex.grad).abs() <= 4 * se + 1e-6).all(), name
+    variance = {k: v.var(0).sum().item() for k, v in grads.items()}
+    assert variance["vopd"] < 0.8 * variance["plain"], variance

@@ -198,7 +198,8 @@ def test_speculative_decoding_draws_on_the_generators_own_device():
 
 
 # --- the model, its backward and every loss, with nothing made on the CPU on the way ---
-@pytest.mark.parametrize("kd", ["seq", "soft", "soft-rest", "fkl", "rkl", "jsd", "tvd", "rkl-sampled"])
+@pytest.mark.parametrize("kd", ["seq", "soft", "soft-rest", "soft-sampled", "fkl", "rkl", "jsd", "tvd", "skl", "akl",
+                                "eopd", "rkl-sampled", "rkl-vopd"])
 def test_every_loss_and_its_backward_stay_on_the_models_device_without_a_host_sync(kd):
     """On the meta device (shapes, no data): a tensor the model or a loss makes on the CPU and mixes
     in raises "Tensor on device cpu is not on the expected device meta", as it would on a GPU. And
@@ -212,12 +213,14 @@ def test_every_loss_and_its_backward_stay_on_the_models_device_without_a_host_sy
     seqs = [torch.randint(0, 40, (n,)) for n in (9, 6)]
     topk = ([torch.randint(0, 40, (len(s) - 1, 4), dtype=torch.int32) for s in seqs],
             [torch.randn(len(s) - 1, 4).log_softmax(-1).half() for s in seqs])
+    if kd == "soft-sampled":  # 02's sampled cache: ids and their counts
+        topk = (topk[0], [torch.randint(1, 5, (len(s) - 1, 4), dtype=torch.uint8) for s in seqs])
     x, y, ids, lps = make_batch(seqs, *topk, device="meta", prompt_lens=[2, 3])
     logits = student(x)[0]
     with torch.no_grad():
         t_logits = logits_fp32(teacher, x)
-    name, tail = ("soft", "rest") if kd == "soft-rest" else (kd, "renorm")
-    kd = KD(name, T=1.0 if tail == "rest" else 2.0, tail=tail)
+    name, tail = ("soft", kd[5:]) if kd in ("soft-rest", "soft-sampled") else (kd, "renorm")
+    kd = KD(name, T=2.0 if tail == "renorm" else 1.0, tail=tail)
     loss, _ = train.loss_sums(logits, y, kd, (ids, lps), t_logits)  # no data-dependent shape
     assert loss.device.type == "meta"
     loss.backward(retain_graph=True)

@@ -129,13 +129,17 @@ def test_the_teacher_grades_the_students_own_text(monkeypatch):
 
 def test_each_methods_val_objective_is_its_own_loss():
     """seq: cross-entropy on the teacher's val text; fkl: the forward KL there; rkl+on-policy 1 and
-    rkl-sampled: the exact reverse KL on the student's own continuations; soft (rest bucket): the
-    K + 1 bucket KL mixed with cross-entropy. Each computed here in float64."""
+    rkl-sampled and rkl-vopd: the exact reverse KL on the student's own continuations; soft (rest
+    bucket): the K + 1 bucket KL mixed with cross-entropy, top-5 + rest the same on the first 5 kept;
+    sampled: the KL to the sampled cache's frequencies; skl: the skew KL. Each computed here in
+    float64."""
     student, teacher = model(7), model(8)
     seqs, P = samples(3, 4)
     g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(0, V, (len(s) - 1, 4), generator=g) for s in seqs]
-    data = {"val": seqs, "val_prompt_lens": P, "val_topk_ids": ids}
+    ids = [torch.randint(0, V, (len(s) - 1, 8), generator=g) for s in seqs]
+    data = {"val": seqs, "val_prompt_lens": P, "val_topk_ids": ids,
+            "val_sampled_ids": [torch.randint(0, V, (len(s) - 1, 3), generator=g) for s in seqs],
+            "val_sampled_counts": [torch.randint(0, 5, (len(s) - 1, 3), generator=g).to(torch.uint8) for s in seqs]}
     with torch.no_grad():
         data["val_topk_logprobs"] = [torch.log_softmax(teacher(s[None, :-1])[0][0], -1).gather(-1, i).half()
                                      for s, i in zip(seqs, ids)]
@@ -167,6 +171,20 @@ def test_each_methods_val_objective_is_its_own_loss():
     kl = (Pb * (Pb.log() - Qb.log())).sum(-1)
     want = 0.5 * kl[scored].mean().item() + 0.5 * ce[scored].mean().item()
     assert objective("soft (rest bucket)") == pytest.approx(want, rel=1e-4)
+    # the same on the first 5 of the 8 stored (--soft-k 5), and the sampled cache's KL to counts / their sum
+    Pb = torch.cat([p_k[..., :5], 1 - p_k[..., :5].sum(-1, keepdim=True)], -1)
+    Qb = torch.cat([q_k[..., :5], 1 - q_k[..., :5].sum(-1, keepdim=True)], -1)
+    kl = (Pb * (Pb.log() - Qb.log())).sum(-1)
+    assert objective("top-5 + rest") == pytest.approx(0.5 * kl[scored].mean().item() + 0.5 * ce[scored].mean().item(), rel=1e-4)
+    _, _, ids_s, counts = make_batch(seqs, data["val_sampled_ids"], data["val_sampled_counts"])
+    t = counts.double() / counts.double().sum(-1, keepdim=True)
+    kl = torch.where(t > 0, t * (t.log() - log_q.gather(-1, ids_s.long())), 0.0).sum(-1)
+    kl = torch.where(counts.sum(-1) > 0, kl, 0.0)  # a position with no draws (counts drawn 0 here) adds 0
+    assert objective("sampled") == pytest.approx(0.5 * kl[scored].mean().item() + 0.5 * ce[scored].mean().item(), rel=1e-4)
+    log_q, log_p, _, scored = logprobs(seqs)
+    skl = (log_p.exp() * (log_p - (0.1 * log_p.exp() + 0.9 * log_q.exp()).log())).sum(-1)
+    assert objective("skl") == pytest.approx(skl[scored].mean().item(), rel=1e-4)
+    assert objective("rkl-vopd+on-policy 1") == pytest.approx(rkl, rel=1e-4)
 
 
 def test_verdicts_claim_only_what_the_seeds_separate():
@@ -222,10 +240,12 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     keep_train_samples(start_copy, 8, n_val=4, n_test=6)  # 2 steps an epoch, 6 samples to measure on
     flags = ["07_methods.py", "--preset", "tiny", "--out", str(start_copy), "--warm-epochs", "1", "--epochs", "1",
              "--own-samples", "1"]
-    r = run_here(flags + ["--lr-grid", "1e-2", "--seeds", "1"])
+    r = run_here(flags + ["--lr-grid", "1e-2", "--seeds", "1", "--methods", "default,2025"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md = (start_copy / "methods.md").read_text()
-    for name in ["teacher (reference)", "start (1 epochs of seq)", *LAB.METHODS]:
+    methods = LAB.GROUPS["default"] + LAB.GROUPS["2025"]
+    assert not any(f"| {name} | " in md for name in LAB.GROUPS["caches"][1:])  # not asked for
+    for name in ["teacher (reference)", "start (1 epochs of seq)", *methods]:
         assert f"| {name} | " in md
     for column in REPORT.COLUMNS:
         assert f" {column} |" in md and f"**{column}**" in md
@@ -233,7 +253,7 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     res = load_artifact(str(start_copy / "methods.pt"), "methods")
     assert res["steps"] == 2
     n_student = res["compute"]["student_N"]
-    for name in LAB.METHODS:
+    for name in methods:
         row = res["rows"][name]
         log = load_artifact(str(start_copy / row["folders"][0] / "train_log.pt"), "train_log")
         assert row["folders"][0] == f"methods/{name.replace(' ', '_')}/lr0.01-seed1337"

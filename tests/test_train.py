@@ -14,6 +14,7 @@ from common.distill import KD, soft_kd_loss, token_divergence
 from common.model import GPT, GPTConfig, fused_adamw, logits_fp32
 from common.plumbing.artifacts import load_artifact, model_checkpoint, save_artifact
 from common.plumbing.device import Precision, keep_freed_memory, needs_scaler, pick_dtype
+from common.sampling import sampled_cache
 from conftest import load_lesson, run_here, run_py, run_ranks
 
 L04 = load_lesson("04_train.py")
@@ -127,7 +128,8 @@ def one_step_change(splits, kd="seq", dtype=torch.float64, grad_clip=1e9, scaler
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)])
 
 
-@pytest.mark.parametrize("kd", ["seq", "soft", "fkl", "rkl", "jsd", "tvd", "rkl-sampled"])
+@pytest.mark.parametrize("kd", ["seq", "soft", "fkl", "rkl", "jsd", "tvd", "skl", "akl", "eopd", "rkl-sampled",
+                                "rkl-vopd"])
 def test_a_steps_gradient_does_not_depend_on_its_micro_batch_split(kd):
     """8 samples of different lengths as 1x8, 2x4 or 8x1: the same mean over the step's tokens."""
     whole = one_step_change(1, kd)
@@ -499,13 +501,14 @@ def test_student_samples_keep_the_endoftext_and_nothing_after():
 
 
 @pytest.mark.parametrize("zeros", [False, True])
-@pytest.mark.parametrize("kd", ["seq", "soft", "soft-rest", "fkl", "rkl", "jsd", "tvd", "rkl-sampled"])
+@pytest.mark.parametrize("kd", ["seq", "soft", "soft-rest", "soft-sampled", "fkl", "rkl", "jsd", "tvd", "skl",
+                                "akl", "eopd", "rkl-sampled", "rkl-vopd"])
 def test_the_loss_written_out_in_lesson_04_equals_the_loss_it_trains_on(kd, zeros):
     """04's loss_by_hand (each formula in plain code) against loss_sums (common/distill.py, log space),
     as the mean over the scored tokens, on a batch with prompt and padding positions; zeros: the
     teacher gives some tokens no probability at all (logit -inf, p = 0, where 0 log 0 must be 0).
     (The reverse KL is infinite there, on both sides: it is left out of that case.)"""
-    if zeros and kd in ("rkl", "rkl-sampled"):
+    if zeros and kd in ("rkl", "akl", "eopd", "rkl-sampled", "rkl-vopd"):
         pytest.skip("KL(q || p) is infinite where p = 0 and q > 0")
     torch.manual_seed(0)
     B, L, V, K = 3, 7, 50, 8
@@ -517,9 +520,13 @@ def test_the_loss_written_out_in_lesson_04_equals_the_loss_it_trains_on(kd, zero
     y[2, 5:] = -100  # padding
     lps, ids = torch.log_softmax(teacher, -1).topk(K, -1)
     topk = (ids.int(), lps.half())
-    kd, T, tail = ("soft", 1.0, "rest") if kd == "soft-rest" else (kd, 2.5, "renorm")
+    kd, T, tail = ("soft", 1.0, kd[5:]) if kd in ("soft-rest", "soft-sampled") else (kd, 2.5, "renorm")
+    if tail == "sampled":  # 02's sampled cache: distinct ids and their counts, 16 draws
+        ids, counts = sampled_cache(teacher.view(B * L, V), 16, torch.Generator().manual_seed(0))
+        topk = (ids.view(B, L, -1), counts.view(B, L, -1))
     logits.requires_grad_()
-    kd = KD(kd, alpha=0.3, T=T, beta=0.7, tail=tail)
+    # entropy 2.0: the teacher's entropy at these positions lies on both sides of it
+    kd = KD(kd, alpha=0.3, T=T, beta=0.7, tail=tail, skew=0.2, entropy=2.0)
     plain = L04.loss_by_hand(logits, y, kd, topk, teacher)
     total, _ = L04.loss_sums(logits, y, kd, topk, teacher)
     assert plain.item() == pytest.approx((total / (y != -100).sum()).item(), rel=1e-5)

@@ -8,14 +8,17 @@ from common.plumbing.artifacts import LessonError, check_preset, load_artifact, 
 from common.tokenizer import get_tokenizer
 
 
-def load_generated(path, preset, soft):
-    """generated.pt's dict; soft: the top-K log-probs must be there."""
+def load_generated(path, preset, cache=None):
+    """generated.pt's dict; cache "topk" or "sampled": that cache of the teacher's must be there."""
     data = load_artifact(path, "generated",
                          keys=("train", "val", "train_prompt_lens", "val_prompt_lens"))
     check_preset(data, path, preset)
-    if soft and not data.get("train_topk_ids"):
+    if cache == "topk" and not data.get("train_topk_ids"):
         raise LessonError("--kd soft needs the teacher's top-K log-probs: run 02_generate.py with "
                           "--topk-logits 32")
+    if cache == "sampled" and not data.get("train_sampled_ids"):
+        raise LessonError("--soft-tail sampled needs the teacher's sampled cache: run "
+                          "02_generate.py with --cache-draws 32")
     return data
 
 
