@@ -60,3 +60,150 @@ def test_04s_training_flags_reach_the_step_the_schedule_and_the_students_samplin
     want = [L04.lr_at(step - 1, total, 3, lr, lr * 0.3) for step in log["step"]]
     assert log["lr"] == [pytest.approx(x, rel=1e-6) for x in want]
     assert log["lr"][2] == pytest.approx(lr) and log["lr"][-1] == pytest.approx(lr * 0.3, rel=0.01)
+
+
+# --- index maps from the teacher's parts onto the student's, where they are not the identity ---
+def gpt(n_layer, seed=0, n_head=4, n_embd=32):
+    import torch
+
+    from common.model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    for p in model.parameters():  # every weight distinct, LayerNorms included
+        p.data.normal_(0, 0.5)
+    return model
+
+
+def test_every_other_block_takes_the_teachers_blocks_0_2_4_in_order():
+    """A 6-block teacher: the student's block i is the teacher's block 2i, the rest shared (fails with the
+    odd blocks taken, or block i // 2 read for every i)."""
+    import torch
+    L03 = load_lesson("03_student.py")
+    teacher = gpt(6)
+    student = L03.every_other_block(teacher).state_dict()
+    theirs = teacher.state_dict()
+    assert student.keys() <= theirs.keys() and "transformer.h.2.attn.c_attn.weight" in student
+    for name, value in student.items():
+        if name.startswith("transformer.h."):
+            _, _, i, rest = name.split(".", 3)
+            name = f"transformer.h.{2 * int(i)}.{rest}"
+        assert torch.equal(value, theirs[name]), name
+
+
+def test_pruned_reads_each_kept_block_by_its_number_in_the_teacher():
+    """A 3-block teacher whose scores keep blocks 1 and 2 (not the identity 0, 1), with heads and neurons
+    scored differently in every block: 03's pruned is cut() of exactly those units, each block's heads and
+    neurons read by the teacher's block number, every list in the teacher's order (fails with the scores
+    read by the student's layer number, or the units kept in score order)."""
+    import torch
+
+    from common.prune import cut
+    L03 = load_lesson("03_student.py")
+    teacher = gpt(3)
+    g = torch.Generator().manual_seed(0)
+    heads_scored = torch.tensor([[9.0, 8, 0, 0], [0, 9, 8, 0], [0, 0, 8, 9]])  # keeps 0 1 | 1 2 | 2 3
+    score = {"blocks": torch.tensor([0.1, 3.0, 2.0]), "heads": heads_scored,
+             "neurons": torch.rand(3, 128, generator=g), "channels": torch.rand(32, generator=g)}
+
+    def top(s, k):  # by hand: the k highest, in the teacher's order
+        return sorted(s.topk(k).indices.tolist())
+    heads = [top(score["heads"][i], 2) for i in (1, 2)]
+    assert heads == [[1, 2], [2, 3]]
+    want = cut(teacher, [1, 2], heads, [top(score["neurons"][i], 64) for i in (1, 2)],
+               top(score["channels"], 16)).state_dict()
+    got = L03.pruned(teacher, score, (2, 2, 16)).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # and cut itself: the student's block j holds the teacher's block [1, 2][j], at the kept units
+    theirs, c = teacher.state_dict(), top(score["channels"], 16)
+    for j, old in enumerate((1, 2)):
+        n = top(score["neurons"][old], 64)
+        assert torch.equal(got[f"transformer.h.{j}.ln_1.weight"], theirs[f"transformer.h.{old}.ln_1.weight"][c])
+        assert torch.equal(got[f"transformer.h.{j}.mlp.c_fc.bias"], theirs[f"transformer.h.{old}.mlp.c_fc.bias"][n])
+
+
+# --- the toy language's own grammar ---
+def test_every_choice_of_the_toy_grammar_is_a_distribution_and_its_stories_keep_their_rules():
+    """500 stories written through a recorder: every choice's probabilities are positive and sum to 1
+    (log_prob and the floor rely on it); a character goes somewhere with someone else; a count lists
+    one, two, ... and says its total; the 40 openings are distinct (fails with the adjectives' half
+    given weight 1 each, a sentence-count table that sums to 0.9, a character going with itself)."""
+    import random
+    import re
+
+    from common import toy_language as toy
+
+    class Recorder:
+        def __init__(self, rng):
+            self.rng, self.text = rng, ""
+
+        def choose(self, pairs):
+            probs = [p for _, p in pairs]
+            assert min(probs) > 0 and abs(sum(probs) - 1) < 1e-9, pairs
+            return self.rng.choices([o for o, _ in pairs], probs)[0]
+
+        def emit(self, text):
+            self.text += text
+    rng = random.Random(0)
+    for _ in range(500):
+        w = Recorder(rng)
+        toy._document(w)
+        name = re.match(r"(\w+) was|Once there was .* called (\w+)\.", w.text).group(1, 2)
+        name = name[0] or name[1]
+        for companion in re.findall(r"went to the \w+ with (\w+)\.", w.text):
+            assert companion != name, w.text
+        for listed, total in re.findall(r"counted the \w+: ([a-z, ]+)\. There were (\w+)", w.text):
+            words = listed.split(", ")
+            assert words == toy.NUMBERS[:len(words)] and total == words[-1], w.text
+    assert len(set(toy.OPENINGS)) == len(toy.OPENINGS) == 40
+
+
+# --- which data each step reads ---
+def test_02_keeps_the_closing_end_of_text_and_cuts_what_follows_it(monkeypatch):
+    """generate_samples on rows the model 'wrote' (generate replaced): a sample that ends keeps its
+    <|endoftext|> (the student must learn to stop) and loses what came after; one that never ends keeps
+    all its max_new_tokens (fails with the ending token dropped)."""
+    import torch
+
+    from common.tokenizer import EOT
+    L02 = load_lesson("02_generate.py")
+    rows = torch.tensor([[EOT, 5, 6, 7, EOT, 9, 9], [EOT, 5, 6, 7, 8, 9, 10]])
+    monkeypatch.setattr(L02, "generate", lambda model, idx, n, **k: rows[:len(idx)])
+    args = type("Args", (), dict(batch_size=2, max_new_tokens=4, temperature=1.0, top_k=50, top_p=1.0, seed=0))
+    samples, _ = L02.generate_samples(None, [[EOT, 5, 6], [EOT, 5, 6]], args, "cpu")
+    assert [s.tolist() for s, _, _ in samples] == [[EOT, 5, 6, 7, EOT], [EOT, 5, 6, 7, 8, 9, 10]]
+
+
+def test_04s_val_loss_scores_the_val_texts_after_their_own_prompts():
+    """val_loss against the NLL of each val text's sampled tokens by hand, with train and val prompts of
+    other lengths (fails with the train split's prompt lengths, or a prompt token scored)."""
+    import torch
+
+    from common.plumbing.device import Precision
+    model = gpt(2)
+    g = torch.Generator().manual_seed(0)
+    val = [torch.randint(0, 64, (n,), generator=g) for n in (9, 12, 7)]
+    data = {"val": val, "val_prompt_lens": [2, 5, 3], "train_prompt_lens": [6, 1, 1]}
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s, P in zip(val, data["val_prompt_lens"]):
+            logp = torch.log_softmax(model(s[None, :-1])[0][0], -1)
+            nll -= logp[torch.arange(P - 1, len(s) - 1), s[P:]].sum().item()  # tokens P.. predicted
+            n += len(s) - P
+    assert L04.val_loss(model, data, 2, Precision("cpu", "fp32")) == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_the_held_out_toy_documents_are_not_the_ones_the_teacher_trained_on(monkeypatch, tmp_path):
+    """01 trains the tiny teacher on a seed of its own; 01's, 05's and 09's held-out documents come from
+    other seeds (fails with the teacher trained on a held-out seed's stream)."""
+    from common import toy_language
+    from conftest import run_here
+    seen = {}
+
+    def record(model, steps, encode, eot, seed=1, **k):
+        seen["seed"] = seed
+        raise KeyboardInterrupt  # enough: the seed is known
+    monkeypatch.setattr(toy_language, "train_on_toy_language", record)
+    run_here(["01_teacher.py", "--preset", "tiny", "--out", str(tmp_path)])
+    held_out = {load_lesson("01_teacher.py").TOY_HELD_OUT_SEED, load_lesson("05_evaluate.py").TOY_SEED,
+                load_lesson("09_starts.py").TOY_SEED}
+    assert "seed" in seen and seen["seed"] not in held_out and len(held_out) >= 2
