@@ -239,6 +239,12 @@ def test_lesson_08_end_to_end_on_the_course(course_copy):
     for x in rows:
         assert 0 <= x["acceptance"] <= 1 and x["proposals"] > 0
         assert 1 <= x["tokens_per_call"] <= x["g"] + 1
+        # the numbers printed beside the measurement, against their formulas: the closed form
+        # (1 - a^(g+1)) / (1 - a), c = a draft step / a teacher step, tokens per call / (g c + 1)
+        a, g = x["acceptance"], x["g"]
+        assert x["closed_form"] == pytest.approx(sum(a ** i for i in range(g + 1)), rel=1e-9)
+        assert x["c"] == pytest.approx(res["step"][x["draft"]] / res["step"]["teacher"], rel=1e-9)
+        assert x["predicted"] == pytest.approx(x["tokens_per_call"] / (g * x["c"] + 1), rel=1e-9)
     # the acceptance near its expectation, pooled over the rows (a row has 10-50 proposals: one row
     # in twenty misses its own 2 standard errors by chance, on one CPU's rounding or another's)
     n = sum(x["proposals"] for x in rows)

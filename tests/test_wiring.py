@@ -207,3 +207,141 @@ def test_the_held_out_toy_documents_are_not_the_ones_the_teacher_trained_on(monk
     held_out = {load_lesson("01_teacher.py").TOY_HELD_OUT_SEED, load_lesson("05_evaluate.py").TOY_SEED,
                 load_lesson("09_starts.py").TOY_SEED}
     assert "seed" in seen and seen["seed"] not in held_out and len(held_out) >= 2
+
+
+def spy(monkeypatch, module, name, calls, stop=False):
+    """Replace module.name by a wrapper that records each call's (args, kwargs) in calls, then calls
+    the real one (or, stop=True, interrupts the lesson: enough has been seen)."""
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append((args, kwargs))
+        if stop:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_05_scores_each_toy_document_whole(course_copy, monkeypatch):
+    """Each toy-language document 05 scores starts and ends with <|endoftext|> and has no other: read
+    after one, as the teacher was trained, and its ending a token to predict (fails with the closing
+    token dropped). Scored as sequences from their first token (prompt length 1)."""
+    import common.perplexity
+    from common.tokenizer import EOT
+    from conftest import run_here
+    calls = []
+    spy(monkeypatch, common.perplexity, "sequences_nll", calls)
+    r = run_here(["05_evaluate.py", "--preset", "tiny", "--out", str(course_copy)])
+    assert r.returncode == 0, r.stderr
+    toy = [(args[1], k["prompt_lens"]) for args, k in calls if len(args[1]) == 60]
+    assert toy and all(P == [1] * 60 for _, P in toy)
+    assert all(d[0] == EOT and d[-1] == EOT and (d[1:-1] != EOT).all() for d in toy[0][0])
+
+
+def test_03_calibrates_pruning_on_the_train_split(start_copy, monkeypatch):
+    """03 --prune scores the teacher's units on texts of 02's train split only (its first batches), and
+    checks the kept units on val texts (the second), never on test."""
+    import torch
+
+    import common.data
+    from conftest import run_here
+    calls = []
+    spy(monkeypatch, common.data, "batches", calls)
+    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy), "--prune"])
+    assert r.returncode == 0, r.stderr
+    data = torch.load(start_copy / "generated.pt", weights_only=False)
+    key = {split: {tuple(s.tolist()) for s in data[split]} for split in ("train", "val", "test")}
+    calibration, check = ({tuple(s.tolist()) for s in args[0]} for args, _ in calls)
+    assert calibration and calibration <= key["train"] and not calibration & (key["val"] | key["test"])
+    assert check and check <= key["val"]
+
+
+def test_09_hands_its_shape_to_03(start_copy, monkeypatch):
+    """09 --n-layer 2 makes each start with 03 --n-layer 2 (not the preset's 1)."""
+    import common.plumbing.runs
+    from conftest import run_here
+    calls = []
+    spy(monkeypatch, common.plumbing.runs, "run_or_refuse", calls, stop=True)
+    run_here(["09_starts.py", "--preset", "tiny", "--out", str(start_copy), "--n-layer", "2"])
+    script, flags, _ = calls[0][0]
+    assert script == "03_student.py" and flags[flags.index("--n-layer") + 1] == "2"
+
+
+# --- rules at their edges ---
+def test_out_of_memory_advice_keeps_the_effective_batch_at_any_setting():
+    """At batch 6 and --grad-accum 3 (not the defaults): halve the batch, double the accumulation."""
+    import torch
+
+    from common.plumbing import train_state
+    from common.plumbing.errors import LessonError
+    state = type("State", (), {"step": 2, "path": "s.pt"})()
+    with pytest.raises(LessonError, match="try --batch-size 3 --grad-accum 6 \\(same effective batch\\)"):
+        with train_state.failures_explained(state, 6, 3):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_only_where_files_go_and_how_often_to_log_may_change_on_resume(monkeypatch):
+    """Every flag of 04 but --out, --preset (its values are the other flags), --resume, --log-interval
+    and --stop-after is part of what a run trains: changed on --resume, it is refused (fails with --seed,
+    or any other flag, let through)."""
+    from common.plumbing import train_state
+    monkeypatch.setattr(sys, "argv", ["04_train.py", "--preset", "tiny"])
+    args = vars(L04.get_args())
+    free = {"out", "preset", "resume", "log_interval", "stop_after"}
+    kept = train_state.settings_of(args, "fp32")
+    assert set(kept) == set(args) - free | {"dtype"}
+    for flag in set(args) - free - {"dtype"}:  # (--dtype is kept as the precision it resolved to)
+        other = dict(args, **{flag: "changed"})
+        assert train_state.changed_settings(kept, train_state.settings_of(other, "fp32"), 1, 1) == [flag]
+
+
+def test_an_accumulation_that_does_not_divide_the_micro_batches_trains_on_every_one(start_copy):
+    """--grad-accum 3 over 52 micro-batches an epoch: 18 steps, the last of one micro-batch, and every
+    training text seen once (fails with the steps floored, which drops the remainder)."""
+    import torch
+
+    from common.plumbing.artifacts import load_artifact
+    from conftest import run_here
+    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), "--epochs", "1",
+                  "--grad-accum", "3"])
+    assert r.returncode == 0, r.stderr
+    log = load_artifact(str(start_copy / "train_log.pt"), "train_log")
+    data = torch.load(start_copy / "generated.pt", weights_only=False)
+    assert len(data["train"]) == 205 and log["steps_per_epoch"] == 18 and log["step"][-1] == 18
+    assert log["tokens"] == sum(len(s) - P for s, P in zip(data["train"], data["train_prompt_lens"]))
+
+
+# --- numbers a report prints beside a measurement ---
+def test_06s_gap_closed_is_the_share_of_the_log_perplexity_gap():
+    """Untrained student e^3, trained e^1, teacher e^0.5: (3 - 1) / (3 - 0.5) = 0.8 of the way."""
+    import math
+    L06 = load_lesson("06_compare.py")
+    r = {"student_init": math.exp(3), "student": math.exp(1), "teacher": math.exp(0.5)}
+    assert L06.gap_closed(r) == pytest.approx(0.8)
+
+
+# --- where the notebook's settings land ---
+def test_a_notebooks_args_are_split_as_a_shell_splits_them(monkeypatch):
+    """ARGS = '--prompts-file "my openings.txt" --kd soft': a quoted file name stays one argument, as on
+    the command line (fails with a plain split on spaces)."""
+    import IPython
+
+    from common.plumbing import cli
+    shell = type("Shell", (), {"user_ns": {"ARGS": '--prompts-file "my openings.txt" --kd soft'}})()
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    assert cli.notebook_args() == ["--prompts-file", "my openings.txt", "--kd", "soft"]
+
+
+def test_a_preset_fills_only_the_flags_left_unset_not_the_ones_set_to_zero(monkeypatch):
+    """The tiny preset's values fill flags left unset (None); a flag set to 0 or False keeps it (fails
+    with `if not value`, which would turn 02's --topk-logits 0 back into 32)."""
+    import argparse
+
+    from common.plumbing import cli
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--count", type=int)
+    p.add_argument("--size", type=int)
+    monkeypatch.setattr(sys, "argv", ["x.py", "--count", "0"])
+    args = cli.parse(p, {"tiny": {"count": 7, "size": 9}})
+    assert (args.count, args.size) == (0, 9)
