@@ -345,3 +345,30 @@ def test_a_preset_fills_only_the_flags_left_unset_not_the_ones_set_to_zero(monke
     monkeypatch.setattr(sys, "argv", ["x.py", "--count", "0"])
     args = cli.parse(p, {"tiny": {"count": 7, "size": 9}})
     assert (args.count, args.size) == (0, 9)
+
+
+def test_a_run_made_with_other_03_flags_is_trained_again_not_kept(tmp_path, monkeypatch):
+    """runs.train (07, 09): a finished run is kept only under the same recipe, and 03's flags (how the
+    student is made) are part of it: with --n-layer 2 instead of 1 both lessons run again (fails with
+    03's flags left out of the recipe, which keeps the old student)."""
+    import time
+
+    import torch
+
+    from common.plumbing import runs
+    (tmp_path / "teacher.pt").write_bytes(b"t")
+    ran = []
+
+    def fake(script, flags, label):  # 04 "trains": writes its log
+        ran.append(script)
+        if script == "04_train.py":
+            torch.save({"kind": "train_log"}, tmp_path / "sub" / "train_log.pt")
+    monkeypatch.setattr(runs, "run_or_refuse", fake)
+    monkeypatch.setattr(runs, "load_artifact", lambda path, kind: {"kind": kind})
+    sub = str(tmp_path / "sub")
+    for n_layer, want in (("1", ["03_student.py", "04_train.py"]), ("1", []), ("2", ["03_student.py", "04_train.py"])):
+        ran.clear()
+        time.sleep(0.01)  # the log is newer than the recipe it was made under
+        runs.train("a start", sub, ["--epochs", "1"], str(tmp_path), None, False, ["teacher.pt"],
+                   make=["--n-layer", n_layer])
+        assert ran == want, (n_layer, ran)
