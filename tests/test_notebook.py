@@ -135,8 +135,9 @@ def first_cells(nb, upto):
 
 def test_an_edited_idea_cell_changes_the_lessons_run_after_it(tmp_path):
     """The learner edits the part of common/model.py that holds GPTConfig and runs it again: the file
-    is written anew and every module imported after it, the plumbing's included, sees the change. A
-    file of the folder changed outside the notebook is kept, and says so."""
+    is written anew and every module imported after it, the plumbing's included, sees the change,
+    and again after a second edit. A file of the folder changed outside the notebook is kept, and
+    says so."""
     nb = committed()
     upto = first_cells(nb, "## Lesson 02")  # the plumbing, setup and lesson 01's ideas
     cells = [c for c in upto if c.source.startswith(("%%course_file", "# %%course_file"))
@@ -151,10 +152,14 @@ def test_an_edited_idea_cell_changes_the_lessons_run_after_it(tmp_path):
     (tmp_path / "common" / "prune.py").write_text("# this folder's own prune.py\n")  # changed outside
     prune = [c for c in nb.cells if c.source.startswith("%%course_file common/prune.py")]
     check_again = nbformat.v4.new_code_cell(check.source)
-    nb.cells = [*cells, check, again, check_again, *prune]
+    # and edited a second time: the file the notebook wrote itself is not "changed outside" it
+    twice = nbformat.v4.new_code_cell(edited.source.replace("    n_layer: int = 12 ", "    n_layer: int = 5 "))
+    check_twice = nbformat.v4.new_code_cell(check.source)
+    nb.cells = [*cells, check, again, check_again, twice, check_twice, *prune]
     run_notebook(as_a_learner_sets_it(nb, more=True), {}, folder=tmp_path)
     assert cell_text(check).split() == ["12", "12"] and cell_text(check_again).split() == ["3", "3"]
-    assert "    n_layer: int = 3 " in (tmp_path / "common" / "model.py").read_text()
+    assert cell_text(check_twice).split() == ["5", "5"]
+    assert "    n_layer: int = 5 " in (tmp_path / "common" / "model.py").read_text()
     assert (tmp_path / "common" / "prune.py").read_text() == "# this folder's own prune.py\n"
     assert "common/prune.py was changed outside this notebook: that one is kept" in cell_text(prune[-1])
 
