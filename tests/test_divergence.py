@@ -14,29 +14,37 @@ def logits_pair(seed=0, shape=(3, 4)):
     return torch.randn(*shape, V, generator=g) * 2, torch.randn(*shape, V, generator=g) * 3
 
 
+def softmax_py(z, T=1.0):
+    """softmax(z / T) in float64 Python arithmetic."""
+    z = [x / T for x in z]
+    e = [math.exp(x - max(z)) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def kl_py(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+
+def positions(s, t, T=1.0):
+    """Each position's index and its (q, p): the student's and the teacher's softmax at T."""
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in s.shape[:-1]]).tolist():
+        yield tuple(idx), softmax_py(s[tuple(idx)].double().tolist(), T), softmax_py(t[tuple(idx)].double().tolist(), T)
+
+
 def brute(s, t, kind, beta=0.5, T=1.0):
     """The textbook formulas, one position at a time, in float64 Python arithmetic."""
-    def softmax(z):
-        z = [x / T for x in z]
-        top = max(z)
-        e = [math.exp(x - top) for x in z]
-        return [x / sum(e) for x in e]
-
-    def kl(a, b):
-        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
-
+    kl = kl_py
     out = torch.empty(s.shape[:-1], dtype=torch.float64)
-    for idx in torch.cartesian_prod(*[torch.arange(n) for n in s.shape[:-1]]).tolist():
-        q, p = softmax(s[tuple(idx)].double().tolist()), softmax(t[tuple(idx)].double().tolist())
+    for idx, q, p in positions(s, t, T):
         if kind == "fkl":
-            out[tuple(idx)] = kl(p, q)
+            out[idx] = kl(p, q)
         elif kind == "rkl":
-            out[tuple(idx)] = kl(q, p)
+            out[idx] = kl(q, p)
         elif kind == "tvd":
-            out[tuple(idx)] = 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+            out[idx] = 0.5 * sum(abs(x - y) for x, y in zip(p, q))
         else:
             m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
-            out[tuple(idx)] = beta * kl(p, m) + (1 - beta) * kl(q, m)
+            out[idx] = beta * kl(p, m) + (1 - beta) * kl(q, m)
     return out
 
 
@@ -215,18 +223,11 @@ def test_a_token_one_side_rules_out_adds_nothing_not_nan(kind):
 # --- the divergences of 2024-26: skew KL (DistiLLM), AKL, entropy-aware (EOPD), vOPD's baseline ---
 def brute_new(s, t, kind, skew=0.1, entropy=1.0):
     """The papers' formulas, one position at a time, in float64 Python arithmetic."""
-    def softmax(z):
-        e = [math.exp(x - max(z)) for x in z]
-        return [x / sum(e) for x in e]
-
-    def kl(a, b):
-        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
-
+    kl = kl_py
     out = torch.empty(s.shape[:-1], dtype=torch.float64)
-    for idx in torch.cartesian_prod(*[torch.arange(n) for n in s.shape[:-1]]).tolist():
-        q, p = softmax(s[tuple(idx)].double().tolist()), softmax(t[tuple(idx)].double().tolist())
+    for idx, q, p in positions(s, t):
         if kind == "skl":  # KL(p || a p + (1 - a) q)
-            out[tuple(idx)] = kl(p, [skew * x + (1 - skew) * y for x, y in zip(p, q)])
+            out[idx] = kl(p, [skew * x + (1 - skew) * y for x, y in zip(p, q)])
         elif kind == "akl":  # the head: the teacher's top tokens until their mass reaches 1/2
             order, mass, head = sorted(range(len(p)), key=lambda i: -p[i]), 0.0, set()
             for i in order:
@@ -236,10 +237,10 @@ def brute_new(s, t, kind, skew=0.1, entropy=1.0):
                 mass += p[i]
             g_head = sum(abs(p[i] - q[i]) for i in head)
             g_tail = sum(abs(p[i] - q[i]) for i in range(len(p)) if i not in head)
-            out[tuple(idx)] = (g_head * kl(p, q) + g_tail * kl(q, p)) / (g_head + g_tail)
+            out[idx] = (g_head * kl(p, q) + g_tail * kl(q, p)) / (g_head + g_tail)
         else:  # eopd: reverse KL, plus forward KL where the teacher's entropy is above the threshold
             h = -sum(x * math.log(x) for x in p if x > 0)
-            out[tuple(idx)] = kl(q, p) + (kl(p, q) if h > entropy else 0.0)
+            out[idx] = kl(q, p) + (kl(p, q) if h > entropy else 0.0)
     return out
 
 
