@@ -244,3 +244,15 @@ def test_the_log_lines_eta_is_the_time_per_step_times_the_steps_left(monkeypatch
     state.history.update(loss=[2.0], ce=[2.0], lr=[1e-3], grad_norm=[1.0])
     line = speed.line(state, 40, 0, 10, 0)  # 10 steps in 30 s, 30 steps left: 90 s
     assert line.endswith("| eta 1m30s"), line
+
+
+def test_the_best_is_kept_only_when_strictly_lower_never_at_a_tie_or_a_nan(tmp_path):
+    """keep_if_best at its edges: a val loss equal to the best is not a new best (the earlier
+    weights stay), nor is a NaN (it compares as nothing); a lower one is."""
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    state = new_state(tmp_path / "s.pt")
+    assert state.keep_if_best(2.0, model, "tiny") and state.best_val == 2.0
+    first = state.best
+    assert not state.keep_if_best(2.0, model, "tiny") and state.best is first
+    assert not state.keep_if_best(float("nan"), model, "tiny") and state.best is first
+    assert state.keep_if_best(1.5, model, "tiny") and state.best_val == 1.5
