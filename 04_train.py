@@ -166,14 +166,14 @@ def loss_by_hand(logits, y, kd, topk=None, teacher_logits=None):
     p = F.softmax(teacher_logits.float(), dim=-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     q = log_q.exp()
-    if kd.kind == "fkl":                            # sum p (log p - log q), with 0 log 0 = 0
-        return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)[scored].mean()
-    if kd.kind == "rkl":                                           # sum q (log q - log p)
-        return (q * (log_q - log_p)).sum(-1)[scored].mean()
+    fkl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # sum p (log p - log q), 0 log 0 = 0
+    rkl = (q * (log_q - log_p)).sum(-1)                           # sum q (log q - log p)
+    if kd.kind == "fkl":
+        return fkl[scored].mean()
+    if kd.kind == "rkl":
+        return rkl[scored].mean()
     if kd.kind == "tvd":                                           # (1/2) sum |p - q|
         return 0.5 * (p - q).abs().sum(-1)[scored].mean()
-    fkl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
-    rkl = (q * (log_q - log_p)).sum(-1)
     if kd.kind == "skl":                               # KL(p || m), m = a p + (1 - a) q
         m = kd.skew * p + (1 - kd.skew) * q
         return torch.where(p > 0, p * (log_p - m.log()), 0.0).sum(-1)[scored].mean()

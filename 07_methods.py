@@ -1,10 +1,9 @@
 """Lesson 07: the divergence lab. One teacher, one data set, one starting student and the same
-number of optimizer steps, trained nine ways (METHODS below; --methods all adds four of 2025-26),
-each at the learning rate its own
-objective picks on val from --lr-grid, then over --seeds; every student measured alike on the
-teacher's held-out samples: perplexity, the exact KL both ways, acceptance (1 - TVD, the chance a
-teacher keeps its speculative-decoding draft), the teacher's perplexity of the student's own text,
-distinct-2, and training FLOPs. Each run is lesson 04 itself, a command 07 prints, in its own
+number of optimizer steps, trained nine ways (METHODS below; --methods 2025 and caches add seven
+more), each at the learning rate its own objective picks on val from --lr-grid, then over --seeds;
+every student measured alike on the teacher's held-out samples: perplexity, the exact KL both
+ways, acceptance (1 - TVD, the chance a teacher keeps its speculative-decoding draft), the
+teacher's perplexity of the student's own text, distinct-2, and training FLOPs. Each run is lesson 04 itself, a command 07 prints, in its own
 folder. docs/lab.md explains the methods, the fair budget, the columns and the measured table.
 
 Reads:  artifacts/teacher.pt, generated.pt, student_init.pt

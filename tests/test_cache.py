@@ -124,5 +124,6 @@ def test_the_tiny_course_trains_from_a_sampled_cache(start_copy):
     r = run_here(train)
     assert r.returncode == 1 and "--soft-tail sampled needs --kd soft and --kd-temperature 1" in r.stderr
     r = run_here(["02_generate.py", "--preset", "tiny", "--out", out, "--num-samples", "24"])
+    assert r.returncode == 0, r.stderr
     r = run_here(train + ["--kd-temperature", "1"])
     assert r.returncode == 1 and "run 02_generate.py with --cache-draws" in r.stderr
