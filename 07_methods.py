@@ -3,8 +3,9 @@ number of optimizer steps, trained nine ways (METHODS below; --methods 2025 and 
 more), each at the learning rate its own objective picks on val from --lr-grid, then over --seeds;
 every student measured alike on the teacher's held-out samples: perplexity, the exact KL both
 ways, acceptance (1 - TVD, the chance a teacher keeps its speculative-decoding draft), the
-teacher's perplexity of the student's own text, distinct-2, and training FLOPs. Each run is lesson 04 itself, a command 07 prints, in its own
-folder. docs/lab.md explains the methods, the fair budget, the columns and the measured table.
+teacher's perplexity of the student's own text, distinct-2, and training FLOPs. Each run is lesson
+04 itself, a command 07 prints, in its own folder. docs/lab.md explains the methods, the fair
+budget, the columns and the measured table.
 
 Reads:  artifacts/teacher.pt, generated.pt, student_init.pt
 Writes: artifacts/methods/start/, methods/<method>/lr<rate>-seed<seed>/ (each 04 run),
