@@ -369,6 +369,20 @@ def test_torchrun_resume_with_dropout_is_exact(start_copy):
     assert_same_run(finished(start_copy), straight)
 
 
+def test_torchrun_ranks_draw_different_dropout_masks(start_copy):
+    """Two ranks seeded alike would drop the same units on every step, a correlation no one-process
+    run has. Both ranks train on copies of one sample, so they draw alike in number and shape: their
+    random streams end equal if and only if they were seeded alike."""
+    keep_train_samples(start_copy, 8, n_val=2)
+    gen = load_artifact(str(start_copy / "generated.pt"), "generated")
+    for key in ("train", "train_prompt_lens", "train_texts", "train_topk_ids", "train_topk_logprobs"):
+        gen[key] = [gen[key][0]] * 8
+    save_artifact(gen, str(start_copy / "generated.pt"))
+    train(start_copy, "--epochs", "1", "--dropout", "0.1", ranks=True)
+    rng = load_artifact(str(start_copy / "train_state.pt"), "train_state")["rng"]
+    assert not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+
+
 def captured_run(out, monkeypatch, *flags):
     """Run lesson 04 in this process and record each optimizer step's micro-batches (x, y) as trained on."""
     steps = []
