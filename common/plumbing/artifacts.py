@@ -32,6 +32,7 @@ KINDS = {
     "methods": ("divergence-lab results file", "07_methods.py"),
     "speculative": ("speculative-decoding results file", "08_speculative.py"),
     "starts": ("three-starts results file", "09_starts.py"),
+    "bytes": ("byte-students results file", "10_bytes.py"),
 }
 MODEL_KINDS = ("teacher", "student_init", "student")
 
