@@ -71,6 +71,9 @@ def get_args():
                                                             "tiny: 24)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (gpt2: 1e-3, tiny: 1e-2)")
     p.add_argument("--batch-size", type=positive_int, help="texts per step (gpt2: 8, tiny: 4)")
+    p.add_argument("--byte-n-embd", type=positive_int,
+                   help="the byte students' width (default: 03's, gpt2: 512, tiny: 32); wider, "
+                        "they match the token student's parameters with the embeddings' share")
     p.add_argument("--uld-weight", type=positive_float, default=1.0,
                    help="uld: the ULD term's weight beside the cross-entropy")
     p.add_argument("--kd-alpha", type=unit_float, default=0.5,
@@ -249,10 +252,11 @@ def token_loss(model, texts, device):
     return F.cross_entropy(logits_fp32(model, x, y != -100), y[y != -100])
 
 
-def train(model, texts, method, epochs, args, prec, seed):
+def train(model, texts, method, args, prec, seed):
     """04's recipe on the texts: AdamW, a linear warmup then a cosine to lr / 10, the gradient
     clipped, mixed precision as 04 decides it; seeded data order. Returns (seconds, steps)."""
     t0, device = time.time(), prec.device
+    epochs = args.epochs if method == "tokens" else args.byte_epochs
     opt = model.configure_optimizer(args.lr, WEIGHT_DECAY, device)
     steps = epochs * math.ceil(len(texts) / args.batch_size)
     warmup = max(1, round(WARMUP * steps))
@@ -328,8 +332,10 @@ def chart(rows, sets, path):
         ax.bar(range(len(v)), mean, 0.6, color=["black"] + ["tab:blue"] * (len(v) - 1),
                yerr=[[m - min(x) for m, x in zip(mean, v)], [max(x) - m for m, x in zip(mean, v)]],
                capsize=3)
-        ax.set_xticks(range(len(v)), [f"{n}\n{r['params'] / 1e6:.2f}M" for n, r in rows.items()],
-                      fontsize=8)
+        names = [n.replace("byte student: ", "bytes: ").replace("token student", "tokens")
+                 for n in rows]
+        ax.set_xticks(range(len(v)), [f"{n}\n{r['params'] / 1e6:.2f}M parameters"
+                                      for n, r in zip(names, rows.values())], fontsize=8)
         ax.set_ylabel("bits per byte (lower is better)")
         ax.set_title(f"{name}\n(bars: the mean over seeds; whiskers: min-max)")
     save_chart(fig, path)
@@ -343,6 +349,11 @@ def main():
     if unknown or not chosen:
         raise LessonError(f"unknown method {', '.join(unknown) or '(none)'}: choose among "
                           f"{', '.join(METHODS)}")
+    heads = STUDENT[args.preset]["n_head"]
+    args.byte_n_embd = args.byte_n_embd or STUDENT[args.preset]["n_embd"]
+    if args.byte_n_embd % heads:
+        raise LessonError(f"--byte-n-embd {args.byte_n_embd}: the {heads} heads split the width "
+                          f"evenly: use a multiple of {heads}")
     enc = get_tokenizer()
     for file in ("teacher.pt", "generated.pt"):
         check_preset(load_artifact(f"{out}/{file}", file[:-3]), f"{out}/{file}", args.preset)
@@ -386,7 +397,8 @@ def main():
         if method == "tokens":
             return GPT(GPTConfig(block_size=teacher.config.block_size, vocab_size=enc.n_vocab,
                                  **STUDENT[args.preset]))
-        return GPT(GPTConfig(block_size=longest, vocab_size=BYTE_EOT + 1, **STUDENT[args.preset]))
+        shape = {**STUDENT[args.preset], "n_embd": args.byte_n_embd}
+        return GPT(GPTConfig(block_size=longest, vocab_size=BYTE_EOT + 1, **shape))
 
     # --- train each student at each seed, and score it ---
     t0 = time.time()
@@ -400,8 +412,7 @@ def main():
         for seed in range(SEED, SEED + args.seeds):
             torch.manual_seed(seed)
             model = student(method).to(prec.device)
-            epochs = args.epochs if method == "tokens" else args.byte_epochs
-            took, steps = train(model, train_texts, method, epochs, args, prec, seed)
+            took, steps = train(model, train_texts, method, args, prec, seed)
             seconds.append(took)
             runs.append(measure(model, sets["tokens" if method == "tokens" else "bytes"], prec))
             print(f"  {name:<24} seed {seed} | " + " | ".join(

@@ -6,7 +6,7 @@ the top, collapsed when the notebook opens. The .py files stay the source: a tes
 committed notebook equal to this script's output, and the steps of each main() together are its
 body, statement for statement.
 
-Reads:  common/**/*.py, 01_teacher.py ... 09_starts.py
+Reads:  common/**/*.py, 01_teacher.py ... 10_bytes.py
 Writes: course.ipynb (or the path given)
 Run:    python make_notebook.py [course.ipynb]
 """
@@ -22,7 +22,7 @@ import textwrap
 HERE = os.path.dirname(os.path.abspath(__file__))
 COURSE = ["01_teacher.py", "02_generate.py", "03_student.py", "04_train.py", "05_evaluate.py",
           "06_compare.py"]
-MORE = ["07_methods.py", "08_speculative.py", "09_starts.py"]
+MORE = ["07_methods.py", "08_speculative.py", "09_starts.py", "10_bytes.py"]
 AS_COMMANDS = ["03_student.py", "04_train.py"]  # 07 and 09 run these as commands: files too
 # which of common/'s ideas each lesson shows, in the order its code needs them (an idea is shown
 # once, in the first lesson whose code imports it)
@@ -34,22 +34,25 @@ IDEAS = {"01_teacher.py": ["common/tokenizer.py", "common/model.py", "common/gpt
          "05_evaluate.py": ["common/perplexity.py"],
          "08_speculative.py": ["common/speculative.py"]}
 PART_LINES = 60  # an idea's file is shown in cells of about this many lines, cut between defs
-# how long lessons 07-09 take: the tiny preset measured (bash run_all.sh --preset tiny, then each
+# how long lessons 07-10 take: the tiny preset measured (bash run_all.sh --preset tiny, then each
 # lesson; 2-core x86-64 CPU, torch 2.13.0), a T4 estimated until one is measured
 TIMES = {"07_methods.py": "tiny preset: about 10 minutes on 2 CPU cores; a T4: about 30 minutes "
                           "(estimated, not yet measured)",
          "08_speculative.py": "tiny preset: about 2 minutes on 2 CPU cores; a T4: about 5 minutes "
                               "(estimated, not yet measured)",
          "09_starts.py": "tiny preset: about 7 minutes on 2 CPU cores; a T4: about 20 minutes "
-                         "(estimated, not yet measured)"}
+                         "(estimated, not yet measured)",
+         "10_bytes.py": "tiny preset: about 5 minutes on 2 CPU cores; a T4: about 30 minutes "
+                        "(estimated, not yet measured)"}
 
 INTRO = """# Knowledge distillation, from scratch
 
-Nine lessons in plain PyTorch. GPT-2 (124M) writes texts, a 6-layer student learns from them, and
+Ten lessons in plain PyTorch. GPT-2 (124M) writes texts, a 6-layer student learns from them, and
 perplexities, charts and side-by-side texts show what it learned (lessons 01-06); then the
-divergence lab (07), the student as a speculative-decoding draft (08) and where a student should
-start (09). Each lesson is a section: what it teaches, its flags in one line (`ARGS`), the ideas of
-`common/` it introduces, its functions, then its steps, a cell each.
+divergence lab (07), the student as a speculative-decoding draft (08), where a student should
+start (09) and a student with its own tokenizer, bytes (10). Each lesson is a section: what it
+teaches, its flags in one line (`ARGS`), the ideas of `common/` it introduces, its functions, then
+its steps, a cell each.
 
 **On Colab:** File > Upload notebook (this file alone is enough), Runtime > Change runtime type >
 T4 GPU, then Runtime > Run all. GPT-2's weights are downloaded once. Without a GPU, set
@@ -115,7 +118,7 @@ SETUP = '''# Edit and run again: every setting takes effect at once.
 PRESET = "gpt2"       # "gpt2": the real course (use a GPU runtime); "tiny": a small teacher on a
 #                       toy language, about 70 s on 2 CPU cores, offline
 OUT = "artifacts"     # the folder the lessons pass their .pt files through
-MORE_LESSONS = False  # True: "Run all" goes on after the course to lessons 07-09 (see their times)
+MORE_LESSONS = False  # True: "Run all" goes on after the course to lessons 07-10 (see their times)
 import importlib.util
 import os
 import sys
@@ -172,15 +175,16 @@ AS_FILES = """#### Lessons 03 and 04 as files
 Lessons 07 and 09 run lesson 03 and lesson 04 as commands, once for each method, rate, seed and
 start, each run in its own folder: these two cells write them as files (the same code as their
 sections above). Run them, no need to read them."""
-MORE_INTRO = """## After the course: lessons 07, 08 and 09
+MORE_INTRO = """## After the course: lessons 07 to 10
 
 Longer experiments on what the course built: the divergence lab (07), the student as a
-speculative-decoding draft (08), and where a student should start (09). "Run all" stops at the
+speculative-decoding draft (08), where a student should start (09), and a byte-level student, with
+a tokenizer of its own (10). "Run all" stops at the
 next cell unless `MORE_LESSONS = True` in the setup cell; or run from here (Runtime > Run cell and
 below).
 """
 STOP = '''if not MORE_LESSONS:
-    raise StopRunAll("lessons 07-09 are not run by Run all: set MORE_LESSONS = True in the setup "
+    raise StopRunAll("lessons 07-10 are not run by Run all: set MORE_LESSONS = True in the setup "
                      "cell and run it, or run from the next cell")'''
 
 
@@ -357,7 +361,7 @@ def main():
     cells += [cell("code", f"%%course_file {f}\n{read(f)}".rstrip("\n")) for f in AS_COMMANDS]
     for lesson in MORE:
         cells += lesson_cells(lesson, f"Time: {TIMES[lesson]}.")
-    cells += [cell("markdown", "## Keep what lessons 07-09 made too"), cell("code", PACK)]
+    cells += [cell("markdown", "## Keep what lessons 07-10 made too"), cell("code", PACK)]
     for i, c in enumerate(cells, 1):  # nbformat 4.5: every cell has an id (Colab reads metadata.id)
         c["id"] = c["metadata"].setdefault("id", f"cell-{i}")
     nb = {"cells": cells, "nbformat": 4, "nbformat_minor": 5,

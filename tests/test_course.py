@@ -170,7 +170,7 @@ def test_report_numbers_are_the_ones_in_eval_pt_and_the_charts_are_images(course
         assert h > 300 and w > 400
 
 
-@pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py", "08_speculative.py", "09_starts.py"])
+@pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py", "08_speculative.py", "09_starts.py", "10_bytes.py"])
 def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(lesson, monkeypatch):
     """--help: the docstring's first whole sentences (never cut at a line end), and every flag's
     default, said by argparse or, for preset-dependent ones, in the help text itself."""

@@ -287,7 +287,7 @@ def test_a_gpu_out_of_memory_is_one_line_that_says_what_to_lower(capsys):
 
 
 @pytest.mark.parametrize("lesson", ["02_generate.py", "04_train.py", "05_evaluate.py", "06_compare.py",
-                                    "07_methods.py", "08_speculative.py", "09_starts.py"])
+                                    "07_methods.py", "08_speculative.py", "09_starts.py", "10_bytes.py"])
 def test_each_gpu_lessons_out_of_memory_advice_names_its_own_flags(lesson):
     source = open(os.path.join(ROOT, lesson), encoding="utf-8").read()
     call, = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)

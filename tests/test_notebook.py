@@ -2,7 +2,7 @@
 cells are its code again, each idea's cells its file), short cells, each idea in the lesson that
 teaches it and before any lesson that needs it, the plumbing collapsed; an edited idea cell changes
 the lessons run after it; the setup cell takes effect when run again; one line, not a traceback,
-for a missing tokenizer offline; lessons 07-09 when chosen. (The tiny course run through the
+for a missing tokenizer offline; lessons 07-10 when chosen. (The tiny course run through the
 notebook: test_course.py.)"""
 import ast
 import glob
@@ -195,9 +195,9 @@ def test_without_the_tokenizer_and_offline_lesson_01_says_so_in_one_line(tmp_pat
 
 
 @pytest.mark.slow
-def test_lessons_07_to_09_run_in_the_notebook_when_chosen(course, tmp_path):
+def test_lessons_07_to_10_run_in_the_notebook_when_chosen(course, tmp_path):
     """After the course: "Run all" stops at the cell before lesson 07, in one line, unless
-    MORE_LESSONS; chosen, lessons 07, 08 and 09 run from the notebook, 07 and 09 running 03 and 04
+    MORE_LESSONS; chosen, lessons 07 to 10 run from the notebook, 07 and 09 running 03 and 04
     as commands from the files the notebook writes, each with its ARGS line set (one method, one
     start, a few steps, on the course cut to 8 training texts)."""
     from test_train import keep_train_samples
@@ -211,7 +211,8 @@ def test_lessons_07_to_09_run_in_the_notebook_when_chosen(course, tmp_path):
     stop = next(i for i, c in enumerate(nb.cells) if c.source.startswith("if not MORE_LESSONS"))
     args = {"07": "--warm-epochs 1 --epochs 1 --lr-grid 1e-2 --seeds 1 --methods fkl --own-samples 1",
             "08": "--prompts 2 --new-tokens 12 --draft-tokens 2 --repeats 1",
-            "09": "--seeds 1 --epochs 1 --starts pruned"}
+            "09": "--seeds 1 --epochs 1 --starts pruned",
+            "10": "--seeds 1 --epochs 1 --byte-epochs 1 --methods tokens,projected"}
     rest, lesson = [], None
     for c in nb.cells[stop + 1:]:
         lesson = c.source[len("## Lesson "):][:2] if c.source.startswith("## Lesson ") else lesson
@@ -224,7 +225,7 @@ def test_lessons_07_to_09_run_in_the_notebook_when_chosen(course, tmp_path):
     run_notebook(stopped, {}, folder=tmp_path, allow_errors=True)
     error, = [o for o in stopped.cells[-1].outputs if o.output_type == "error"]
     said, = error.traceback  # one line
-    assert said.startswith("error: lessons 07-09 are not run by Run all"), said
+    assert said.startswith("error: lessons 07-10 are not run by Run all"), said
     nb.cells = [magic, setup, *rest]
     run_notebook(as_a_learner_sets_it(nb, more=True), {"TIKTOKEN_CACHE_DIR": str(out.parent / "tiktoken")},
                  folder=tmp_path)
@@ -233,3 +234,5 @@ def test_lessons_07_to_09_run_in_the_notebook_when_chosen(course, tmp_path):
     assert "| fkl |" in (art / "methods.md").read_text() and "| soft |" not in (art / "methods.md").read_text()
     assert "| pruned |" in (art / "starts.md").read_text() and "| random |" not in (art / "starts.md").read_text()
     assert "07: fkl" in (art / "speculative.md").read_text()  # 08 took 07's students as drafts
+    assert "| byte student: projected |" in (art / "bytes.md").read_text()
+    assert "| byte student: seq |" not in (art / "bytes.md").read_text()

@@ -205,7 +205,7 @@ def test_the_held_out_toy_documents_are_not_the_ones_the_teacher_trained_on(monk
     monkeypatch.setattr(toy_language, "train_on_toy_language", record)
     run_here(["01_teacher.py", "--preset", "tiny", "--out", str(tmp_path)])
     held_out = {load_lesson("01_teacher.py").TOY_HELD_OUT_SEED, load_lesson("05_evaluate.py").TOY_SEED,
-                load_lesson("09_starts.py").TOY_SEED}
+                load_lesson("09_starts.py").TOY_SEED, load_lesson("10_bytes.py").TOY_SEED}
     assert "seed" in seen and seen["seed"] not in held_out and len(held_out) >= 2
 
 
@@ -372,3 +372,74 @@ def test_a_run_made_with_other_03_flags_is_trained_again_not_kept(tmp_path, monk
         runs.train("a start", sub, ["--epochs", "1"], str(tmp_path), None, False, ["teacher.pt"],
                    make=["--n-layer", n_layer])
         assert ran == want, (n_layer, ran)
+
+
+# --- round 3's misses: a flag's default, a flag into its model, a count into each run, a seed ---
+def test_04s_distillation_flags_left_unset_are_kds_defaults(monkeypatch):
+    """04 run with no distillation flag trains with KD's own defaults, the values 07's method lists
+    and --help assume (fails with a default taken from another field: --entropy-threshold's from
+    KD.alpha passes every test that sets the flag)."""
+    monkeypatch.setattr(sys, "argv", ["04_train.py", "--preset", "tiny"])
+    assert KD.from_args(L04.get_args()) == KD()
+
+
+def test_03s_shape_flags_and_init_std_reach_the_random_student(start_copy):
+    """03's random student at non-default --n-layer, --n-embd, --n-head and --init-std: its config has
+    each, and its weights are drawn with that std; at the tiny preset's defaults, 0.1 (fails with
+    --init-std dropped: GPTConfig's own 0.02)."""
+    import torch
+
+    from common.plumbing.artifacts import load_artifact
+    from conftest import run_here
+    for flags, want in (([], dict(n_layer=2, n_embd=32, n_head=2, init_std=0.1)),
+                        (["--n-layer", "1", "--n-embd", "48", "--n-head", "4", "--init-std", "0.05"],
+                         dict(n_layer=1, n_embd=48, n_head=4, init_std=0.05))):
+        r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy), *flags])
+        assert r.returncode == 0, r.stderr
+        init = load_artifact(str(start_copy / "student_init.pt"), "student_init")
+        assert {k: init["config"][k] for k in want} == want
+        std = init["model"]["transformer.wte.weight"].float().std().item()
+        assert std == pytest.approx(want["init_std"], rel=0.02)  # 1.6M draws: 0.1% off at most
+        assert torch.equal(init["model"]["transformer.h.0.ln_1.weight"], torch.ones(want["n_embd"]))
+
+
+def test_07_trains_the_start_for_warm_epochs_and_each_method_for_epochs(start_copy, monkeypatch):
+    """07 at --warm-epochs 2 --epochs 1 (unequal, unlike the tests that run it at 1 and 1): the start's
+    run of 04 gets 2, each method's run 1 and the start as its --init."""
+    import common.plumbing.runs
+    from conftest import run_here
+    calls = []
+
+    def record(label, sub, flags, *rest):
+        calls.append(flags)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the first method's run: enough
+    monkeypatch.setattr(common.plumbing.runs, "train", record)
+    run_here(["07_methods.py", "--preset", "tiny", "--out", str(start_copy), "--warm-epochs", "2",
+              "--epochs", "1", "--methods", "fkl", "--seeds", "1"])
+    start, method = calls
+    at = lambda flags, flag: flags[flags.index(flag) + 1]
+    assert at(start, "--epochs") == "2" and at(method, "--epochs") == "1"
+    assert at(method, "--init") == at(start, "--out") + "/student_last.pt"
+
+
+def test_01_checks_the_tiny_teacher_on_documents_it_never_trained_on(tmp_path, monkeypatch):
+    """The held-out documents 01 scores its teacher on come from a seed other than the one its
+    training stream came from (fails with the training seed's stream read as held out)."""
+    from common import toy_language
+    from conftest import run_here
+    seeds = {"train": [], "held out": []}
+    documents = toy_language.documents
+
+    def no_training(model, steps, encode, eot, seed=1, **k):
+        seeds["train"].append(seed)
+        return 1
+
+    def record(n, seed):
+        seeds["held out"].append(seed)
+        return documents(n, seed)
+    monkeypatch.setattr(toy_language, "train_on_toy_language", no_training)
+    monkeypatch.setattr(toy_language, "documents", record)
+    r = run_here(["01_teacher.py", "--preset", "tiny", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert seeds["train"] and seeds["held out"] and not set(seeds["train"]) & set(seeds["held out"])
