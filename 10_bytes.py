@@ -15,7 +15,7 @@ docs/bytes.md reads the table.
 
 Reads:  artifacts/teacher.pt, generated.pt
 Writes: artifacts/bytes.pt, bytes.md, bytes.png
-Run:    python 10_bytes.py          (add --preset tiny for a CPU run of about four minutes)
+Run:    python 10_bytes.py          (add --preset tiny for a CPU run of about 2.5 minutes)
 """
 import bisect
 import itertools
@@ -389,7 +389,7 @@ def main():
     # --- the teacher's targets for uld and projected, once ---
     if {"uld", "projected"} & set(chosen):
         t1 = time.time()
-        teacher_targets(teacher, train_texts, sv, prec)
+        teacher_targets(teacher, train_texts, sv, prec, args.batch_size)
         print(f"the teacher's targets for uld and projected: {time.time() - t1:.0f}s")
 
     # --- the students: 03's shape, over GPT-2's tokens or over bytes ---

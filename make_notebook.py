@@ -42,7 +42,7 @@ TIMES = {"07_methods.py": "tiny preset: about 10 minutes on 2 CPU cores; a T4: a
                               "(estimated, not yet measured)",
          "09_starts.py": "tiny preset: about 7 minutes on 2 CPU cores; a T4: about 20 minutes "
                          "(estimated, not yet measured)",
-         "10_bytes.py": "tiny preset: about 5 minutes on 2 CPU cores; a T4: about 30 minutes "
+         "10_bytes.py": "tiny preset: about 2.5 minutes on 2 CPU cores; a T4: about 30 minutes "
                         "(estimated, not yet measured)"}
 
 INTRO = """# Knowledge distillation, from scratch
