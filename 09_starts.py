@@ -31,7 +31,7 @@ from common.plumbing.artifacts import (
     write_text,
 )
 from common.plumbing.charts import plt, save_chart
-from common.plumbing.cli import lesson_parser, parse, positive_float, positive_int
+from common.plumbing.cli import lesson_parser, names_among, parse, positive_float, positive_int
 from common.plumbing.device import get_device, precision
 from common.plumbing.runs import train
 from common.tokenizer import EOT, get_tokenizer
@@ -172,11 +172,7 @@ def chart(rows, teacher_row, path):
 def main():
     args = get_args()
     out = args.out
-    chosen = [name.strip() for name in args.starts.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in STARTS]
-    if unknown or not chosen:
-        raise LessonError(f"unknown start {', '.join(unknown) or '(none)'}: choose among "
-                          f"{', '.join(STARTS)}")
+    chosen = names_among(args.starts, STARTS, "start")
     enc = get_tokenizer()
     for file in INPUTS:  # checked here once: a problem is one line, not many failed runs
         check_preset(load_artifact(f"{out}/{file}", file[:-3]), f"{out}/{file}", args.preset)

@@ -41,7 +41,14 @@ from common.plumbing.artifacts import (
     write_text,
 )
 from common.plumbing.charts import plt, save_chart
-from common.plumbing.cli import lesson_parser, parse, positive_float, positive_int, unit_float
+from common.plumbing.cli import (
+    lesson_parser,
+    names_among,
+    parse,
+    positive_float,
+    positive_int,
+    unit_float,
+)
 from common.plumbing.device import get_device, keep_freed_memory, precision
 from common.sampling import generate
 from common.tokenizer import EOT, get_tokenizer
@@ -344,11 +351,7 @@ def chart(rows, sets, path):
 def main():
     args = get_args()
     out = args.out
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown or not chosen:
-        raise LessonError(f"unknown method {', '.join(unknown) or '(none)'}: choose among "
-                          f"{', '.join(METHODS)}")
+    chosen = names_among(args.methods, METHODS, "method")
     heads = STUDENT[args.preset]["n_head"]
     args.byte_n_embd = args.byte_n_embd or STUDENT[args.preset]["n_embd"]
     if args.byte_n_embd % heads:

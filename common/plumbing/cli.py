@@ -10,6 +10,8 @@ import os
 import shlex
 import sys
 
+from common.plumbing.errors import LessonError
+
 
 def default_preset():
     """gpt2: the real course; tiny: a small stand-in teacher for CPU/offline runs. Read when a
@@ -132,6 +134,17 @@ def existing_path(text):
     if not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"{text} does not exist")
     return text
+
+
+def names_among(text, known, what):
+    """The names of a comma-separated flag value ("seq,uld"), each one of `known`; any other, or
+    none, refused in one line that lists them."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise LessonError(f"unknown {what} {', '.join(unknown) or '(none)'}: choose among "
+                          f"{', '.join(known)}")
+    return names
 
 
 def positive_floats(text):
