@@ -443,3 +443,46 @@ def test_01_checks_the_tiny_teacher_on_documents_it_never_trained_on(tmp_path, m
     r = run_here(["01_teacher.py", "--preset", "tiny", "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr
     assert seeds["train"] and seeds["held out"] and not set(seeds["train"]) & set(seeds["held out"])
+
+
+def test_a_continuation_keeps_the_end_of_text_it_sampled_and_stops_there():
+    """continue_each with a model that always writes <|endoftext|> (its logit 100, the others 0):
+    each prompt gets exactly that one token (the student's on-policy texts must keep their ending, or
+    the student never learns to stop), a row asked for 0 new tokens gets none, and the rest of the
+    batch's generated positions are cut."""
+    import torch
+
+    from common.model import GPT, GPTConfig
+    from common.sampling import continue_each
+    eos = 7
+    model = GPT(GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.eye(8)[0] * 10)   # every hidden state: 10 e_0
+        model.transformer.wte.weight[:, 0] = 0
+        model.transformer.wte.weight[eos, 0] = 10                 # eos's logit 100, the others 0
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6])]
+    out = continue_each(model, prompts, [5, 3, 0], eos, temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+    assert [o.tolist() for o in out] == [[1, 2, 3, eos], [4, eos], [5, 6]]
+
+
+def test_the_saved_students_carry_their_own_val_loss_and_step(start_copy):
+    """student.pt (the best on val) and student_last.pt each carry the step they were saved at and
+    their val loss, the number 06 and 08 print beside them: each equal to the log's entry for that
+    step and, for the last, to its val loss recomputed here (fails with a step written as a loss)."""
+    from common.plumbing.artifacts import load_artifact, load_model
+    from common.plumbing.device import precision
+    from conftest import run_here
+    from test_train import keep_train_samples
+    keep_train_samples(start_copy, 8, n_val=4)
+    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), "--epochs", "3"])
+    assert r.returncode == 0, r.stderr
+    log = load_artifact(str(start_copy / "train_log.pt"), "train_log")
+    best, last = (load_artifact(str(start_copy / f), "student") for f in ("student.pt", "student_last.pt"))
+    measured = dict(log["val"][1:])  # step -> val loss, at each epoch's end
+    assert last["step"] == log["step"][-1] and last["val_loss"] == measured[last["step"]]
+    assert best["val_loss"] == min(measured.values()) == measured[best["step"]]
+    model, _ = load_model(str(start_copy / "student_last.pt"), "student")
+    data = load_artifact(str(start_copy / "generated.pt"), "generated")
+    assert L04.val_loss(model, data, 4, precision("cpu")) == pytest.approx(last["val_loss"], rel=1e-5)
