@@ -486,3 +486,56 @@ def test_the_saved_students_carry_their_own_val_loss_and_step(start_copy):
     model, _ = load_model(str(start_copy / "student_last.pt"), "student")
     data = load_artifact(str(start_copy / "generated.pt"), "generated")
     assert L04.val_loss(model, data, 4, precision("cpu")) == pytest.approx(last["val_loss"], rel=1e-5)
+
+
+def test_a_torch_build_runs_on_a_gpu_by_the_rule_at_every_capability():
+    """gpu_supported against the rule itself at every capability from 3.0 to 12.9: a cubin sm_XY runs
+    on X.Y and later minors of major X only; PTX compute_XY on any capability at or above X.Y, whose
+    minor may be lower than Y when its major is higher (compute_75 runs on 8.0: fails with the
+    versions compared part by part)."""
+    from common.plumbing.device import gpu_supported
+    builds = [["sm_75"], ["sm_80", "sm_86"], ["compute_75"], ["sm_90a", "compute_90"], ["compute_86"],
+              ["sm_50", "sm_75", "compute_75"], ["sm_120"]]
+    for arch_list in builds:
+        for cap in [(major, minor) for major in range(3, 13) for minor in range(10)]:
+            def runs(arch):
+                kind, version = arch.split("_")
+                v = int(version.rstrip("af"))
+                return (cap[0] == v // 10 and cap[1] >= v % 10) if kind == "sm" else cap >= divmod(v, 10)
+            assert gpu_supported(cap, arch_list) == any(runs(a) for a in arch_list), (arch_list, cap)
+
+
+def test_weight_decay_falls_on_the_matrices_only():
+    """configure_optimizer: every matrix (embeddings and linear weights) decays, no bias and no
+    LayerNorm gain does (decay would pull them toward 0 for no gain)."""
+    from common.model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    opt = model.configure_optimizer(1e-3, 0.1, "cpu")
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (0.1 if p.dim() >= 2 else 0.0), name
+    assert sum(1 for p in model.parameters() if p.dim() < 2) >= 6  # biases and gains are there
+
+
+def test_the_toy_teachers_rate_warms_up_to_its_peak_and_ends_at_a_tenth(monkeypatch):
+    """train_on_toy_language's schedule as the optimizer sees it: a linear warmup over 20 steps times
+    a cosine that starts at the given rate (not above: a warmup to a peak 10% high fails) and ends
+    at a tenth of it."""
+    import torch
+
+    from common import toy_language
+    from common.model import GPT, GPTConfig
+    from common.tokenizer import EOT, get_tokenizer
+    seen, step = [], torch.optim.AdamW.step
+
+    def record(opt, *a, **k):
+        seen.append(opt.param_groups[0]["lr"])
+        return step(opt, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8))
+    toy_language.train_on_toy_language(model, 60, get_tokenizer().encode, EOT, batch_size=2, lr=1e-2,
+                                       log=lambda *a: None)
+    cosine = [lr / 1e-2 / min(1.0, (s + 1) / 20) for s, lr in enumerate(seen)]  # warmup divided out
+    assert len(seen) == 60 and cosine == sorted(cosine, reverse=True)
+    assert cosine[0] == pytest.approx(1.0, rel=1e-9) and cosine[-1] == pytest.approx(0.1, rel=0.01)
