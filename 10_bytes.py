@@ -341,8 +341,9 @@ def chart(rows, sets, path):
                capsize=3)
         names = [n.replace("byte student: ", "bytes: ").replace("token student", "tokens")
                  for n in rows]
-        ax.set_xticks(range(len(v)), [f"{n}\n{r['params'] / 1e6:.2f}M parameters"
+        ax.set_xticks(range(len(v)), [f"{n}\n{r['params'] / 1e6:.2f}M"
                                       for n, r in zip(names, rows.values())], fontsize=8)
+        ax.set_xlabel("model (parameters)")
         ax.set_ylabel("bits per byte (lower is better)")
         ax.set_title(f"{name}\n(bars: the mean over seeds; whiskers: min-max)")
     save_chart(fig, path)
