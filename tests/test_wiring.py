@@ -539,3 +539,42 @@ def test_the_toy_teachers_rate_warms_up_to_its_peak_and_ends_at_a_tenth(monkeypa
     cosine = [lr / 1e-2 / min(1.0, (s + 1) / 20) for s, lr in enumerate(seen)]  # warmup divided out
     assert len(seen) == 60 and cosine == sorted(cosine, reverse=True)
     assert cosine[0] == pytest.approx(1.0, rel=1e-9) and cosine[-1] == pytest.approx(0.1, rel=0.01)
+
+
+def test_a_log_lines_speed_and_eta_are_per_step_since_the_last_line(monkeypatch):
+    """Speedometer.line on a clock set by hand: the last line of a run that ends between intervals
+    (step 25, interval 10) covers 5 steps, so 1 s since the line at step 20 is 200 ms a step
+    (fails with the time divided by the interval); tokens per second over that second; the eta
+    from this run's steps only (resumed at step 12)."""
+    import types
+
+    from common.plumbing import progress
+    clock = iter([103.0, 104.0])  # the line at step 20, then now
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    speed = progress.Speedometer(started=100.0, last=100.0)
+    state = types.SimpleNamespace(step=20, history={"loss": [2.0], "ce": [1.0], "lr": [1e-3],
+                                                    "grad_norm": [0.5]})
+    speed.line(state, 40, 0, 10, 12)
+    state.step, speed.tokens = 25, 5000
+    text = speed.line(state, 40, 0, 10, 12)
+    assert "| 200 ms |" in text and "| 5.0k tok/s |" in text
+    assert f"eta {progress.fmt_time(4.0 / 13 * 15)}" in text  # 4 s for 13 steps, 15 to go
+
+
+def test_08s_plain_speed_counts_each_texts_closing_end_of_text(monkeypatch):
+    """plain_speed, with generate and the clock replaced: two prompts whose texts end after 2 and 4
+    tokens, each with its <|endoftext|> (a token the teacher wrote, as speculative decoding counts
+    it), the rest padding: 8 tokens in 2 s."""
+    import torch
+
+    from common.tokenizer import EOT
+    L08 = load_lesson("08_speculative.py")
+    written = {3: [5, 6, EOT, EOT, EOT, EOT], 2: [7, 8, 9, 10, EOT, EOT]}
+
+    def fake_generate(model, idx, n, eos_token=None, **kw):
+        return torch.tensor([idx[0].tolist() + written[idx.size(1)]])
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(L08, "generate", fake_generate)
+    monkeypatch.setattr(L08.time, "time", lambda: next(clock))
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([1, 2])]
+    assert L08.plain_speed(None, prompts, 6, {}, "cpu") == pytest.approx((3 + 5) / 2.0)
