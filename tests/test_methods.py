@@ -299,6 +299,7 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
             assert settings["seed"] == seed and settings["lr"] == row["lr"]
     # each column's verdict, worked out here from the two methods' seed ranges
     md = (start_copy / "methods.md").read_text()
+    assert "with 2 seed(s) (1337, 1338:" in md  # the seeds the runs above were trained with
     for column, (key, _, better) in REPORT.COLUMNS.items():
         sign = 1 if better == "lower" else -1
         best, other = sorted(two, key=lambda n: sign * res["rows"][n]["mean"][key])
