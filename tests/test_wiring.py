@@ -578,3 +578,43 @@ def test_08s_plain_speed_counts_each_texts_closing_end_of_text(monkeypatch):
     monkeypatch.setattr(L08.time, "time", lambda: next(clock))
     prompts = [torch.tensor([1, 2, 3]), torch.tensor([1, 2])]
     assert L08.plain_speed(None, prompts, 6, {}, "cpu") == pytest.approx((3 + 5) / 2.0)
+
+
+def test_every_rank_gets_the_same_number_of_distinct_micro_batches():
+    """chunks_of_epoch at every small size: each of the world ranks gets exactly micro_per_epoch
+    micro-batches (a rank with one fewer would wait forever for the others' gradients), no sample
+    twice, and only the last, incomplete round of batches left out (fails with micro_per_epoch
+    rounding up)."""
+    for n in range(1, 26):
+        for batch_size in (1, 3, 4):
+            for world in (1, 2, 3):
+                per_rank = L04.chunks_of_epoch(n, batch_size, 0, 0, 0.0, world)
+                m = L04.micro_per_epoch(n, batch_size, world)
+                if -(-n // batch_size) < world:  # fewer batches than ranks: not a case 04 runs
+                    continue
+                assert [len(chunks) for chunks in per_rank] == [m] * world, (n, batch_size, world)
+                seen = [k for chunks in per_rank for idx, _ in chunks for k in idx]
+                assert len(seen) == len(set(seen)) and len(seen) > n - batch_size * world
+
+
+def test_08_draws_its_acceptances_on_the_cpu_wherever_the_models_are(monkeypatch):
+    """08's runs draw from a generator on the CPU, whatever device the models are on (the draws, and
+    so the table, are then the same on a GPU and a CPU): a teacher on another device (meta) is
+    handed to run(), and the generator it makes is looked at."""
+    import types
+
+    import torch
+    L08 = load_lesson("08_speculative.py")
+    made = []
+
+    class Seen(Exception):
+        pass
+
+    def generator(device="cpu"):
+        made.append(str(device))
+        raise Seen
+    monkeypatch.setattr(L08.torch, "Generator", generator)
+    teacher = types.SimpleNamespace(parameters=lambda: iter([torch.empty(1, device="meta")]))
+    with pytest.raises(Seen):
+        L08.run(teacher, teacher, [], 4, 2, {})
+    assert made == ["cpu"]
