@@ -123,7 +123,7 @@ def test_the_notebook_reads_as_lessons_and_opens_with_the_plumbing_collapsed():
     assert plumbing["metadata"]["jp-MarkdownHeadingCollapsed"] is True
     assert all(c["id"] == c["metadata"]["id"] for c in cells)
     prose = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    assert "Nine lessons" in prose and "Six lessons" not in prose and "from a shell in the repository" not in prose
+    assert "Ten lessons" in prose and "Nine lessons" not in prose and "from a shell in the repository" not in prose
     headings = [c for c in cells if "".join(c["source"]).startswith("## Lesson ")]
     assert len(headings) == len(LESSONS)
 
