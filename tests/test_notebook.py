@@ -236,3 +236,14 @@ def test_lessons_07_to_10_run_in_the_notebook_when_chosen(course, tmp_path):
     assert "07: fkl" in (art / "speculative.md").read_text()  # 08 took 07's students as drafts
     assert "| byte student: projected |" in (art / "bytes.md").read_text()
     assert "| byte student: seq |" not in (art / "bytes.md").read_text()
+
+
+def test_every_step_heading_has_its_code_under_it():
+    """Each "####" heading of a lesson's functions or steps is followed by its code: none left over
+    at a section's end (the sentinel ruler that closes the last step has no code of its own)."""
+    nb = json.load(open(os.path.join(ROOT, "course.ipynb"), encoding="utf-8"))
+    cells = nb["cells"]
+    for i, c in enumerate(cells):
+        text = "".join(c["source"])
+        if c["cell_type"] == "markdown" and text.startswith("#### "):
+            assert i + 1 < len(cells) and cells[i + 1]["cell_type"] == "code", (i, text[:60])
