@@ -618,3 +618,19 @@ def test_08_draws_its_acceptances_on_the_cpu_wherever_the_models_are(monkeypatch
     with pytest.raises(Seen):
         L08.run(teacher, teacher, [], 4, 2, {})
     assert made == ["cpu"]
+
+
+def test_01s_plain_greedy_writes_what_02s_cached_generate_writes():
+    """01's greedy (the whole text through the model at every step) and 02's generate at
+    temperature 0 (a KV cache) continue a prompt with the same tokens, and only new ones (fails
+    with the prompt's last token returned as the first one written)."""
+    import torch
+
+    from common.model import GPT, GPTConfig
+    from common.sampling import generate
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=16, init_std=0.3))
+    prompt = [3, 14, 15, 9, 2]
+    plain = load_lesson("01_teacher.py").greedy(model.eval(), prompt, 12, eos=-1)
+    cached = generate(model, torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
+    assert plain == cached and len(plain) == 12
