@@ -634,3 +634,38 @@ def test_01s_plain_greedy_writes_what_02s_cached_generate_writes():
     plain = load_lesson("01_teacher.py").greedy(model.eval(), prompt, 12, eos=-1)
     cached = generate(model, torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
     assert plain == cached and len(plain) == 12
+
+
+def test_02_holds_out_each_share_of_openings_its_own_flag_asks_for():
+    """split_by_opening at unequal --val-fraction 0.1 and --test-fraction 0.3 (the tests that run 02
+    use equal ones): 2 of 20 openings go to val, 6 to test, each whole; the unconditional samples
+    alike (1 and 3 of 10)."""
+    import types
+    L02 = load_lesson("02_generate.py")
+    plan = [f"topic {i // 2}" for i in range(40)] + [None] * 10  # 20 openings x 2 samples, 10 alone
+    kept = [(None, None, n) for n in range(len(plan))]
+    args = types.SimpleNamespace(val_fraction=0.1, test_fraction=0.3, seed=0)
+    splits = L02.split_by_opening(kept, plan, args)
+    for name, openings, alone in (("val", 2, 1), ("test", 6, 3)):
+        assert len({plan[j] for j in splits[name] if plan[j]}) == openings, name
+        assert sum(1 for j in splits[name] if not plan[j]) == alone, name
+    for name in ("val", "test"):
+        assert not {plan[j] for j in splits[name] if plan[j]} & {plan[j] for j in splits["train"]}
+
+
+def test_03s_printed_compression_is_the_ratio_of_the_saved_models(start_copy):
+    """03 prints how many times fewer parameters the student has, in all and in its transformer
+    blocks alone: both against the two checkpoints' own counts (fails with the blocks' ratio taken
+    over the student's count with its embeddings)."""
+    import re
+
+    from common.plumbing.artifacts import load_model
+    from conftest import run_here
+    r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy)])
+    assert r.returncode == 0, r.stderr
+    teacher, _ = load_model(str(start_copy / "teacher.pt"), "teacher")
+    student, _ = load_model(str(start_copy / "student_init.pt"), "student_init")
+    ratio, body = map(float, re.search(r"compression: ([\d.]+)x fewer parameters \(([\d.]+)x in the "
+                                       r"transformer blocks", r.stdout).groups())
+    assert ratio == round(teacher.num_params() / student.num_params(), 1)
+    assert body == round(teacher.num_params(embeddings=False) / student.num_params(embeddings=False), 1)
