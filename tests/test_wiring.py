@@ -669,3 +669,17 @@ def test_03s_printed_compression_is_the_ratio_of_the_saved_models(start_copy):
                                        r"transformer blocks", r.stdout).groups())
     assert ratio == round(teacher.num_params() / student.num_params(), 1)
     assert body == round(teacher.num_params(embeddings=False) / student.num_params(embeddings=False), 1)
+
+
+def test_04_at_warmup_steps_0_starts_at_the_peak_rate(start_copy):
+    """--warmup-steps 0 is a value, not "unset": the first step trains at the peak rate (fails with 0
+    read as falsy, the 10% default warmup taken instead)."""
+    from common.plumbing.artifacts import load_artifact
+    from conftest import run_here
+    from test_train import keep_train_samples
+    keep_train_samples(start_copy, 10, n_val=1)  # 20 steps of 1 text: the default warmup, 2 steps
+    r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), "--epochs", "2",
+                  "--batch-size", "1", "--warmup-steps", "0", "--lr", "0.01"])
+    assert r.returncode == 0, r.stderr
+    log = load_artifact(str(start_copy / "train_log.pt"), "train_log")
+    assert log["lr"][0] == pytest.approx(0.01) and log["lr"][1] < 0.01
