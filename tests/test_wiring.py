@@ -683,3 +683,25 @@ def test_04_at_warmup_steps_0_starts_at_the_peak_rate(start_copy):
     assert r.returncode == 0, r.stderr
     log = load_artifact(str(start_copy / "train_log.pt"), "train_log")
     assert log["lr"][0] == pytest.approx(0.01) and log["lr"][1] < 0.01
+
+
+def test_05_takes_a_stride_up_to_the_window_and_refuses_one_past_it(course_copy, monkeypatch):
+    """--stride at its edge: equal to the teacher's window (128 tokens, the tiny preset), the
+    default's own value, goes on to the evaluation sets (stopped there: enough); one more is refused
+    in one line (fails with >= for >)."""
+    import common.plumbing.artifacts
+    from conftest import run_here
+    load, reached = common.plumbing.artifacts.load_artifact, []
+
+    def load_until_the_sets(path, kind, *a, **k):
+        if kind == "generated":  # past the check: enough
+            reached.append(path)
+            raise KeyboardInterrupt
+        return load(path, kind, *a, **k)
+    monkeypatch.setattr(common.plumbing.artifacts, "load_artifact", load_until_the_sets)
+    flags = ["05_evaluate.py", "--preset", "tiny", "--out", str(course_copy), "--stride"]
+    r = run_here(flags + ["129"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--stride 129" in r.stderr
+    assert not reached
+    r = run_here(flags + ["128"])
+    assert "--stride" not in r.stderr and reached, r.stderr
