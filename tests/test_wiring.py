@@ -705,3 +705,38 @@ def test_05_takes_a_stride_up_to_the_window_and_refuses_one_past_it(course_copy,
     assert not reached
     r = run_here(flags + ["128"])
     assert "--stride" not in r.stderr and reached, r.stderr
+
+
+def test_06s_report_puts_each_model_at_its_own_multiple_of_the_floor(course):
+    """report.md's toy-language sentence, written here by 06's perplexity_lines from the course's
+    eval.pt and train_log.pt: the teacher's and the trained student's perplexities over the
+    language's floor (fails with the untrained student's taken)."""
+    import re
+
+    from common.plumbing.artifacts import load_artifact
+    out, _, _ = course
+    ev = load_artifact(str(out / "eval.pt"), "eval")
+    log = load_artifact(str(out / "train_log.pt"), "train_log")
+    f, ppl = ev["floor"]["toy-language"], ev["perplexity"]["toy-language"]
+    rates = {s: dict.fromkeys(("improvement", "achievement", "gap_closed"), 0.0) for s in ev["perplexity"]}
+    lines = load_lesson("06_compare.py").perplexity_lines(ev, log, rates)
+    text = " ".join(" ".join(lines).split())
+    teacher, student = map(float, re.search(r"The teacher is at ([\d.]+)x the floor, the student at "
+                                            r"([\d.]+)x\.", text).groups())
+    assert teacher == round(ppl["teacher"] / f, 2) and student == round(ppl["student"] / f, 2)
+    assert student != round(ppl["student_init"] / f, 2)
+
+
+def test_08_takes_each_lab_methods_first_seed_as_its_draft(tmp_path):
+    """draft_files reads methods.pt: of a method's runs (one folder a seed, the first seed first),
+    the first, the one the lab's rate was chosen with (fails with the last seed's taken)."""
+    from common.plumbing.artifacts import save_artifact
+    L08 = load_lesson("08_speculative.py")
+    folders = ["methods/fkl/lr0.01-seed1337", "methods/fkl/lr0.01-seed1338"]
+    for folder in folders:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "student_last.pt").write_bytes(b"")
+    save_artifact({"kind": "methods", "rows": {"fkl": {"folders": folders}, "teacher": {}}},
+                  str(tmp_path / "methods.pt"))
+    files = L08.draft_files(str(tmp_path))
+    assert files["07: fkl"] == f"{tmp_path}/{folders[0]}/student_last.pt" and "07: teacher" not in files
