@@ -740,3 +740,47 @@ def test_08_takes_each_lab_methods_first_seed_as_its_draft(tmp_path):
                   str(tmp_path / "methods.pt"))
     files = L08.draft_files(str(tmp_path))
     assert files["07: fkl"] == f"{tmp_path}/{folders[0]}/student_last.pt" and "07: teacher" not in files
+
+
+def test_08s_run_reports_its_numbers_by_their_formulas(monkeypatch):
+    """run() with speculative_generate and the clock replaced by fixed ones: two prompts, 5
+    proposals of known (kept, expected); the acceptance and its expectation are their means, the
+    spread two standard errors of their difference (std / sqrt(n): fails with std / n), tokens per
+    call and per second from the counts."""
+    import math
+    import types
+
+    import torch
+    L08 = load_lesson("08_speculative.py")
+    trials = [[(1, 0.6), (0, 0.5), (1, 0.9)], [(1, 0.7), (0, 0.2)]]
+    out = iter([(torch.arange(6), {"trials": trials[0], "target_calls": 3}),
+                (torch.arange(4), {"trials": trials[1], "target_calls": 2})])
+    monkeypatch.setattr(L08, "speculative_generate", lambda *a, **k: next(out))
+    clock = iter([0.0, 2.0])
+    monkeypatch.setattr(L08.time, "time", lambda: next(clock))
+    model = types.SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]))
+    r = L08.run(model, model, [torch.tensor([1]), torch.tensor([2])], 8, 2, {})
+    kept, expected = [1, 0, 1, 1, 0], [0.6, 0.5, 0.9, 0.7, 0.2]
+    diff = [k - m for k, m in zip(kept, expected)]
+    mean = sum(diff) / 5
+    std = math.sqrt(sum((d - mean) ** 2 for d in diff) / 4)
+    assert r["acceptance"] == pytest.approx(0.6) and r["expected"] == pytest.approx(2.9 / 5)
+    assert r["diff_2se"] == pytest.approx(2 * std / math.sqrt(5))
+    assert r["tokens_per_call"] == pytest.approx(10 / 5) and r["tok_s"] == pytest.approx(10 / 2.0)
+    assert r["proposals"] == 5 and r["tokens"] == 10
+
+
+def test_09_measures_each_start_after_training_on_04s_best_student(start_copy, runs_in_process, monkeypatch):
+    """09's "after" is 04's student.pt (the best on val), not student_last.pt: the files it loads
+    for each run, spied (fails with the last taken)."""
+    import common.plumbing.artifacts
+    from conftest import run_here
+    from test_train import keep_train_samples
+    keep_train_samples(start_copy, 8, n_val=2, n_test=2)
+    calls = []
+    spy(monkeypatch, common.plumbing.artifacts, "load_model", calls)
+    r = run_here(["09_starts.py", "--preset", "tiny", "--out", str(start_copy), "--seeds", "1",
+                  "--epochs", "1", "--starts", "random"])
+    assert r.returncode == 0, r.stderr
+    loaded = [args[0].rsplit("/", 1)[-1] for args, _ in calls]
+    assert loaded[-2:] == ["student_init.pt", "student.pt"], loaded
