@@ -784,3 +784,22 @@ def test_09_measures_each_start_after_training_on_04s_best_student(start_copy, r
     assert r.returncode == 0, r.stderr
     loaded = [args[0].rsplit("/", 1)[-1] for args, _ in calls]
     assert loaded[-2:] == ["student_init.pt", "student.pt"], loaded
+
+
+def test_speculative_decoding_fills_the_context_exactly_and_refuses_one_more():
+    """speculative_generate at its edge: a prompt and new tokens that fill the context exactly
+    (block 16: 6 + 10) run (greedy: the target's own text, as 02's generate writes it); one more
+    token is refused (fails with >= for >)."""
+    import torch
+
+    from common.model import GPT, GPTConfig
+    from common.sampling import generate
+    from common.speculative import speculative_generate
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=2, n_embd=16, init_std=0.3)).eval()
+    draft = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=2, n_embd=8, init_std=0.3)).eval()
+    prompt = torch.tensor([1, 2, 3, 4, 5, 6])
+    new, _ = speculative_generate(target, draft, prompt, 10, 3, temperature=0)
+    assert torch.equal(torch.as_tensor(new), generate(target, prompt[None], 10, temperature=0)[0, 6:])
+    with pytest.raises(ValueError):
+        speculative_generate(target, draft, prompt, 11, 3, temperature=0)
