@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from common.data import batches, make_batch
 from common.distill import KD, ONLINE, SAMPLED, loss_sums, stored_targets
-from common.model import GPT, logits_fp32
+from common.model import GPT, logits_fp32, lr_at
 from common.plumbing import cli, distributed, train_state
 from common.plumbing.artifacts import LessonError, ctrl_c_finishes_the_step, run_lesson
 from common.plumbing.device import Precision, deterministic, keep_freed_memory, sync
@@ -253,15 +253,7 @@ def student_samples(student, seqs, prompt_lens, temperature):
     return samples
 
 
-# --- the schedule ---
-def lr_at(step, total, warmup, lr, min_lr):
-    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at the last step."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
+# --- the schedule (the rate's: common/model.py's lr_at) ---
 def micro_per_epoch(n, batch_size, world):
     """Micro-batches each process takes an epoch: the same number on every rank."""
     return (math.ceil(n / batch_size) // world) or 1

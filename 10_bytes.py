@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from common import toy_language
 from common.data import pad_batch
 from common.distill import kl
-from common.model import GPT, GPTConfig, logits_fp32
+from common.model import GPT, GPTConfig, logits_fp32, lr_at
 from common.perplexity import sequences_nll
 from common.plumbing.artifacts import (
     LessonError,
@@ -62,7 +62,7 @@ STUDENT = {"gpt2": dict(n_layer=6, n_embd=512, n_head=8, init_std=0.02),  # 03's
 # leave them far from done (docs/bytes.md). At the gpt2 preset both cost alike: the same epochs.
 PRESETS = {"gpt2": dict(epochs=3, byte_epochs=3, lr=1e-3, batch_size=8, seeds=1),
            "tiny": dict(epochs=6, byte_epochs=24, lr=1e-2, batch_size=4, seeds=3)}
-WARMUP, MIN_LR_RATIO, WEIGHT_DECAY, GRAD_CLIP = 0.1, 0.1, 0.1, 1.0  # 04's defaults
+MIN_LR_RATIO, WEIGHT_DECAY, GRAD_CLIP = 0.1, 0.1, 1.0  # 04's defaults
 METHODS = ["tokens", "seq", "uld", "projected"]  # "tokens": the token-level student
 TOY_DOCUMENTS, TOY_SEED = 60, 3  # lesson 05's held-out toy-language documents
 SEED = 1337
@@ -229,9 +229,10 @@ def teacher_targets(teacher, texts, sv, prec, batch_size=8):
         starts = torch.zeros(len(rows), dtype=torch.bool).index_fill_(0, boundaries(group), True)
         projected = project(p, rows.to(device), nodes.to(device), starts.to(device), sv)
         top = p.topk(BYTE_EOT + 1, -1).values
-        for t, p, q in zip(group, top.float().cpu().split(n_tokens),
-                           projected.float().cpu().split([len(t.token_of) for t in group])):
-            t.top, t.projected = p, q
+        for t, t_top, t_projected in zip(group, top.float().cpu().split(n_tokens),
+                                         projected.float().cpu().split([len(t.token_of)
+                                                                        for t in group])):
+            t.top, t.projected = t_top, t_projected
 
 
 def byte_loss(model, texts, method, args):
@@ -266,10 +267,7 @@ def train(model, texts, method, args, prec, seed):
     epochs = args.epochs if method == "tokens" else args.byte_epochs
     opt = model.configure_optimizer(args.lr, WEIGHT_DECAY, device)
     steps = epochs * math.ceil(len(texts) / args.batch_size)
-    warmup = max(1, round(WARMUP * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
-        (s + 1) / warmup, MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (
-            1 + math.cos(math.pi * max(0, s - warmup) / max(1, steps - warmup)))))
+    warmup, step = max(1, round(steps / 10)), 0  # a tenth of the steps warm up, as in 04
     scaler = prec.scaler()
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -277,6 +275,8 @@ def train(model, texts, method, args, prec, seed):
         order = torch.randperm(len(texts), generator=g).tolist()
         for i in range(0, len(texts), args.batch_size):
             batch = [texts[j] for j in order[i:i + args.batch_size]]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, warmup, args.lr, args.lr * MIN_LR_RATIO)
             with prec.autocast():
                 loss = (token_loss(model, batch, device) if method == "tokens" else
                         byte_loss(model, batch, method, args))
@@ -286,7 +286,7 @@ def train(model, texts, method, args, prec, seed):
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             scaler.step(opt)
             scaler.update()
-            schedule.step()
+            step += 1
     model.eval()
     return time.time() - t0, steps
 

@@ -207,6 +207,14 @@ class GPT(nn.Module):
         return logits, loss
 
 
+def lr_at(step, total, warmup, lr, min_lr):
+    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def logits_fp32(model, x, positions=None):
     """model(x)'s logits (B, T, vocab) in float32 whatever the autocast dtype: the transformer body
     may run in bf16/fp16, the output layer (and so every logit) is computed in float32 (in float64
