@@ -1,0 +1,248 @@
+"""Every rule at its edge: the last value a rule accepts is accepted, the first it refuses is refused.
+
+A rule is tested where it is written: a `<` that should be `<=` passes every test away from its
+bound. A lesson's own checks are run up to the first thing the lesson does after them, which a spy
+turns into `Passed` (the check let the value through) instead of running the lesson on.
+"""
+import argparse
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import load_lesson, run_here  # noqa: E402
+
+
+class Passed(Exception):
+    """Raised by a spy on the first call after a lesson's checks: they let the flags through."""
+
+
+def stop_at(monkeypatch, module, name):
+    def passed(*a, **k):
+        raise Passed(name)
+    monkeypatch.setattr(module, name, passed)
+
+
+def checked(args, monkeypatch, module, name):
+    """'passed' if the lesson's checks let `args` through, else its one-line refusal."""
+    stop_at(monkeypatch, module, name)
+    try:
+        r = run_here(args)
+    except Passed:
+        return "passed"
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    return r.stderr.strip()
+
+
+def test_each_number_type_takes_its_bounds_as_its_interval_says():
+    """[0, 1] takes 0 and 1; (0, 1] refuses 0; [0, 1) refuses 1; a positive int starts at 1, a
+    non-negative one at 0."""
+    from common.plumbing import cli
+    cases = {cli.unit_float: ([0, 1], [-1e-9, 1 + 1e-9]), cli.prob_float: ([1e-9, 1], [0, 1.0001]),
+             cli.fraction: ([0, 0.999], [1, -1e-9]), cli.positive_float: ([1e-9], [0]),
+             cli.nonneg_float: ([0], [-1e-9]), cli.positive_int: ([1], [0]), cli.nonneg_int: ([0], [-1])}
+    for check, (good, bad) in cases.items():
+        for x in good:
+            assert check(str(x)) == x
+        for x in bad:
+            with pytest.raises(argparse.ArgumentTypeError):
+                check(str(x))
+    assert cli.positive_floats("1e-3, 2") == [1e-3, 2.0]
+
+
+def test_02s_checks_at_their_edges(start_copy, monkeypatch):
+    """--cache-draws 255 goes, 256 not; val + test fractions must leave training samples; a prompt
+    plus --max-new-tokens may fill the teacher's context exactly, not one more."""
+    import torch
+
+    import common.model
+    from common import toy_language
+    from common.tokenizer import EOT, get_tokenizer
+    enc = get_tokenizer()
+    ckpt = torch.load(start_copy / "teacher.pt", weights_only=False)
+    room = ckpt["config"]["block_size"] - max(len([EOT] + enc.encode(t)) for t in toy_language.OPENINGS)
+    base = ["02_generate.py", "--preset", "tiny", "--out", str(start_copy), "--prompts", "topics",
+            "--num-samples", str(len(toy_language.OPENINGS)), "--max-new-tokens", "8"]
+
+    def run(*flags):
+        return checked(base + list(flags), monkeypatch, common.model, "logits_fp32")
+    assert run("--cache-draws", "255") == "passed"
+    assert "--cache-draws 256" in run("--cache-draws", "256")
+    assert run("--val-fraction", "0.5", "--test-fraction", "0.49") == "passed"
+    assert "--val-fraction plus --test-fraction" in run("--val-fraction", "0.5", "--test-fraction", "0.5")
+    assert run("--max-new-tokens", str(room)) == "passed"
+    assert f"use --max-new-tokens {room} or less" in run("--max-new-tokens", str(room + 1))
+
+
+def test_02_keeps_a_sample_repeating_exactly_max_repeat_and_drops_the_second_copy():
+    """keep_good: a share of repeated 4-grams equal to --max-repeat is kept, one above dropped; of two
+    equal samples the first is kept; each drop counted once under its reason."""
+    import torch
+    L02 = load_lesson("02_generate.py")
+    loop = [1, 2, 3, 4] * 3                       # 9 4-grams, 5 of them repeats: 5/9
+    share = L02.repeated_ngram_fraction(loop)
+    assert share == pytest.approx(5 / 9)
+    other = list(range(20, 32))
+    samples = [(torch.tensor([0] + loop), 1, 0), (torch.tensor([0] + other), 1, 1),
+               (torch.tensor([0] + other), 1, 2), (torch.tensor([0] + list(range(40, 47))), 1, 3)]
+    kept, dropped = L02.keep_good(samples, share)
+    assert [n for _, _, n in kept] == [0, 1]
+    assert dropped == {"empty or under 8 new tokens": 1, "repetitive": 0, "duplicate": 1}
+    kept, dropped = L02.keep_good(samples, share - 1e-9)
+    assert [n for _, _, n in kept] == [1] and dropped["repetitive"] == 1
+
+
+def test_02_holds_out_one_opening_each_once_there_are_three():
+    """With 3 openings and the default shares, val and test get one opening each (at least one once
+    there are 3); with 2, a held-out split asked for is empty and refused in one line."""
+    import torch
+    L02 = load_lesson("02_generate.py")
+    from common.plumbing.errors import LessonError
+    args = argparse.Namespace(val_fraction=0.1, test_fraction=0.1, seed=0)
+    for n in (3, 2):
+        plan = [f"opening {i}" for i in range(n)] * 2
+        kept = [(torch.tensor([0, 1]), 1, i) for i in range(len(plan))]
+        if n == 3:
+            splits = L02.split_by_opening(kept, plan, args)
+            assert sorted(len(v) for v in splits.values()) == [2, 2, 2]
+        else:
+            with pytest.raises(LessonError, match="split is empty"):
+                L02.split_by_opening(kept, plan, args)
+
+
+def test_03_cuts_a_shape_up_to_the_teachers_own_and_refuses_one_more():
+    """check_prunable: the teacher's own depth, width and heads may be kept; one more of any is
+    refused, naming its flag."""
+    L03 = load_lesson("03_student.py")
+    from common.model import GPTConfig
+    from common.plumbing.errors import LessonError
+    t = GPTConfig(vocab_size=64, block_size=16, n_layer=3, n_head=4, n_embd=32)
+    L03.check_prunable(argparse.Namespace(n_layer=3, n_embd=32, n_head=4), t)
+    for flag, shape in (("--n-layer", (4, 32, 4)), ("--n-embd", (3, 40, 5)), ("--n-head", (3, 32, 5))):
+        with pytest.raises(LessonError, match=flag):
+            L03.check_prunable(argparse.Namespace(n_layer=shape[0], n_embd=shape[1], n_head=shape[2]), t)
+
+
+def test_04s_misfits_at_their_edges():
+    """refuse_misfits: a jsd beta or a skew inside (0, 1) goes, at 0 or 1 not; the sampled kinds need
+    --on-policy exactly 1."""
+    L04 = load_lesson("04_train.py")
+    from common.plumbing.errors import LessonError
+
+    def args(**kw):
+        base = dict(kd="seq", jsd_beta=0.5, skew=0.1, on_policy=0.0, on_policy_temperature=1.0, soft_k=0,
+                    soft_tail="renorm", kd_temperature=1.0)
+        return argparse.Namespace(**{**base, **kw})
+    for kd, name in (("jsd", "jsd_beta"), ("skl", "skew")):
+        for x in (1e-6, 1 - 1e-6):
+            L04.refuse_misfits(args(kd=kd, **{name: x}))
+        for x in (0.0, 1.0):
+            with pytest.raises(LessonError, match=name.replace("_", "-")):
+                L04.refuse_misfits(args(kd=kd, **{name: x}))
+    L04.refuse_misfits(args(kd="rkl-sampled", on_policy=1.0))
+    with pytest.raises(LessonError, match="--on-policy 1"):
+        L04.refuse_misfits(args(kd="rkl-sampled", on_policy=1 - 1e-6))
+
+
+def test_04_takes_soft_k_up_to_the_stored_k(start_copy, monkeypatch):
+    """--soft-k equal to the K that 02 stored goes; one more is refused, saying the K."""
+    import torch
+
+    import common.plumbing.train_inputs as inputs
+    K = torch.load(start_copy / "generated.pt", weights_only=False)["train_topk_ids"][0].size(-1)
+    base = ["04_train.py", "--preset", "tiny", "--out", str(start_copy), "--kd", "soft"]
+    assert checked(base + ["--soft-k", str(K)], monkeypatch, inputs, "load_student") == "passed"
+    assert f"keeps the teacher's top {K}" in checked(base + ["--soft-k", str(K + 1)], monkeypatch, inputs,
+                                                     "load_student")
+
+
+def test_a_sample_may_fill_the_students_and_the_teachers_context_exactly(start_copy):
+    """load_student and load_teacher take samples as long as the context, and refuse one token more."""
+    import torch
+
+    from common.plumbing.device import precision
+    from common.plumbing.errors import LessonError
+    from common.plumbing.train_inputs import load_student, load_teacher
+    for file, load in (("student_init.pt", lambda p, n: load_student(p, "tiny", 0.0, n)),
+                       ("teacher.pt", lambda p, n: load_teacher(p, n, precision("cpu")))):
+        n = torch.load(start_copy / file, weights_only=False)["config"]["block_size"]
+        load(str(start_copy / file), n)
+        with pytest.raises(LessonError, match="context"):
+            load(str(start_copy / file), n + 1)
+
+
+def test_05_scores_a_text_of_two_tokens_refuses_one_and_cuts_at_max_tokens(tmp_path):
+    """long_texts: 2 tokens are the least a text can be scored on (one predicted); --max-tokens N keeps
+    exactly N tokens."""
+    L05 = load_lesson("05_evaluate.py")
+    from common.plumbing.errors import LessonError
+    from common.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    two, one, long = tmp_path / "two.txt", tmp_path / "one.txt", tmp_path / "long.txt"
+    two.write_text(" the cat")
+    one.write_text(" the")
+    long.write_text(" the cat sat on the mat" * 5)
+    assert len(enc.encode(two.read_text())) == 2 and len(enc.encode(one.read_text())) == 1
+
+    def texts(paths, max_tokens=0):
+        return L05.long_texts(argparse.Namespace(wikitext=False, eval_text=[str(p) for p in paths],
+                                                 max_tokens=max_tokens), enc)[0]
+    assert len(texts([two])["two.txt"]) == 2
+    with pytest.raises(LessonError, match="fewer than 2 tokens"):
+        texts([one])
+    assert len(texts([long], max_tokens=7)["long.txt"]) == 7
+    assert len(texts([long])["long.txt"]) == 30
+
+
+def test_08s_checks_at_their_edges(course_copy, monkeypatch):
+    """--draft-tokens takes 1 and refuses 0; a prompt plus --new-tokens may fill the context exactly."""
+    import torch
+
+    import common.perplexity
+    L08 = "08_speculative.py"
+    data = torch.load(course_copy / "generated.pt", weights_only=False)
+    block = torch.load(course_copy / "teacher.pt", weights_only=False)["config"]["block_size"]
+    room = block - max(data["test_prompt_lens"][:2])
+    base = [L08, "--preset", "tiny", "--out", str(course_copy), "--prompts", "2", "--repeats", "1"]
+
+    def run(*flags):
+        return checked(base + list(flags), monkeypatch, common.perplexity, "score_sampled")
+    assert run("--draft-tokens", "1", "--new-tokens", str(room)) == "passed"
+    assert "--draft-tokens '0,1'" in run("--draft-tokens", "0,1", "--new-tokens", "4")
+    assert "longer than the models' context" in run("--draft-tokens", "1", "--new-tokens", str(room + 1))
+
+
+def test_09_cuts_as_many_blocks_as_the_teacher_has_and_refuses_one_more(course_copy, monkeypatch, tmp_path):
+    """--n-layer equal to the teacher's depth goes on to the runs; one more is refused."""
+    import torch
+
+    from common.plumbing import runs
+    n = torch.load(course_copy / "teacher.pt", weights_only=False)["config"]["n_layer"]
+    base = ["09_starts.py", "--preset", "tiny", "--out", str(course_copy), "--seeds", "1"]
+    assert checked(base + ["--n-layer", str(n)], monkeypatch, runs, "run_script") == "passed"
+    assert f"--n-layer {n + 1}" in checked(base + ["--n-layer", str(n + 1)], monkeypatch, runs, "run_script")
+
+
+def test_a_client_error_is_final_and_a_server_error_is_retried(monkeypatch, tmp_path):
+    """download: HTTP 400 and 499 stop at once; 500 is retried (the server may come back)."""
+    import io
+    import urllib.error
+    import urllib.request
+
+    from common.plumbing import download
+    from common.plumbing.errors import LessonError
+    calls = []
+
+    def fail_with(code):
+        def urlopen(request, timeout=None):
+            calls.append(code)
+            raise urllib.error.HTTPError(request.full_url, code, "nope", {}, io.BytesIO())
+        return urlopen
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    for code, tries in ((400, 1), (499, 1), (500, 3)):
+        calls.clear()
+        monkeypatch.setattr(urllib.request, "urlopen", fail_with(code))
+        with pytest.raises(LessonError, match=f"HTTP {code}"):
+            download.download("http://127.0.0.1:9/x", str(tmp_path / "x"), retries=3, quiet=True)
+        assert len(calls) == tries, code
