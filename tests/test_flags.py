@@ -1,0 +1,212 @@
+"""Every flag of a lesson, at a value unlike its default and unlike the others, reaches the object
+that uses it; and what the lesson prints about its run is what it saved.
+
+One run of each lesson with all its flags moved at once: a spy on each function the lesson hands a
+flag to records what it was given. A flag swapped with another, or left at its default, shows up
+here, where a run at the defaults (where several flags share a value) cannot tell.
+"""
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import run_here  # noqa: E402
+
+
+def spy(monkeypatch, module, name, calls):
+    """module.name still runs, each call's arguments appended to calls."""
+    real = getattr(module, name)
+
+    def recorded(*a, **k):
+        calls.append((a, k))
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, recorded)
+
+
+def test_02s_flags_reach_the_sampler_the_caches_the_filter_and_the_split(start_copy, monkeypatch):
+    """02 at --temperature 0.7 --top-k 7 --top-p 0.8 --batch-size 5 --max-new-tokens 20 --seed 11
+    --topk-logits 5 --cache-draws 3 --prompts topics --max-repeat 0.2: each reaches generate, the
+    step by hand, the caches, keep_good; and the lines it prints count what it saved."""
+    import torch
+
+    import common.sampling
+    from common import toy_language
+    from common.plumbing.artifacts import load_artifact
+    from common.tokenizer import EOT, get_tokenizer
+    L02 = __import__("conftest").load_lesson("02_generate.py")
+    gen, step, cache = [], [], []
+    spy(monkeypatch, common.sampling, "generate", gen)
+    spy(monkeypatch, common.sampling, "sample_next", step)
+    spy(monkeypatch, common.sampling, "sampled_cache", cache)
+    n = 24
+    r = run_here(["02_generate.py", "--preset", "tiny", "--out", str(start_copy), "--num-samples", str(n),
+                  "--max-new-tokens", "20", "--temperature", "0.7", "--top-k", "7", "--top-p", "0.8",
+                  "--batch-size", "5", "--seed", "11", "--topk-logits", "5", "--cache-draws", "3",
+                  "--prompts", "topics", "--max-repeat", "0.2"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the sampler: every batch at the flags' settings, 5 rows at most, 20 new tokens, the seed's stream
+    assert [len(a[1]) for a, k in gen] == [5, 5, 5, 5, 4]
+    for a, k in gen:
+        assert a[2] == 20 and (k["temperature"], k["top_k"], k["top_p"]) == (0.7, 7, 0.8)
+        assert k["generator"].initial_seed() == 11
+    a, k = step[0]  # the step by hand's twin, before any generate
+    assert a[1:4] == (0.7, 7, 0.8) and a[4].initial_seed() == 11
+    # the caches: the top 5, and 3 draws a position from a stream of its own
+    data = load_artifact(str(start_copy / "generated.pt"), "generated")
+    assert {a[1] for a, k in cache} == {3} and {a[2].initial_seed() for a, k in cache} == {12}
+    for split in ("train", "val", "test"):
+        for seq, ids, counts in zip(data[split], data[f"{split}_topk_ids"], data[f"{split}_sampled_counts"]):
+            assert ids.shape == (len(seq) - 1, 5) and (counts.sum(-1) == 3).all()
+    # the openings: the first n topics, each sample starting from its own, none unconditional
+    enc = get_tokenizer()
+    opened = set()
+    for split in ("train", "val", "test"):
+        for seq, P in zip(data[split], data[f"{split}_prompt_lens"]):
+            assert P > 1 and seq[0] == EOT
+            opened.add(enc.decode(seq[1:P].tolist()))
+    assert opened <= set(toy_language.OPENINGS[:n])
+    # the filter: nothing kept repeats more than 0.2 of its 4-grams
+    kept = [s for split in ("train", "val", "test") for s in data[split]]
+    P = {id(s): p for split in ("train", "val", "test") for s, p in zip(data[split], data[f"{split}_prompt_lens"])}
+    for s in kept:
+        new = s[P[id(s)]:].tolist()
+        assert L02.repeated_ngram_fraction(new[:-1] if new[-1] == EOT else new) <= 0.2
+    # what it printed: kept and dropped add up to what was written; each split's samples and openings
+    out = r.stdout
+    k, total = map(int, re.search(r"kept (\d+) of (\d+)", out).groups())
+    assert (k, total) == (len(kept), n) and sum(data["dropped"].values()) == n - k
+    assert re.search(r"(\d+) repetitive", out).group(1) == str(data["dropped"]["repetitive"])
+    for split in ("train", "val", "test"):
+        want = f"{split} {len(data[split])} samples ({len(data[f'{split}_openings'])} openings)"
+        assert want in out
+    n_tok, n_new = sum(len(s) for s in kept), sum(len(s) - P[id(s)] for s in kept)
+    assert f"{n_tok:,} tokens, {n_new:,} of them sampled (mean {n_tok / k:.0f} per sample)" in out
+    distinct = torch.cat([(c > 0).sum(-1) for split in ("train", "val", "test")
+                          for c in data[f"{split}_sampled_counts"]]).float().mean()
+    assert f"top-5: 30 bytes" in out and f"3 draws: {distinct:.1f} distinct ids, {distinct * 5:.0f} bytes" in out
+    assert data["settings"]["max_repeat"] == 0.2 and data["settings"]["seed"] == 11
+
+
+def test_05s_flags_reach_every_measurement_and_its_printed_lines_are_eval_pt(course_copy, monkeypatch, tmp_path):
+    """05 with --eval-text, --max-tokens 40, --stride 9, --batch-size 3: the text is cut to 40 tokens and
+    scored at that stride, every measurement runs 3 at a time; each printed perplexity and the sets line
+    are what eval.pt and generated.pt hold, and the stream's perplexity is common/perplexity's."""
+    import math
+
+    import torch
+
+    import common.perplexity
+    from common.plumbing.artifacts import load_artifact, load_model
+    from common.tokenizer import get_tokenizer
+    seqs, streams, scored = [], [], []
+    spy(monkeypatch, common.perplexity, "sequences_nll", seqs)
+    spy(monkeypatch, common.perplexity, "stream_nll", streams)
+    spy(monkeypatch, common.perplexity, "score_sampled", scored)
+    text = tmp_path / "story.txt"
+    text.write_text("Tom was a happy farmer. He went to the park with his dog. " * 8)
+    r = run_here(["05_evaluate.py", "--preset", "tiny", "--out", str(course_copy), "--eval-text", str(text),
+                  "--max-tokens", "40", "--stride", "9", "--batch-size", "3"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(seqs) >= 6 and all(k.get("batch_size") == 3 for a, k in seqs[1:])  # [0]: sample 0 by hand
+    assert len(streams) == 3 and all(k["batch_size"] == 3 and k["stride"] == 9 and len(a[1]) == 40
+                                     for a, k in streams)
+    assert len(scored) == 3 and all(a[4] == 3 for a, k in scored)
+    ev = load_artifact(str(course_copy / "eval.pt"), "eval")
+    assert ev["stride"] == 9 and set(ev["perplexity"]) == {"generated-test", "toy-language", "story.txt"}
+    tokens = torch.tensor(get_tokenizer().encode(text.read_text()))[:40]
+    for name in ("teacher", "student_init", "student"):
+        model, _ = load_model(str(course_copy / f"{name}.pt"), ("student_init", "student", "teacher"))
+        nll, n = common.perplexity.stream_nll(model, tokens, stride=9)
+        assert ev["perplexity"]["story.txt"][name] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    for set_name, row in ev["perplexity"].items():
+        for name, value in row.items():
+            assert re.search(rf"{re.escape(set_name)}\s+{name}\s+ppl\s+{value:,.2f}\b", r.stdout), (set_name, name)
+    data = load_artifact(str(course_copy / "generated.pt"), "generated")
+    sampled = sum(len(s) - P for s, P in zip(data["test"], data["test_prompt_lens"]))
+    assert (f"sets: generated-test ({len(data['test'])} samples, {sampled:,} sampled tokens), toy-language "
+            f"(60 documents), story.txt (40 tokens) | window {ev['window']}, stride 9") in r.stdout
+
+
+def test_06s_flags_reach_the_side_by_side_and_every_number_of_its_report_is_its_source(course_copy, monkeypatch):
+    """06 at --max-new-tokens 9 --seed 5: the side-by-side texts are 9 tokens from that seed (written
+    again here); every line of report.md and of the summary that carries a number is recomputed from
+    eval.pt, train_log.pt, generated.pt and the models: rates, the training line, the teacher's val
+    cross-entropy, the models' table, the agreement table, the soft targets' students."""
+    import math
+
+    import torch
+
+    import common.sampling
+    from common.perplexity import sequences_nll
+    from common.plumbing.artifacts import load_artifact, load_model
+    from common.tokenizer import EOT, get_tokenizer
+    L06 = __import__("conftest").load_lesson("06_compare.py")
+    calls = []
+    spy(monkeypatch, common.sampling, "generate", calls)
+    r = run_here(["06_compare.py", "--preset", "tiny", "--out", str(course_copy), "--max-new-tokens", "9",
+                  "--seed", "5"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    side = [k for a, k in calls if k.get("eos_token") == EOT]
+    assert len(side) == 2 * len(L06.PROMPTS) and all(k["generator"].initial_seed() == 5 for k in side)
+    assert [a[2] for a, k in calls if k.get("eos_token") == EOT] == [9] * len(side)
+    report = (course_copy / "report.md").read_text()
+    ev = load_artifact(str(course_copy / "eval.pt"), "eval")
+    log = load_artifact(str(course_copy / "train_log.pt"), "train_log")
+    data = load_artifact(str(course_copy / "generated.pt"), "generated")
+    enc = get_tokenizer()
+    models = {n: load_model(str(course_copy / f"{n}.pt"), ("student_init", "student", "teacher"))[0]
+              for n in ("teacher", "student_init", "student")}
+    # the side by side, written again: same prompt, same seed, 9 tokens
+    assert "same seed (5)" in report
+    for prompt in L06.PROMPTS:
+        idx = torch.tensor([[EOT] + enc.encode(prompt)])
+        for name in ("teacher", "student"):
+            g = torch.Generator().manual_seed(5)
+            ids = common.sampling.generate(models[name], idx, 9, temperature=0.9, top_k=50, top_p=0.95,
+                                           eos_token=EOT, generator=g)[0, idx.size(1):].tolist()
+            text = enc.decode([i for i in ids if i != EOT]).strip()
+            assert f"- {name}: {prompt} {text}\n" in report
+    # the perplexity table and the summary: improvement, achievement, gap closed from eval.pt
+    for set_name, p in ev["perplexity"].items():
+        imp = (p["student_init"] - p["student"]) / p["student_init"]
+        ach = p["teacher"] / p["student"]
+        gap = (math.log(p["student_init"]) - math.log(p["student"])) / (math.log(p["student_init"])
+                                                                         - math.log(p["teacher"]))
+        assert (f"| {set_name} | {p['teacher']:,.2f} | {p['student_init']:,.2f} | {p['student']:,.2f} | "
+                f"{imp:.1%} | {ach:.1%} | {gap:.1%} |") in report
+        assert (f"{set_name:<16} ppl teacher {p['teacher']:,.2f} | student {p['student_init']:,.2f} -> "
+                f"{p['student']:,.2f} | improvement {imp:.1%} | achievement {ach:.1%} | gap closed "
+                f"{gap:.1%}") in r.stdout
+    st = log["settings"]
+    assert (f"Student trained with {st['kd']} KD, {st['epochs']} epochs, {log['tokens']:,} sampled tokens "
+            f"seen, {log['wall_time']:.0f}s of training") in report
+    assert f"process(es), {log['dtype']}. Perplexity window {ev['window']}, stride {ev['stride']}." in report
+    # the teacher's level on 04's val samples, and the student's best val loss
+    nll, n = sequences_nll(models["teacher"], data["val"], prompt_lens=data["val_prompt_lens"])
+    assert f"{nll / n:.4f} nats per token" in report and f"the student's best: {log['best_val']:.4f}." in report
+    # the two models, side by side in numbers
+    t, s = models["teacher"], models["student"]
+    for label, a, b in (("parameters", f"{t.num_params() / 1e6:.1f}M", f"{s.num_params() / 1e6:.1f}M"),
+                        ("without embeddings", f"{t.num_params(False) / 1e6:.2f}M",
+                         f"{s.num_params(False) / 1e6:.2f}M"),
+                        ("layers / width / heads", *(f"{m.config.n_layer} / {m.config.n_embd} / {m.config.n_head}"
+                                                     for m in (t, s))),
+                        ("checkpoint on disk (fp32)", *(f"{os.path.getsize(course_copy / f) / 1e6:.1f} MB"
+                                                        for f in ("teacher.pt", "student.pt")))):
+        assert f"| {label} | {a} | {b} |" in report
+    compression = t.num_params() / s.num_params()
+    assert f"| compression | | {compression:.1f}x fewer parameters |" in report
+    assert f"compression {compression:.1f}x" in r.stdout
+    # agreement and KL, as 05 saved them
+    for name, label in L06.LABELS.items():
+        assert f"| {label} | {ev['agreement'][name]:.1%} | {ev['kl'][name]:.4f} |" in report
+    # the soft targets: each student's probabilities at 02's position
+    st = data["soft_targets"]
+    with torch.no_grad():
+        probs = {n: torch.softmax(models[n](torch.tensor([st["context"]]))[0][0, -1].float(), -1)[st["ids"]]
+                 for n in ("student_init", "student")}
+    for k, i in enumerate(st["ids"]):
+        assert (f"| {enc.decode([i])!r} | {st['p_T1'][k]:.3f} | {st['p_T'][k]:.3f} | "
+                f"{float(probs['student_init'][k]):.5f} | {float(probs['student'][k]):.3f} |") in report
