@@ -246,3 +246,75 @@ def test_a_client_error_is_final_and_a_server_error_is_retried(monkeypatch, tmp_
         with pytest.raises(LessonError, match=f"HTTP {code}"):
             download.download("http://127.0.0.1:9/x", str(tmp_path / "x"), retries=3, quiet=True)
         assert len(calls) == tries, code
+
+
+def test_a_log_line_says_every_number_of_its_step_and_whose_text_it_was_on(monkeypatch):
+    """Speedometer.line on a clock set by hand, field by field: the step of the total, the epoch
+    counted from 1, the loss, exp of the cross-entropy (capped at e^50) on whose text, the rate, the
+    norm, the student's own sampling speed; fmt_time at its minute's edges."""
+    import types
+
+    from common.plumbing import progress
+    assert [progress.fmt_time(s) for s in (0, 59, 60, 61, 125, 3600)] == ["0s", "59s", "1m00s", "1m01s",
+                                                                          "2m05s", "60m00s"]
+    monkeypatch.setattr(progress.time, "time", lambda: 102.0)
+    state = types.SimpleNamespace(step=4, history={"loss": [1.25], "ce": [2.0], "lr": [3e-4],
+                                                   "grad_norm": [0.75]})
+    for on_policy, whose in ((0.0, ""), (1.0, " on own text"), (0.5, " on own + teacher text")):
+        speed = progress.Speedometer(started=100.0, last=100.0, tokens=4000, on_policy=on_policy)
+        speed.sampled(0.5, 1000)
+        text = speed.line(state, 10, 1, 2, 0)  # 2 s since the last line, 2 steps: 1000 ms a step
+        assert text == (f"step    4/10 | epoch 2 | loss 1.2500 | ppl{whose} 7.4 | lr 3.0e-04 | norm 0.75 | "
+                        f"1000 ms | 2.0k tok/s (student sampling 2.0k tok/s) | eta 3s")
+        assert (speed.tokens, speed.sampled_tokens, speed.sampled_time) == (0, 0, 0.0)
+    state.history["ce"] = [80.0]
+    assert "| ppl 5184705528587072045056.0 |" in progress.Speedometer(started=100.0, last=100.0).line(
+        state, 10, 0, 2, 0)  # e^50, not an overflow
+
+
+def test_a_run_is_kept_resumed_or_trained_afresh_by_its_recipe(tmp_path):
+    """plan_run: a new folder is fresh; the same recipe with a train_log written after it is done
+    (written the same second too); without one, a state saved under it resumes; other flags, an input
+    or a start of another size or time, or --fresh, train afresh, never resuming an older recipe's
+    state; the inputs are linked into the run's folder."""
+    import json
+    import time
+
+    from common.plumbing.runs import plan_run
+    out, sub = tmp_path / "out", tmp_path / "out" / "run"
+    out.mkdir()
+    (out / "a.pt").write_text("a")
+    start = tmp_path / "start.pt"
+    start.write_text("s")
+
+    def plan(flags=("--kd", "seq"), fresh=False):
+        return plan_run(str(out), str(sub), list(flags), str(start), fresh, ["a.pt"])
+
+    def touch(path, t):
+        path.write_text("x")
+        os.utime(path, (t, t))
+    assert plan() == "fresh" and (sub / "a.pt").read_text() == "a"
+    recipe = json.loads((sub / "method.json").read_text())
+    assert recipe["flags"] == ["--kd", "seq"] and set(recipe) == {"flags", "inputs", "start"}
+    assert plan() == "fresh"                      # nothing trained yet
+    t = time.time() - 100                         # the recipe written 100 s ago
+    os.utime(sub / "method.json", (t, t))
+    touch(sub / "train_state.pt", t + 1)          # saved under it
+    assert plan() == "resume"
+    touch(sub / "train_log.pt", t)
+    assert plan() == "done"                       # the same second counts as after
+    touch(sub / "train_log.pt", t - 5)
+    assert plan() == "resume"                     # a log from before the recipe is not its log
+    assert plan(["--kd", "rkl"]) == "fresh"       # other flags: a new recipe, the old one's state
+    assert plan(["--kd", "rkl"]) == "fresh"       # not resumed, now or later
+    touch(sub / "train_log.pt", time.time() + 10)
+    assert plan(["--kd", "rkl"]) == "done"
+    assert plan(["--kd", "rkl"], fresh=True) == "fresh"
+    touch(sub / "train_log.pt", time.time() + 20)
+    assert plan(["--kd", "rkl"]) == "done"
+    (out / "a.pt").write_text("ab")               # an input of another size
+    assert plan(["--kd", "rkl"]) == "fresh"
+    touch(sub / "train_log.pt", time.time() + 30)
+    start.write_text("t")                         # the start rewritten, same size, later
+    os.utime(start, (time.time() + 40, time.time() + 40))
+    assert plan(["--kd", "rkl"]) == "fresh"
