@@ -318,3 +318,93 @@ def test_a_run_is_kept_resumed_or_trained_afresh_by_its_recipe(tmp_path):
     start.write_text("t")                         # the start rewritten, same size, later
     os.utime(start, (time.time() + 40, time.time() + 40))
     assert plan(["--kd", "rkl"]) == "fresh"
+
+
+def write_safetensors(path, header, data=b""):
+    """A safetensors file by hand: 8 bytes of header length, the JSON header, the data."""
+    import json
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return str(path)
+
+
+def test_a_safetensors_file_is_read_to_its_last_byte_and_refused_one_past(tmp_path):
+    """read_safetensors at its edges: a tensor ending at the file's last byte is read, one byte more
+    is corrupt; a header as long as the file allows is read, one byte longer refused; fewer than 8
+    bytes refused; an empty tensor; a negative offset; a header that is not a JSON object."""
+    import struct
+
+    import torch
+
+    from common.gpt2_weights import CheckpointError, read_safetensors
+    data = struct.pack("<3f", 1.5, -2.0, 0.25)
+    good = write_safetensors(tmp_path / "a.safetensors", {
+        "x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+        "e": {"dtype": "F32", "shape": [0, 4], "data_offsets": [12, 12]}, "__metadata__": {"format": "pt"}}, data)
+    t = read_safetensors(good)
+    assert t["x"].tolist() == [1.5, -2.0, 0.25] and t["e"].shape == (0, 4) and set(t) == {"x", "e"}
+    for name, header, body in (
+            ("past the end", {"x": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]}}, data),
+            ("short data", {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}, data[:11]),
+            ("wrong size", {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, data),
+            ("negative", {"x": {"dtype": "F32", "shape": [3], "data_offsets": [-12, 0]}}, data)):
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            read_safetensors(write_safetensors(tmp_path / f"{name}.safetensors", header, body))
+    with pytest.raises(CheckpointError, match="bad header entry for x"):
+        read_safetensors(write_safetensors(tmp_path / "d.safetensors", {"x": {"dtype": "F33", "shape": [3],
+                                                                         "data_offsets": [0, 12]}}, data))
+    with pytest.raises(CheckpointError, match="not JSON"):
+        read_safetensors(write_safetensors(tmp_path / "l.safetensors", [1, 2]))
+    # the header's length: all of the rest of the file is allowed, one byte more is not
+    (tmp_path / "h.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    assert read_safetensors(str(tmp_path / "h.safetensors")) == {}
+    (tmp_path / "h.safetensors").write_bytes((3).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="header of 3 bytes in a 10-byte file"):
+        read_safetensors(str(tmp_path / "h.safetensors"))
+    for n in (7, 0):
+        (tmp_path / "s.safetensors").write_bytes(b"\0" * n)
+        with pytest.raises(CheckpointError, match=f"only {n} bytes"):
+            read_safetensors(str(tmp_path / "s.safetensors"))
+    (tmp_path / "8.safetensors").write_bytes(b"\0" * 8)  # 8 bytes: a header of 0 bytes, not JSON
+    with pytest.raises(CheckpointError, match="not JSON"):
+        read_safetensors(str(tmp_path / "8.safetensors"))
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "m.bin")  # a training checkpoint's weights
+    from common.gpt2_weights import read_weights_file
+    assert read_weights_file(str(tmp_path / "m.bin"))["w"].tolist() == [1.0, 1.0]
+    torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "n.bin")
+    with pytest.raises(CheckpointError, match="dict of tensors"):
+        read_weights_file(str(tmp_path / "n.bin"))
+
+
+def test_a_gpt2_config_is_read_or_inferred_and_refused_where_it_cannot_be(tmp_path):
+    """config_from_json: n_positions, else n_ctx; another model_type or a missing field refused.
+    infer_config: the heads from a width that is a multiple of 64, the depth from the highest block
+    number, refused without wte or wpe or at a width of another multiple."""
+    import json
+
+    import torch
+
+    from common.gpt2_weights import CheckpointError, config_from_json, infer_config
+    path = tmp_path / "config.json"
+    base = {"vocab_size": 11, "n_layer": 3, "n_head": 2, "n_embd": 8}
+    for extra, block in (({"n_positions": 32, "n_ctx": 16}, 32), ({"n_ctx": 16}, 16)):
+        path.write_text(json.dumps({**base, **extra}))
+        c = config_from_json(str(path))
+        assert (c.block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd) == (block, 11, 3, 2, 8)
+        assert c.layer_norm_eps == 1e-5
+    path.write_text(json.dumps({**base, "n_positions": 32, "layer_norm_epsilon": 1e-6, "model_type": "gpt2"}))
+    assert config_from_json(str(path)).layer_norm_eps == 1e-6
+    path.write_text(json.dumps({**base, "n_positions": 32, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="'llama' model, not GPT-2"):
+        config_from_json(str(path))
+    path.write_text(json.dumps({"n_positions": 32, "vocab_size": 11, "n_layer": 3, "n_head": 2}))
+    with pytest.raises(CheckpointError, match="lacks n_embd"):
+        config_from_json(str(path))
+    sd = {"wte.weight": torch.zeros(11, 128), "wpe.weight": torch.zeros(20, 128), "h.0.ln_1.weight": 0,
+          "h.4.ln_1.weight": 0, "h.10.mlp.c_fc.bias": 0}
+    c = infer_config(sd, "w")
+    assert (c.block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd) == (20, 11, 11, 2, 128)
+    with pytest.raises(CheckpointError, match="missing wpe.weight"):
+        infer_config({"wte.weight": sd["wte.weight"]}, "w")
+    with pytest.raises(CheckpointError, match="width 96 is not a multiple of 64"):
+        infer_config({"wte.weight": torch.zeros(11, 96), "wpe.weight": torch.zeros(20, 96)}, "w")

@@ -323,3 +323,115 @@ def test_10_trains_each_student_with_its_own_epochs_rate_batch_and_schedule(star
         # optimizer's parameter groups, the same each time)
         assert list(dict.fromkeys(lrs)) == [(i, steps, 1, 0.02, 0.02 * 0.1) for i in range(steps)]
     assert opt_lr == [0.02, 0.02] and L10.MIN_LR_RATIO == 0.1
+
+
+def test_the_courses_printed_lines_of_01_03_and_04_are_their_artifacts(course):
+    """What lessons 01, 03 and 04 printed in the tiny course, line by line against teacher.pt,
+    student_init.pt and train_log.pt: 01's spec and its sanity numbers (recomputed here), 03's table
+    and compression, 04's run description, every log line's loss, rate and norm, every epoch's val
+    loss and whether it was the best so far."""
+    import math
+
+    import torch
+
+    import common.sampling
+    from common import toy_language
+    from common.perplexity import sequences_nll
+    from common.plumbing.artifacts import load_artifact, load_model
+    from common.tokenizer import EOT, get_tokenizer
+    out, stdout, _ = course
+    enc = get_tokenizer()
+    teacher, ckpt = load_model(str(out / "teacher.pt"), "teacher")
+    student, _ = load_model(str(out / "student_init.pt"), "student_init")
+    t, s = teacher.config, student.config
+    # 01: its spec, and the sanity numbers it saved, from the teacher itself
+    assert (f"parameters {teacher.num_params() / 1e6:.1f}M ({teacher.num_params(False) / 1e6:.1f}M without "
+            f"embeddings) | layers {t.n_layer} | width {t.n_embd} | heads {t.n_head} | context "
+            f"{t.block_size} | vocab {t.vocab_size}") in stdout
+    sanity = ckpt["sanity"]
+    docs = toy_language.documents(20, 2)  # 01's held-out seed (the teacher trained on seed 1's stream)
+    nll, n = sequences_nll(teacher, [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in docs],
+                           prompt_lens=[1] * 20)
+    assert sanity["passage_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert sanity["floor"] == pytest.approx(math.exp(toy_language.entropy_per_token(docs, enc.encode)), rel=1e-12)
+    assert (f"perplexity on 20 held-out toy documents: {sanity['passage_ppl']:.2f}  (the language's own "
+            f"-log p on them gives {sanity['floor']:.2f}") in stdout
+    prompt = enc.encode(toy_language.OPENINGS[0])
+    greedy = common.sampling.generate(teacher, torch.tensor([[EOT] + prompt]), 40, temperature=0.0,
+                                      eos_token=EOT)[0, len(prompt) + 1:].tolist()
+    if EOT in greedy:
+        greedy = greedy[:greedy.index(EOT)]
+    assert sanity["greedy"] == enc.decode(prompt + greedy) and f"greedy continuation: {sanity['greedy']!r}" in stdout
+    # 03: the side-by-side table and the compression
+    for label, a, b in (("parameters", f"{teacher.num_params() / 1e6:.1f}M", f"{student.num_params() / 1e6:.1f}M"),
+                        ("  without embeddings", f"{teacher.num_params(False) / 1e6:.2f}M",
+                         f"{student.num_params(False) / 1e6:.2f}M"),
+                        ("layers x width (n_embd)", f"{t.n_layer} x {t.n_embd}", f"{s.n_layer} x {s.n_embd}"),
+                        ("heads (head size)", f"{t.n_head} ({t.n_embd // t.n_head})", f"{s.n_head} ({s.n_embd // s.n_head})"),
+                        ("context / vocabulary", f"{t.block_size} / {t.vocab_size}", f"{s.block_size} / {s.vocab_size}"),
+                        ("MB on disk (fp32; fp16 half)", f"{teacher.num_params() * 4e-6:.0f}",
+                         f"{student.num_params() * 4e-6:.0f}")):
+        assert f"{label:<28}{a:>16}{b:>16}" in stdout, label
+    # 04: the run it describes, and each log line against train_log.pt
+    log = load_artifact(str(out / "train_log.pt"), "train_log")
+    data = load_artifact(str(out / "generated.pt"), "generated")
+    st, per_epoch = log["settings"], log["steps_per_epoch"]
+    total = per_epoch * st["epochs"]
+    tokens = sum(len(x) - P for x, P in zip(data["train"], data["train_prompt_lens"]))
+    assert (f"student {student.num_params() / 1e6:.1f}M params | {len(data['train'])} train / {len(data['val'])} "
+            f"val samples, {tokens:,} sampled tokens to learn from") in stdout
+    assert (f"kd seq | {st['epochs']} epochs x {per_epoch} steps | batch {st['batch_size']} x accum 1 x 1 | "
+            f"lr {st['lr']:.1e}, warmup {max(1, total // 10)}") in stdout
+    lines = re.findall(r"step +(\d+)/(\d+) \| epoch (\d+) \| loss ([\d.]+) \| ppl ([\d.]+) \| lr ([\d.e+-]+) \| "
+                       r"norm ([\d.]+)", stdout)
+    assert len(lines) == math.ceil(total / 10)  # every 10th step and the last
+    for step, of, epoch, loss, ppl, lr, norm in lines:
+        k = log["step"].index(int(step))
+        assert int(of) == total and int(epoch) == (int(step) - 1) // per_epoch + 1
+        assert (loss, ppl, lr, norm) == (f"{log['loss'][k]:.4f}", f"{math.exp(log['ce'][k]):.1f}",
+                                         f"{log['lr'][k]:.1e}", f"{log['grad_norm'][k]:.2f}")
+    assert f"val before training: loss {log['val'][0][1]:.4f} | ppl {math.exp(log['val'][0][1]):.1f}" in stdout
+    best = math.inf
+    for epoch, (step, v) in enumerate(log["val"][1:], 1):
+        assert step == epoch * per_epoch
+        said = f"epoch {epoch} | val loss {v:.4f} | val ppl {math.exp(v):.1f}" + (" | best so far" if v < best else "")
+        assert re.search(re.escape(said) + r"\n", stdout), said
+        best = min(best, v)
+    assert log["best_val"] == best
+
+
+def test_07s_report_says_each_number_where_it_belongs():
+    """report_lines on rows made by hand: the setup line (the warm epochs, steps, epochs, preset, the
+    grid, each seed, the test samples, the own-text budget of the first method), a cell per column with
+    the seeds' range for methods only, the FLOPs and time, each method's grid and chosen rate, the
+    compute."""
+    from common.plumbing import lab_report
+
+    def row(base, **more):
+        stats = {k: base + i for i, k in enumerate(["ppl", "fkl", "rkl", "acceptance", "teacher_ppl_own",
+                                                     "distinct_2"])}
+        stats.update(more)
+        return {"mean": stats, "min": {k: v - 0.5 for k, v in stats.items()},
+                "max": {k: v + 0.25 for k, v in stats.items()}, "runs": [{"own_tokens": 1234}]}
+    rows = {"teacher": row(1.0), "start": row(2.0),
+            "fkl": {**row(3.0, student_flops=1.5e12, teacher_flops=2.5e11, time=42.4), "lr": 0.003,
+                    "grid": {0.001: 1.25, 0.003: 1.125}},
+            "rkl": {**row(4.0, student_flops=1.5e12, teacher_flops=2.5e11, time=40.0), "lr": 0.001,
+                    "grid": {0.001: 0.5, 0.003: 0.75}, "runs": [{"own_tokens": 99}]}}
+    lab = {"teacher": "T", "warm_epochs": 6, "steps": 52, "epochs": 1, "preset": "tiny", "lr_grid": [0.001, 0.003],
+           "seeds": 3, "first_seed": 1337, "n_test": 17, "own_samples": 2}
+    compute = {"student_N": 1234567, "teacher_N": 7654321, "start_flops": 3.25e13, "writing": 4.5e12}
+    md = "\n".join(lab_report.report_lines(lab, rows, compute))
+    assert ("after 6 epochs of sequence-level KD) and trains 52 optimizer steps (1 epochs, 04's defaults for "
+            "the tiny preset otherwise)") in md
+    assert "from {0.001, 0.003}, with 3 seed(s) (1337, 1338, 1339: data order" in md
+    assert "teacher's 17 held-out test samples" in md and "own text: 2 continuations" in md
+    assert "1,234 tokens or fewer per model" in md
+    assert "| teacher (reference) | | 1.00 | 2.000 | 3.000 | 4.000 | 5.00 | 6.000 |  |  |" in md
+    assert "| start (6 epochs of seq) | | 2.00 | 3.000 |" in md
+    assert ("| fkl | 0.003 | 3.00 (2.50–3.25) | 4.000 (3.500–4.250) | 5.000 (4.500–5.250) | 6.000 (5.500–6.250) | "
+            "7.00 (6.50–7.25) | 8.000 (7.500–8.250) | 1.5e+12 + 2.5e+11 | 42 s |") in md
+    assert "| fkl | 1.2500 | 1.1250 | 0.003 |" in md and "| rkl | 0.5000 | 0.7500 | 0.001 |" in md
+    assert "| method | lr 0.001 | lr 0.003 | chosen |" in md and "seed 1337:" in md
+    assert "student N = 1,234,567, teacher N = 7,654,321" in md
+    assert "the start, 3.2e+13 FLOPs" in md and "data, 4.5e+12 FLOPs once" in md
