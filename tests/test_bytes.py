@@ -293,6 +293,20 @@ def test_lesson_10_on_the_tiny_course_reports_every_models_bits_per_byte(start_c
         nats / math.log(2) / n_bytes, rel=1e-5)
     md = (start_copy / "bytes.md").read_text()
     assert "| byte student: projected | 257 bytes |" in md and "toy language" in md
+    # every cell of the table and every seed's printed line are the runs in bytes.pt
+    assert (f"(04's recipe: lr 0.01, batch 4; the token student 1 epochs, the byte students 2) on the "
+            f"teacher's train texts, seeds 1337-1338;") in md
+    sets = list(rows["teacher"]["runs"][0])
+    assert sets == ["teacher's test samples", "toy language"]
+    for name, row in rows.items():
+        cells = [row["vocab"], f"{row['params'] / 1e6:.3f}M ({row['embeddings'] / 1e6:.3f}M)"]
+        for set_name in sets:
+            v = [run[set_name] for run in row["runs"]]
+            cells.append(f"{sum(v) / len(v):.3f}" + (f" ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else ""))
+        assert f"| {name} | " + " | ".join(cells) + " |" in md, name
+        for seed, run in zip((1337, 1338), row["runs"] if name != "teacher" else []):
+            said = f"  {name:<24} seed {seed} | " + " | ".join(f"{k} {v:.3f} bits/byte" for k, v in run.items())
+            assert said in r.stdout, said
     assert (start_copy / "bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "continues a test prompt" in r.stdout
 

@@ -416,8 +416,9 @@ def test_07s_report_says_each_number_where_it_belongs():
     rows = {"teacher": row(1.0), "start": row(2.0),
             "fkl": {**row(3.0, student_flops=1.5e12, teacher_flops=2.5e11, time=42.4), "lr": 0.003,
                     "grid": {0.001: 1.25, 0.003: 1.125}},
-            "rkl": {**row(4.0, student_flops=1.5e12, teacher_flops=2.5e11, time=40.0), "lr": 0.001,
-                    "grid": {0.001: 0.5, 0.003: 0.75}, "runs": [{"own_tokens": 99}]}}
+            "rkl": {**row(4.0, student_flops=1.5e12, teacher_flops=2.5e11, time=40.0), "lr": 0.003,
+                    "grid": {0.001: float("nan"), 0.003: 0.75}}}  # diverged at 0.001: 0.003 chosen
+    rows["fkl"]["runs"] = [{"own_tokens": 1234}, {"own_tokens": 999}]  # the first seed's budget is said
     lab = {"teacher": "T", "warm_epochs": 6, "steps": 52, "epochs": 1, "preset": "tiny", "lr_grid": [0.001, 0.003],
            "seeds": 3, "first_seed": 1337, "n_test": 17, "own_samples": 2}
     compute = {"student_N": 1234567, "teacher_N": 7654321, "start_flops": 3.25e13, "writing": 4.5e12}
@@ -431,7 +432,40 @@ def test_07s_report_says_each_number_where_it_belongs():
     assert "| start (6 epochs of seq) | | 2.00 | 3.000 |" in md
     assert ("| fkl | 0.003 | 3.00 (2.50–3.25) | 4.000 (3.500–4.250) | 5.000 (4.500–5.250) | 6.000 (5.500–6.250) | "
             "7.00 (6.50–7.25) | 8.000 (7.500–8.250) | 1.5e+12 + 2.5e+11 | 42 s |") in md
-    assert "| fkl | 1.2500 | 1.1250 | 0.003 |" in md and "| rkl | 0.5000 | 0.7500 | 0.001 |" in md
+    assert "| fkl | 1.2500 | 1.1250 | 0.003 |" in md and "| rkl | nan | 0.7500 | 0.003 |" in md
     assert "| method | lr 0.001 | lr 0.003 | chosen |" in md and "seed 1337:" in md
     assert "student N = 1,234,567, teacher N = 7,654,321" in md
     assert "the start, 3.2e+13 FLOPs" in md and "data, 4.5e+12 FLOPs once" in md
+
+
+def test_04_describes_each_kind_with_its_own_flags():
+    """describe_run: soft with its T, alpha, tail and top k; jsd with beta; skl with a; eopd with its
+    threshold; on-policy with its share and temperature; the schedule, batch, accumulation and rate."""
+    import argparse
+    import types
+
+    import torch
+    L04 = __import__("conftest").load_lesson("04_train.py")
+    from common.model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    data = {"train": [torch.zeros(9), torch.zeros(5)], "train_prompt_lens": [3, 1], "val": [torch.zeros(4)]}
+    procs = types.SimpleNamespace(device="cpu", world=2)
+    base = dict(kd="seq", kd_temperature=2.0, kd_alpha=0.25, soft_tail="renorm", soft_k=0, jsd_beta=0.3,
+                skew=0.2, entropy_threshold=1.5, on_policy=0.0, on_policy_temperature=0.7, epochs=3,
+                batch_size=5, grad_accum=4, lr=3e-4)
+
+    def said(**kw):
+        setup = types.SimpleNamespace(prec=types.SimpleNamespace(dtype=kw.pop("dtype", "fp32")),
+                                      teacher=kw.pop("teacher", None))
+        return L04.describe_run(argparse.Namespace(**{**base, **kw}), model, data, procs, setup, (11, 7))
+    text = said()
+    assert text.startswith(f"student {model.num_params() / 1e6:.1f}M params | 2 train / 1 val samples, 10 "
+                           f"sampled tokens to learn from | cpu fp32 | 2 process(es)\n")
+    assert text.endswith("kd seq | 3 epochs x 11 steps | batch 5 x accum 4 x 2 | lr 3.0e-04, warmup 7")
+    assert "| cpu fp16 + GradScaler |" in said(dtype="fp16")
+    assert "kd soft (T=2.0, alpha=0.25, rest bucket, top 5) |" in said(kd="soft", soft_tail="rest", soft_k=5)
+    assert "kd soft (T=2.0, alpha=0.25, sampled cache) |" in said(kd="soft", soft_tail="sampled")
+    assert "kd jsd (beta=0.3), on-policy 0.5 (T=0.7) with the teacher online |" in said(
+        kd="jsd", on_policy=0.5, teacher=object())
+    assert "kd skl (a=0.2) |" in said(kd="skl")
+    assert "kd eopd (entropy above 1.5 nats) |" in said(kd="eopd")

@@ -232,7 +232,8 @@ def test_flops_by_hand():
 
 
 @pytest.mark.slow
-def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start_copy, runs_in_process):
+def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start_copy, runs_in_process,
+                                                                          monkeypatch):
     """A few steps of every method at one rate and seed: every row and column, the compute from 04's
     counts, the acceptance of one student against an independent computation. Then two methods with a
     grid of two rates and two seeds: the runs already trained are kept, each method's chosen rate is
@@ -285,11 +286,25 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     assert h > 300 and w > 1000
 
     two = ["seq", "rkl-sampled+on-policy 1"]
-    again = run_here(flags + ["--lr-grid", "1e-3,1e-2", "--seeds", "2", "--methods", ",".join(two)])
+    import common.perplexity
+    measured = []
+    real_score = common.perplexity.score_sampled
+    monkeypatch.setattr(common.perplexity, "score_sampled",
+                        lambda *a, **k: measured.append(a[4]) or real_score(*a, **k))
+    again = run_here(flags + ["--lr-grid", "1e-3,1e-2", "--seeds", "2", "--methods", ",".join(two),
+                              "--batch-size", "3"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(measured) == 2 * 6 and set(measured) == {3}  # 6 models, 2 measurements each, 3 at a time
     assert "=== start: trained earlier" in again.stdout and "=== seq, lr 0.01, seed 1337: trained earlier" in again.stdout
     res = load_artifact(str(start_copy / "methods.pt"), "methods")
     assert set(res["rows"]) == {"teacher", "start", *two}
+    for name, row in res["rows"].items():  # each run's printed line is its row in methods.pt
+        for seed, run in zip((1337, 1338) if name in two else (None,), row["runs"]):
+            said = (f"  {name:<24} " + (f"seed {seed} " if seed else "") +
+                    f"ppl {run['ppl']:6.2f} | KL(t||s) {run['fkl']:.3f} | KL(s||t) {run['rkl']:.3f} | "
+                    f"acceptance {run['acceptance']:.3f} | teacher ppl of own text {run['teacher_ppl_own']:6.2f} "
+                    f"(+-{run['own_spread']:.0%}) | distinct-2 {run['distinct_2']:.3f}")
+            assert said in again.stdout, said
     for name in two:
         row = res["rows"][name]
         assert set(row["grid"]) == {1e-3, 1e-2} and row["lr"] == min(row["grid"], key=row["grid"].get)
