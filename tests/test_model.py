@@ -30,7 +30,8 @@ def save_layout(ref, folder, layout):
         return folder
     ref.config.to_json_file(os.path.join(folder, "config.json"))
     if layout == "hub-safetensors":
-        save_file(hub_state(ref), os.path.join(folder, "model.safetensors"))
+        # with the metadata the hub's GPT-2 file carries: not a tensor
+        save_file(hub_state(ref), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     else:  # hub-bin
         torch.save(hub_state(ref), os.path.join(folder, "pytorch_model.bin"))
     return folder
@@ -139,9 +140,14 @@ def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
     assert "h.0.attn.c_attn.weight, F32 [96, 288]" in r.stdout, r.stdout
     assert "(96, 288) -> our nn.Linear's (out, in) (288, 96); ours equals the stored one transposed: True" in r.stdout
     lesson = load_lesson("01_teacher.py")
-    n, header = lesson.peek_at_checkpoint(os.path.join(folder, "model.safetensors"))
-    tensors = read_safetensors(os.path.join(folder, "model.safetensors"))
+    file = os.path.join(folder, "model.safetensors")
+    n, header = lesson.peek_at_checkpoint(file)
+    tensors = read_safetensors(file)
     assert {k: v["shape"] for k, v in header.items()} == {k: list(t.shape) for k, t in tensors.items()}
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        assert b'"__metadata__"' in f.read(length)  # as in the hub's file: a header entry, not a tensor
+    assert f"an {length:,}-byte JSON header listing {len(tensors)} tensors; one of them" in r.stdout
 
 
 def test_lesson01_tiny_teacher_knows_the_toy_language(course):
