@@ -1,6 +1,7 @@
 """Lesson 09, three starts for one student: on the tiny course cut to a few steps, each start made by
 03 and trained by 04 alike, and every number of the table recomputed here for one run."""
 import math
+import re
 import sys
 
 import pytest
@@ -44,6 +45,10 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(sta
             assert log["settings"]["seed"] == seed and log["step"][-1] == 2
             assert log["settings"]["init"] is None  # 04 read the student_init.pt 03 wrote
             ppl.append(sequences_perplexity(init, test, 8, P))
+            # its printed line: this seed, this start's parameters, its perplexity before training
+            said = re.search(re.escape(f"  {name:<18} seed {seed} | {init.num_params() / 1e6:.2f}M | ppl ")
+                             + r"([\d,.]+) ->", r.stdout)
+            assert said and float(said.group(1).replace(",", "")) == pytest.approx(ppl[-1], rel=1e-5, abs=0.006), name
         before = res["rows"][name]["before"]["ppl"]
         assert before[0] == pytest.approx(sum(ppl) / 2, rel=1e-4)
         assert (before[1], before[2]) == pytest.approx((min(ppl), max(ppl)), rel=1e-4)
