@@ -408,3 +408,32 @@ def test_a_gpt2_config_is_read_or_inferred_and_refused_where_it_cannot_be(tmp_pa
         infer_config({"wte.weight": sd["wte.weight"]}, "w")
     with pytest.raises(CheckpointError, match="width 96 is not a multiple of 64"):
         infer_config({"wte.weight": torch.zeros(11, 96), "wpe.weight": torch.zeros(20, 96)}, "w")
+
+
+def test_a_run_makes_its_student_only_when_it_starts_afresh(tmp_path, monkeypatch):
+    """runs.train: a fresh run calls 03 then 04; a resumed one 04 with --resume alone (03 again would
+    write a new student_init.pt under the state it resumes); a run done is read, not run."""
+    import time
+
+    import torch
+
+    from common.plumbing import runs
+    out, sub = tmp_path / "out", tmp_path / "out" / "run"
+    out.mkdir()
+    (out / "a.pt").write_text("a")
+    called = []
+    monkeypatch.setattr(runs, "run_or_refuse", lambda script, flags, label: called.append((script, flags)))
+    monkeypatch.setattr(runs, "load_artifact", lambda path, kind: {"path": path})
+
+    def train():
+        called.clear()
+        return runs.train("x", str(sub), ["--epochs", "1"], str(out), None, False, ["a.pt"], ["--seed", "1"])
+    train()
+    assert called == [("03_student.py", ["--seed", "1"]), ("04_train.py", ["--epochs", "1"])]
+    t = time.time() - 100
+    os.utime(sub / "method.json", (t, t))
+    torch.save({}, sub / "train_state.pt")  # saved under this recipe, after it
+    train()
+    assert called == [("04_train.py", ["--epochs", "1", "--resume"])]
+    torch.save({}, sub / "train_log.pt")
+    assert train() == {"path": f"{sub}/train_log.pt"} and called == []
