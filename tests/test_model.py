@@ -148,6 +148,15 @@ def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
         length = int.from_bytes(f.read(8), "little")
         assert b'"__metadata__"' in f.read(length)  # as in the hub's file: a header entry, not a tensor
     assert f"an {length:,}-byte JSON header listing {len(tensors)} tensors; one of them" in r.stdout
+    # the greedy continuation it printed is the reference's, from <|endoftext|> and the prompt
+    from common.tokenizer import EOT, get_tokenizer
+    enc = get_tokenizer()
+    prompt = enc.encode(lesson.PROMPT)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([[EOT] + prompt]), max_new_tokens=24, do_sample=False,
+                           eos_token_id=EOT, pad_token_id=EOT)[0, len(prompt) + 1:].tolist()
+    text = enc.decode([t for t in prompt + out if t != EOT])
+    assert f"greedy continuation: {text!r}" in r.stdout and ckpt["sanity"]["greedy"] == text
 
 
 def test_lesson01_tiny_teacher_knows_the_toy_language(course):
