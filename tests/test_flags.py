@@ -469,3 +469,19 @@ def test_04_describes_each_kind_with_its_own_flags():
         kd="jsd", on_policy=0.5, teacher=object())
     assert "kd skl (a=0.2) |" in said(kd="skl")
     assert "kd eopd (entropy above 1.5 nats) |" in said(kd="eopd")
+
+
+def test_01s_model_flag_reaches_the_download(monkeypatch, tmp_path):
+    """01 --model gpt2-medium asks the hub for gpt2-medium (each size its own name), not the default."""
+    import common.plumbing.download as download
+
+    class Asked(Exception):
+        pass
+
+    def download_gpt2(name):
+        raise Asked(name)
+    monkeypatch.setattr(download, "download_gpt2", download_gpt2)
+    for name in ("gpt2-medium", "gpt2-xl"):
+        with pytest.raises(Asked) as e:
+            run_here(["01_teacher.py", "--model", name, "--out", str(tmp_path)])
+        assert e.value.args == (name,)
