@@ -88,6 +88,10 @@ def test_02s_flags_reach_the_sampler_the_caches_the_filter_and_the_split(start_c
                           for c in data[f"{split}_sampled_counts"]]).float().mean()
     assert f"top-5: 30 bytes" in out and f"3 draws: {distinct:.1f} distinct ids, {distinct * 5:.0f} bytes" in out
     assert data["settings"]["max_repeat"] == 0.05 and data["settings"]["seed"] == 11
+    # the soft targets' table: its last row, the mass of every other token at T = 1 and at T = 2
+    st = data["soft_targets"]
+    said = re.search(rf"  the other {enc.n_vocab - len(st['ids']):,} +([\d.]+) +([\d.]+)\n", out)
+    assert [float(v) for v in said.groups()] == pytest.approx([1 - sum(st["p_T1"]), 1 - sum(st["p_T"])], abs=0.0015)
 
 
 def test_05s_flags_reach_every_measurement_and_its_printed_lines_are_eval_pt(course_copy, monkeypatch, tmp_path):
