@@ -226,8 +226,10 @@ def test_08s_flags_reach_every_run_and_its_report_is_its_rows(course_copy, monke
     import common.speculative
     from common.plumbing.artifacts import load_artifact
     L08 = __import__("conftest").load_lesson("08_speculative.py")
-    calls = []
-    spy(monkeypatch, common.speculative, "speculative_generate", calls)
+    calls, results = [], []
+    real = common.speculative.speculative_generate
+    monkeypatch.setattr(common.speculative, "speculative_generate",
+                        lambda *a, **k: calls.append((a, k)) or results.append(real(*a, **k)) or results[-1])
     r = run_here(["08_speculative.py", "--preset", "tiny", "--out", str(course_copy), "--prompts", "3",
                   "--new-tokens", "10", "--draft-tokens", "2", "--repeats", "2"])
     assert r.returncode == 0, r.stdout + r.stderr
@@ -245,9 +247,13 @@ def test_08s_flags_reach_every_run_and_its_report_is_its_rows(course_copy, monke
     md = (course_copy / "speculative.md").read_text()
     assert "3 prompts of the teacher's held-out test samples, 10 new tokens each" in md
     assert "Every timing is the median of 2" in md
+    # each run's counts, summed over its 3 prompts: proposals (trials), tokens, tokens per teacher call
+    runs = {(sum(len(st["trials"]) for _, st in group), sum(len(new) for new, _ in group),
+             sum(st["target_calls"] for _, st in group)) for group in zip(*[iter(results)] * 3)}
     for x in rows:
         assert x["speedup_lo"] <= x["speedup"] <= x["speedup_hi"]
-        assert 3 <= x["tokens"] <= 3 * 10
+        calls_made = x["tokens"] / x["tokens_per_call"]
+        assert (x["proposals"], x["tokens"], round(calls_made)) in runs
         assert L08.line(x) in r.stdout
         assert (f"| {x['setting']} | {x['draft']} | {x['held_out']:.3f} | {x['g']} | {x['acceptance']:.3f} | "
                 f"{x['expected']:.3f} ± {x['diff_2se']:.3f} | {x['tokens_per_call']:.2f} | "
