@@ -294,8 +294,8 @@ def test_lesson_10_on_the_tiny_course_reports_every_models_bits_per_byte(start_c
     md = (start_copy / "bytes.md").read_text()
     assert "| byte student: projected | 257 bytes |" in md and "toy language" in md
     # every cell of the table and every seed's printed line are the runs in bytes.pt
-    assert (f"(04's recipe: lr 0.01, batch 4; the token student 1 epochs, the byte students 2) on the "
-            f"teacher's train texts, seeds 1337-1338;") in md
+    assert ("(04's recipe: lr 0.01, batch 4; the token student 1 epochs, the byte students 2) on the "
+            "teacher's train texts, seeds 1337-1338;") in md
     sets = list(rows["teacher"]["runs"][0])
     assert sets == ["teacher's test samples", "toy language"]
     for name, row in rows.items():

@@ -86,7 +86,7 @@ def test_02s_flags_reach_the_sampler_the_caches_the_filter_and_the_split(start_c
     assert f"{n_tok:,} tokens, {n_new:,} of them sampled (mean {n_tok / k:.0f} per sample)" in out
     distinct = torch.cat([(c > 0).sum(-1) for split in ("train", "val", "test")
                           for c in data[f"{split}_sampled_counts"]]).float().mean()
-    assert f"top-5: 30 bytes" in out and f"3 draws: {distinct:.1f} distinct ids, {distinct * 5:.0f} bytes" in out
+    assert "top-5: 30 bytes" in out and f"3 draws: {distinct:.1f} distinct ids, {distinct * 5:.0f} bytes" in out
     assert data["settings"]["max_repeat"] == 0.05 and data["settings"]["seed"] == 11
     # the soft targets' table: its last row, the mass of every other token at T = 1 and at T = 2
     st = data["soft_targets"]
@@ -304,7 +304,6 @@ def test_10_trains_each_student_with_its_own_epochs_rate_batch_and_schedule(star
     """train(): --byte-epochs for a byte student, --epochs for the token one, each step at lr_at of its
     step with --lr, 04's tenth for warmup and floor, batches of --batch-size (the last one the rest)."""
     import argparse
-    import math
 
     from common.plumbing.artifacts import load_artifact
     from common.plumbing.device import precision
