@@ -105,6 +105,8 @@ def test_05s_flags_reach_every_measurement_and_its_printed_lines_are_eval_pt(cou
     import common.perplexity
     from common.plumbing.artifacts import load_artifact, load_model
     from common.tokenizer import get_tokenizer
+    from test_train import keep_train_samples
+    keep_train_samples(course_copy, None, n_test=4)  # 4 test samples are enough to follow the flags
     seqs, streams, scored = [], [], []
     spy(monkeypatch, common.perplexity, "sequences_nll", seqs)
     spy(monkeypatch, common.perplexity, "stream_nll", streams)
@@ -225,7 +227,9 @@ def test_08s_flags_reach_every_run_and_its_report_is_its_rows(course_copy, monke
 
     import common.speculative
     from common.plumbing.artifacts import load_artifact
+    from test_train import keep_train_samples
     L08 = __import__("conftest").load_lesson("08_speculative.py")
+    keep_train_samples(course_copy, None, n_test=4)  # the held-out overlap on 4 samples: 3 prompts of them
     calls, results = [], []
     real = common.speculative.speculative_generate
     monkeypatch.setattr(common.speculative, "speculative_generate",
