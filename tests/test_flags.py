@@ -12,7 +12,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import run_here  # noqa: E402
+from conftest import load_lesson, run_here  # noqa: E402
 
 
 def spy(monkeypatch, module, name, calls):
@@ -35,7 +35,7 @@ def test_02s_flags_reach_the_sampler_the_caches_the_filter_and_the_split(start_c
     from common import toy_language
     from common.plumbing.artifacts import load_artifact
     from common.tokenizer import EOT, get_tokenizer
-    L02 = __import__("conftest").load_lesson("02_generate.py")
+    L02 = load_lesson("02_generate.py")
     gen, step, cache = [], [], []
     spy(monkeypatch, common.sampling, "generate", gen)
     spy(monkeypatch, common.sampling, "sample_next", step)
@@ -69,10 +69,9 @@ def test_02s_flags_reach_the_sampler_the_caches_the_filter_and_the_split(start_c
     assert opened <= set(toy_language.OPENINGS[:n])
     # the filter: nothing kept repeats more than 0.05 of its 4-grams (a sample of 20 tokens that
     # repeats one 4-gram is over it; at the default 0.5 such samples stay)
-    kept = [s for split in ("train", "val", "test") for s in data[split]]
-    P = {id(s): p for split in ("train", "val", "test") for s, p in zip(data[split], data[f"{split}_prompt_lens"])}
-    for s in kept:
-        new = s[P[id(s)]:].tolist()
+    kept = [(s, p) for split in ("train", "val", "test") for s, p in zip(data[split], data[f"{split}_prompt_lens"])]
+    for s, p in kept:
+        new = s[p:].tolist()
         assert L02.repeated_ngram_fraction(new[:-1] if new[-1] == EOT else new) <= 0.05
     # what it printed: kept and dropped add up to what was written; each split's samples and openings
     out = r.stdout
@@ -82,7 +81,7 @@ def test_02s_flags_reach_the_sampler_the_caches_the_filter_and_the_split(start_c
     for split in ("train", "val", "test"):
         want = f"{split} {len(data[split])} samples ({len(data[f'{split}_openings'])} openings)"
         assert want in out
-    n_tok, n_new = sum(len(s) for s in kept), sum(len(s) - P[id(s)] for s in kept)
+    n_tok, n_new = sum(len(s) for s, _ in kept), sum(len(s) - p for s, p in kept)
     assert f"{n_tok:,} tokens, {n_new:,} of them sampled (mean {n_tok / k:.0f} per sample)" in out
     distinct = torch.cat([(c > 0).sum(-1) for split in ("train", "val", "test")
                           for c in data[f"{split}_sampled_counts"]]).float().mean()
@@ -149,7 +148,7 @@ def test_06s_flags_reach_the_side_by_side_and_every_number_of_its_report_is_its_
     from common.perplexity import sequences_nll
     from common.plumbing.artifacts import load_artifact, load_model
     from common.tokenizer import EOT, get_tokenizer
-    L06 = __import__("conftest").load_lesson("06_compare.py")
+    L06 = load_lesson("06_compare.py")
     calls = []
     spy(monkeypatch, common.sampling, "generate", calls)
     r = run_here(["06_compare.py", "--preset", "tiny", "--out", str(course_copy), "--max-new-tokens", "9",
@@ -228,7 +227,7 @@ def test_08s_flags_reach_every_run_and_its_report_is_its_rows(course_copy, monke
     import common.speculative
     from common.plumbing.artifacts import load_artifact
     from test_train import keep_train_samples
-    L08 = __import__("conftest").load_lesson("08_speculative.py")
+    L08 = load_lesson("08_speculative.py")
     keep_train_samples(course_copy, None, n_test=4)  # the held-out overlap on 4 samples: 3 prompts of them
     calls, results = [], []
     real = common.speculative.speculative_generate
@@ -274,7 +273,7 @@ def test_09_hands_its_flags_to_03_and_04_and_reports_what_it_measured(monkeypatc
     folder per start, seed and rate; report(): each cell the mean (min–max) of its seeds, the steps
     and the seeds it names."""
     import argparse
-    L09 = __import__("conftest").load_lesson("09_starts.py")
+    L09 = load_lesson("09_starts.py")
     got = {}
 
     def train(label, sub, flags, out, start, fresh, inputs, make=None):
@@ -312,7 +311,7 @@ def test_10_trains_each_student_with_its_own_epochs_rate_batch_and_schedule(star
     from common.plumbing.artifacts import load_artifact
     from common.plumbing.device import precision
     from common.tokenizer import get_tokenizer
-    L10 = __import__("conftest").load_lesson("10_bytes.py")
+    L10 = load_lesson("10_bytes.py")
     gen = load_artifact(str(start_copy / "generated.pt"), "generated")
     sv = L10.SortedVocab(L10.token_bytes(get_tokenizer()))
     texts = [L10.prepare(gen["train"][i].tolist(), gen["train_prompt_lens"][i], sv) for i in range(7)]
@@ -458,7 +457,7 @@ def test_04_describes_each_kind_with_its_own_flags():
     import types
 
     import torch
-    L04 = __import__("conftest").load_lesson("04_train.py")
+    L04 = load_lesson("04_train.py")
     from common.model import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
     data = {"train": [torch.zeros(9), torch.zeros(5)], "train_prompt_lens": [3, 1], "val": [torch.zeros(4)]}
