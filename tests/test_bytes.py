@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from common import toy_language
 from common.distill import kl, token_divergence
 from common.plumbing.artifacts import load_artifact, load_model
 from common.tokenizer import EOT, get_tokenizer
@@ -285,6 +286,15 @@ def test_lesson_10_on_the_tiny_course_reports_every_models_bits_per_byte(start_c
     teacher, _ = load_model(str(start_copy / "teacher.pt"), "teacher")
     vocab = L10.token_bytes(get_tokenizer())
     test = [L10.to_bytes(s.tolist(), vocab)[1] for s in gen["test"]]
+    # the counts line: the train texts' sampled tokens and their bytes; the longest text of any set, in bytes
+    train = [L10.to_bytes(s.tolist(), vocab)[1] for s in gen["train"]]
+    n_tokens = sum(len(s) - P for s, P in zip(gen["train"], gen["train_prompt_lens"]))
+    n_train_bytes = sum(sum(lens[P:]) for lens, P in zip(train, gen["train_prompt_lens"]))
+    enc = get_tokenizer()
+    toy = [L10.to_bytes([EOT] + enc.encode(d) + [EOT], vocab)[1] for d in toy_language.documents(60, 3)]
+    longest = max(sum(lens) for lens in train + test + toy)
+    assert (f"{len(gen['train'])} train texts: {n_tokens:,} sampled tokens, {n_train_bytes:,} bytes "
+            f"({n_train_bytes / n_tokens:.2f} bytes a token); the longest text {longest} bytes\n") in r.stdout
     n_bytes = sum(sum(lens[P:]) for lens, P in zip(test, gen["test_prompt_lens"]))
     from common.perplexity import sequences_nll
     nats, n = sequences_nll(teacher, gen["test"], prompt_lens=gen["test_prompt_lens"])

@@ -266,6 +266,14 @@ def test_08s_flags_reach_every_run_and_its_report_is_its_rows(course_copy, monke
     assert f"the best row is {best['draft']} at g={best['g']} ({best['setting']})" in md
     for name, t in res["steps"].items():
         assert res["step"][name] == t[1] and t == sorted(t)  # the median of 2 sorted: the upper
+    # the run's description and the cost of one step: each model's median and range, as saved
+    from common.plumbing.artifacts import load_model
+    source = load_model(str(course_copy / "teacher.pt"), "teacher")[1]["source"]
+    assert (f"teacher: {source} | drafts: student_init, student | 3 test prompts x 10 new tokens | g in [2] | "
+            f"cpu\n") in r.stdout
+    assert ("one decoding step (plain sampling, batch 1, median of 2): " + ", ".join(
+        f"{n} {1e3 * res['step'][n]:.2f} ms ({1e3 * t[0]:.2f}-{1e3 * t[-1]:.2f})" for n, t in res["steps"].items())
+        + "\n") in r.stdout
 
 
 def test_09_hands_its_flags_to_03_and_04_and_reports_what_it_measured(monkeypatch):

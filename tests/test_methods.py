@@ -298,6 +298,10 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     assert "=== start: trained earlier" in again.stdout and "=== seq, lr 0.01, seed 1337: trained earlier" in again.stdout
     res = load_artifact(str(start_copy / "methods.pt"), "methods")
     assert set(res["rows"]) == {"teacher", "start", *two}
+    gen = load_artifact(str(start_copy / "generated.pt"), "generated")
+    sampled = sum(len(x) - P for x, P in zip(gen["test"], gen["test_prompt_lens"]))
+    assert (f"\nmeasuring on generated-test ({len(gen['test'])} samples, {sampled:,} sampled tokens; each model "
+            f"writes 1 texts per prompt) | cpu fp32\n") in again.stdout
     for name, row in res["rows"].items():  # each run's printed line is its row in methods.pt
         for seed, run in zip((1337, 1338) if name in two else (None,), row["runs"]):
             said = (f"  {name:<24} " + (f"seed {seed} " if seed else "") +
@@ -308,6 +312,10 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     for name in two:
         row = res["rows"][name]
         assert set(row["grid"]) == {1e-3, 1e-2} and row["lr"] == min(row["grid"], key=row["grid"].get)
+        for lr, v in row["grid"].items():  # each rate's printed objective, and the choice among them
+            assert f"    {name} at lr {lr:g}: its own objective on val {v:.4f}\n" in again.stdout
+        scores = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in row["grid"].items())
+        assert f"=== {name}: lr {row['lr']:g} chosen on val ({scores})\n" in again.stdout
         assert len(row["runs"]) == 2 and row["min"]["ppl"] < row["max"]["ppl"]  # two seeds, two students
         for seed, folder in zip((1337, 1338), row["folders"]):
             settings = load_artifact(str(start_copy / folder / "train_log.pt"), "train_log")["settings"]
