@@ -437,3 +437,21 @@ def test_a_run_makes_its_student_only_when_it_starts_afresh(tmp_path, monkeypatc
     assert called == [("04_train.py", ["--epochs", "1", "--resume"])]
     torch.save({}, sub / "train_log.pt")
     assert train() == {"path": f"{sub}/train_log.pt"} and called == []
+
+
+def test_08_marks_a_speedup_as_noise_only_above_the_tokens_per_call():
+    """A free draft would give a speedup of the tokens per teacher call; at it, not above, a speedup
+    is possible; above the prediction (which counts the draft's cost) it is possible too."""
+    L08 = load_lesson("08_speculative.py")
+    row = {"speedup": 2.0, "speedup_lo": 1.9, "speedup_hi": 2.1, "tokens_per_call": 2.0, "predicted": 1.5}
+    assert L08.speedup_text(row) == "2.00x (1.90-2.10)"
+    assert L08.speedup_text({**row, "speedup": 2.01}).endswith(" (above the tokens per call: noise)")
+    assert "noise" not in L08.speedup_text({**row, "speedup": 1.6, "predicted": 1.0})
+
+
+def test_03_notes_a_student_as_large_as_its_teacher_and_only_then(start_copy):
+    for shape, note in ((("2", "64", "4"), True), (("2", "60", "4"), False)):
+        r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy), "--n-layer", shape[0],
+                      "--n-embd", shape[1], "--n-head", shape[2]])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert ("NOTE: this student is not smaller than its teacher" in r.stdout) == note, shape

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import load_lesson, run_here  # noqa: E402
+from conftest import hf_model, load_lesson, run_here  # noqa: E402
 
 
 def spy(monkeypatch, module, name, calls):
@@ -430,3 +430,43 @@ def test_01s_model_flag_reaches_the_download(monkeypatch, tmp_path):
         with pytest.raises(Asked) as e:
             run_here(["01_teacher.py", "--model", name, "--out", str(tmp_path)])
         assert e.value.args == (name,)
+
+
+def test_01_records_the_preset_it_was_given_with_or_without_weights(tmp_path):
+    """teacher.pt's preset is --preset's, also where --weights brings GPT-2's shape to the tiny preset
+    (a learner's own small GPT-2 for the tiny course, docs/your-models.md): the later lessons check
+    it against their own --preset."""
+    from test_model import save_layout
+
+    from common.plumbing.artifacts import load_model
+    folder = save_layout(hf_model(vocab_size=50257), tmp_path / "hub", "hub-safetensors")
+    for preset in ("tiny", "gpt2"):
+        r = run_here(["01_teacher.py", "--preset", preset, "--weights", folder, "--out", str(tmp_path / preset)])
+        assert r.returncode == 0, r.stderr
+        ckpt = load_model(str(tmp_path / preset / "teacher.pt"), "teacher", vocab_size=50257)[1]
+        assert ckpt["preset"] == preset and ckpt["language"] == "english"
+
+
+def test_03s_shape_init_and_seed_reach_the_student_it_writes(start_copy):
+    """03 --n-layer 1 --n-embd 24 --n-head 3 --init-std 0.05 --seed 7: student_init.pt is the GPT of
+    that shape built here after torch.manual_seed(7), weight for weight, and records seed 7; another
+    seed, other weights."""
+    import torch
+
+    from common.model import GPT, GPTConfig
+    from common.plumbing.artifacts import load_model
+    teacher = load_model(str(start_copy / "teacher.pt"), "teacher")[0].config
+    made = {}
+    for seed in (7, 8):
+        r = run_here(["03_student.py", "--preset", "tiny", "--out", str(start_copy), "--n-layer", "1", "--n-embd", "24",
+                      "--n-head", "3", "--init-std", "0.05", "--seed", str(seed)])
+        assert r.returncode == 0, r.stdout + r.stderr
+        made[seed], ckpt = load_model(str(start_copy / "student_init.pt"), "student_init")
+        assert ckpt["seed"] == seed
+    torch.manual_seed(7)
+    want = GPT(GPTConfig(block_size=teacher.block_size, vocab_size=teacher.vocab_size, n_layer=1, n_head=3,
+                         n_embd=24, init_std=0.05))
+    assert made[7].config == want.config
+    for name, w in want.state_dict().items():
+        assert torch.equal(made[7].state_dict()[name], w), name
+    assert not torch.equal(made[7].transformer.h[0].attn.c_attn.weight, made[8].transformer.h[0].attn.c_attn.weight)

@@ -109,6 +109,19 @@ def test_own_text_is_drawn_at_temperature_1_untruncated(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+def test_own_text_continues_each_prompt_from_its_own_length_per_prompt_times():
+    """own_text with per_prompt 2 on prompts of lengths 2, 3, 1: texts 2k and 2k + 1 both continue
+    prompt k, from its own length (returned beside them), for as many tokens as its sample has."""
+    m = model(4, n_embd=8)
+    seqs, P = samples(5, 3)
+    texts, PP = LAB.own_text(m, seqs, P, "cpu", 2)
+    assert PP == [2, 2, 3, 3, 1, 1] and len(texts) == 6
+    for k, t in enumerate(texts):
+        s, p = seqs[k // 2], P[k // 2]
+        assert torch.equal(t[:p], s[:p]) and (len(t) == len(s) or (len(t) < len(s) and t[-1] == 50256))
+    assert not torch.equal(texts[0], texts[1])  # two draws, not one twice
+
+
 def test_the_teacher_grades_the_students_own_text(monkeypatch):
     """measure's own-text column: the teacher's perplexity on the text the student wrote (the
     student grading itself fails), computed here from a plain forward pass."""

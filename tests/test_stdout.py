@@ -102,8 +102,7 @@ def test_01s_printed_lines_are_its_teacher_and_its_language(course):
     p, enc = printed(course, "01"), get_tokenizer()
     teacher, ckpt = load_model(str(out / "teacher.pt"), "teacher")
     t = teacher.config
-    steps = [m for m in p.lines_like(r"  step +(\d+)/(\d+) \| loss ([\d.]+) nats/token \| (\d+)s \| eta (\d+)s",
-                                     count=10)]
+    steps = p.lines_like(r"  step +(\d+)/(\d+) \| loss ([\d.]+) nats/token \| (\d+)s \| eta (\d+)s", count=10)
     total = int(steps[0][2])
     assert f"({total} steps)" in ckpt["source"] or f"trained {total} steps" in ckpt["source"]
     assert [int(m[1]) for m in steps] == [total // 10 * k for k in range(1, 11)]
@@ -111,7 +110,7 @@ def test_01s_printed_lines_are_its_teacher_and_its_language(course):
         step, seconds, eta = int(m[1]), int(m[4]), int(m[5])
         left = (total - step) / step
         assert (seconds - 0.5) * left - 0.5 <= eta <= (seconds + 0.5) * left + 0.5, m[0]
-    assert float(steps[-1][3]) < float(steps[0][3])  # it learned; the losses are 02's test's
+    assert float(steps[-1][3]) < float(steps[0][3])  # it learned; each loss's formula: the test below
     p.line(f"training the tiny teacher on the toy language ({total} steps):")
     p.line(f"  the language uses {len(toy_language.used_tokens(enc.encode, EOT))} of the {t.vocab_size:,} "
            f"GPT-2 tokens")
@@ -335,8 +334,8 @@ def test_05s_printed_lines_are_its_three_models_measured_again(course):
         for name, (model, _) in models.items():
             ppl, n = plain_ppl(model, seqs, lens)
             assert ev["perplexity"][set_name][name] == pytest.approx(ppl, rel=1e-4), (set_name, name)
-            m = p.lines_like(rf"  {set_name:<16} {name:<13} ppl {ev['perplexity'][set_name][name]:>12,.2f}  "
-                             rf"\({n:,} tokens, [\d.]+s\)", count=1)
+            p.lines_like(rf"  {set_name:<16} {name:<13} ppl {ev['perplexity'][set_name][name]:>12,.2f}  "
+                         rf"\({n:,} tokens, [\d.]+s\)", count=1)
         row = ev["perplexity"][set_name]
         p.line(f"{set_name:<18}{row['teacher']:>12,.2f}{row['student_init']:>14,.2f}{row['student']:>12,.2f}"
                + (f"{ev['floor'][set_name]:>10.2f}" if set_name in ev["floor"] else ""))
