@@ -304,17 +304,24 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     real_score = common.perplexity.score_sampled
     monkeypatch.setattr(common.perplexity, "score_sampled",
                         lambda *a, **k: measured.append(a[4]) or real_score(*a, **k))
+    import common.sampling
+    prompts = []
+    real_continue = common.sampling.continue_each
+    monkeypatch.setattr(common.sampling, "continue_each", lambda m, p, *a, **k: prompts.append(p) or real_continue(m, p, *a, **k))
     again = run_here(flags + ["--lr-grid", "1e-3,1e-2", "--seeds", "2", "--methods", ",".join(two),
-                              "--batch-size", "3"])
+                              "--batch-size", "3", "--own-samples", "2"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(measured) == 2 * 6 and set(measured) == {3}  # 6 models, 2 measurements each, 3 at a time
+    gen = load_artifact(str(start_copy / "generated.pt"), "generated")
+    twice = [s[:P] for s, P in zip(gen["test"], gen["test_prompt_lens"]) for _ in range(2)]  # --own-samples 2
+    own = [p for p in prompts if len(p) == len(twice) and all(torch.equal(a, b) for a, b in zip(p, twice))]
+    assert len(own) == 6  # each model's own texts: every test prompt twice, in turn
     assert "=== start: trained earlier" in again.stdout and "=== seq, lr 0.01, seed 1337: trained earlier" in again.stdout
     res = load_artifact(str(start_copy / "methods.pt"), "methods")
     assert set(res["rows"]) == {"teacher", "start", *two}
-    gen = load_artifact(str(start_copy / "generated.pt"), "generated")
     sampled = sum(len(x) - P for x, P in zip(gen["test"], gen["test_prompt_lens"]))
     assert (f"\nmeasuring on generated-test ({len(gen['test'])} samples, {sampled:,} sampled tokens; each model "
-            f"writes 1 texts per prompt) | cpu fp32\n") in again.stdout
+            f"writes 2 texts per prompt) | cpu fp32\n") in again.stdout
     for name, row in res["rows"].items():  # each run's printed line is its row in methods.pt
         for seed, run in zip((1337, 1338) if name in two else (None,), row["runs"]):
             said = (f"  {name:<24} " + (f"seed {seed} " if seed else "") +
