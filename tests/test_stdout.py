@@ -61,8 +61,9 @@ def printed(course, part):
 
 
 def within(value, printed_value, decimals):
-    """printed_value is value rounded to decimals."""
-    return abs(value - float(printed_value.replace(",", ""))) <= 0.5 * 10 ** -decimals + 1e-9
+    """printed_value is value rounded to decimals, where value was recomputed here by another path
+    (another order of sums: 1e-5 of it either way, so that a value on a rounding edge passes)."""
+    return abs(value - float(printed_value.replace(",", ""))) <= 0.5 * 10 ** -decimals + 1e-5 * abs(value)
 
 
 def plain_ppl(model, seqs, prompt_lens):
@@ -199,17 +200,24 @@ def test_02s_printed_lines_are_its_teacher_its_samples_and_its_splits(course):
     probs = torch.softmax(top, -1)
     nucleus = int(((probs.cumsum(-1) - probs) < s["top_p"]).sum())  # kept while the mass above < top-p
     q = probs[:nucleus] / probs[:nucleus].sum()
-    likeliest = ", ".join(f"{enc.decode([int(i)])!r} {float(v):.2f}" for i, v in zip(ids[:5], q[:5]))
+    likeliest = ", ".join(re.escape(repr(enc.decode([int(i)]))) + r" ([\d.]+)" for i in ids[:5])
     m = p.lines_like(re.escape(f"one step by hand after {toy_language.OPENINGS[0]!r}: {nucleus} of the top "
-                               f"{s['top_k']} tokens are in the top-p {s['top_p']} nucleus; the likeliest "
-                               f"{likeliest}; drew ") + r"('.*?') \(sample_next, same seed: ('.*?')\)", count=1)[0]
-    assert m[1] == m[2] and m[1] in [repr(enc.decode([int(i)])) for i in ids[:nucleus]]
+                               f"{s['top_k']} tokens are in the top-p {s['top_p']} nucleus; the likeliest ")
+                     + likeliest + r"; drew ('.*?') \(sample_next, same seed: ('.*?')\)", count=1)[0]
+    assert all(within(float(v), m[k + 1], 2) for k, v in enumerate(q[:5]))
+    assert m[6] == m[7] and m[6] in [repr(enc.decode([int(i)])) for i in ids[:nucleus]]
     # the soft targets at T = 1 and T = 2, and every other token's share
     p1, p2 = torch.softmax(logits, -1), torch.softmax(logits / 2, -1)
-    top10 = p1.topk(10).indices
-    for i in top10.tolist():
-        p.line(f"  {enc.decode([i])!r:<14}{float(p1[i]):>8.3f}{float(p2[i]):>8.3f}")
-    p.line(f"  {f'the other {len(p1) - 10:,}':<14}{1 - float(p1[top10].sum()):>8.3f}{1 - float(p2[top10].sum()):>8.3f}")
+    soft = data["soft_targets"]  # what 02 saved, and printed: the teacher's at that position
+    assert soft["T"] == 2 and soft["context"] == [EOT] + opening
+    assert soft["p_T1"] == pytest.approx(p1[soft["ids"]].tolist(), rel=1e-4)
+    assert soft["p_T"] == pytest.approx(p2[soft["ids"]].tolist(), rel=1e-4)
+    assert soft["p_T1"] == sorted(soft["p_T1"], reverse=True) and len(soft["ids"]) == 10
+    assert soft["p_T1"][-1] >= float(p1.topk(11).values[-1]) * (1 - 1e-5)  # the 10 likeliest
+    for i, a, b in zip(soft["ids"], soft["p_T1"], soft["p_T"]):
+        p.line(f"  {enc.decode([i])!r:<14}{a:>8.3f}{b:>8.3f}")
+    m = p.lines_like(rf"  the other {len(p1) - 10:,} +([\d.]+) +([\d.]+)", count=1)[0]
+    assert within(1 - sum(soft["p_T1"]), m[1], 3) and within(1 - sum(soft["p_T"]), m[2], 3)
     p.line(f"soft targets after {toy_language.OPENINGS[0]!r}: the teacher's top 10 next tokens")
     p.line(f"  {'token':<14}{'T=1':>8}{'T=2':>8}")
     # the batches, the totals, the filter
@@ -352,7 +360,7 @@ def test_05s_printed_lines_are_its_three_models_measured_again(course):
                 teacher_top = ids[n - 1:, 0]  # ids: (len - 1, K), the teacher's top K after each position
                 agree += int((guess == teacher_top.to(guess.dtype)).sum())
                 total += len(guess)
-        assert ev["agreement"][name] == pytest.approx(agree / total), name
+        assert abs(ev["agreement"][name] - agree / total) <= 1.01 / total, name  # a near tie may flip one
         note = ("  (the teacher itself: 100%, and not 0: the cost of keeping only its top K)"
                 if name == "teacher" else "")
         p.line(f"  {name:<16}{ev['agreement'][name]:>14.1%}{ev['kl'][name]:>28.4f}{note}")
