@@ -301,6 +301,11 @@ def test_lesson_10_on_the_tiny_course_reports_every_models_bits_per_byte(start_c
     assert n == sum(len(s) - P for s, P in zip(gen["test"], gen["test_prompt_lens"]))
     assert rows["teacher"]["runs"][0]["teacher's test samples"] == pytest.approx(
         nats / math.log(2) / n_bytes, rel=1e-5)
+    # and on 05's toy-language documents, each read from <|endoftext|> to its closing one
+    docs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in toy_language.documents(60, 3)]
+    nats, n = sequences_nll(teacher, docs, prompt_lens=[1] * len(docs))
+    assert rows["teacher"]["runs"][0]["toy language"] == pytest.approx(
+        nats / math.log(2) / sum(sum(lens[1:]) for lens in toy), rel=1e-5)
     md = (start_copy / "bytes.md").read_text()
     assert "| byte student: projected | 257 bytes |" in md and "toy language" in md
     # every cell of the table and every seed's printed line are the runs in bytes.pt

@@ -72,6 +72,10 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(sta
     docs = toy_language.documents(L05.TOY_DOCUMENTS, L05.TOY_SEED)
     floor = math.exp(toy_language.entropy_per_token(docs, get_tokenizer().encode))
     assert res["floor"] == pytest.approx(floor, rel=1e-9)
+    # the teacher's toy-language perplexity, each document read from <|endoftext|> to its closing one
+    from common.tokenizer import EOT
+    toy = [torch.tensor([EOT] + get_tokenizer().encode(d) + [EOT]) for d in docs]
+    assert res["teacher"]["toy_ppl"] == pytest.approx(sequences_perplexity(teacher, toy, 8, [1] * len(toy)), rel=1e-4)
     assert f"\nmeasuring on generated-test ({len(test)} samples) and {len(docs)} toy-language documents (floor {floor:.2f})\n" in r.stdout
     md = (start_copy / "starts.md").read_text()
     for name in ["teacher", *shapes]:
