@@ -120,6 +120,19 @@ def test_temperature_0_gives_the_targets_greedy_tokens(draft_tokens):
     assert 0 < stats["accepted"] < stats["proposed"]  # some proposals agreed, some did not
 
 
+@pytest.mark.parametrize("draft_tokens", [1, 3, 8])
+def test_a_text_that_ends_keeps_its_end_token_as_plain_generation_does(draft_tokens):
+    """With an end token the target writes at its 6th new token (an accepted proposal or the
+    target's own token, as draft_tokens makes it): the tokens up to it, it included, and no more."""
+    target, draft = tiny_gpt(0, init_std=0.3), tiny_gpt(1, init_std=0.3)
+    want = generate(target, PROMPT[None], 12, temperature=0)[0, 3:].tolist()
+    eos = want[5]
+    want = want[:want.index(eos) + 1]
+    assert want == generate(target, PROMPT[None], 12, temperature=0, eos_token=eos)[0, 3:3 + len(want)].tolist()
+    got, _ = speculative_generate(target, draft, PROMPT, 12, draft_tokens, temperature=0, eos_token=eos)
+    assert got == want and got[-1] == eos
+
+
 def test_one_proposal_is_accepted_with_chance_sum_of_min_p_q():
     target, draft = tiny_gpt(0), tiny_gpt(1)
     with torch.no_grad():

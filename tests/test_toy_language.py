@@ -87,3 +87,19 @@ def test_log_prob_adds_up_every_way_of_writing_the_text(monkeypatch):
     monkeypatch.setattr(tl, "_document", tiny)
     assert tl.log_prob("xy") == pytest.approx(0.0, abs=1e-12)
     assert tl.log_prob("xz") == -math.inf
+
+
+def test_every_document_keeps_the_languages_rules():
+    """Over 500 documents: each quote opened after "said," closes with '."'; a count says its last
+    number again, with the plural it counted; a relative clause agrees with its noun."""
+    plurals = set(tl.NOUNS.values()) - set(tl.NOUNS)  # "fish" is both: left out
+    for doc in tl.documents(500, 11):
+        quotes = re.findall(r'said, "([^"]*)"', doc)
+        assert doc.count('"') == 2 * len(quotes) and all(q.endswith(".") for q in quotes), doc
+        for noun, counted, total, again in re.findall(r"counted the (\w+): ([\w, ]+)\. There were (\w+) (\w+)\.", doc):
+            numbers = counted.split(", ")
+            assert numbers == tl.NUMBERS[:len(numbers)] and total == numbers[-1] and again == noun, doc
+            assert noun in tl.NOUNS.values()
+        for noun, verb in re.findall(r"The (\w+) that [^.]* (was|were) \w+\.", doc):
+            if noun in plurals or noun in tl.NOUNS and noun not in tl.NOUNS.values():
+                assert (verb == "were") == (noun in plurals), doc
