@@ -21,6 +21,8 @@ from common.distill import KD
 from common.model import GPT, GPTConfig, logits_fp32
 from common.plumbing.artifacts import run_lesson
 from common.plumbing.device import (
+    DTYPES,
+    Precision,
     check_gpu_supported,
     get_device,
     gpu_supported,
@@ -447,3 +449,19 @@ def test_deterministic_asks_torch_for_deterministic_kernels_before_any_gpu_work(
         torch.use_deterministic_algorithms(False)
     assert r.returncode == 0, r.stderr
     assert seen == ([(True, ":4096:8")] if flag else [(False, None)])
+
+
+def test_each_precisions_autocast_runs_its_matmuls_in_its_own_dtype():
+    """The dtype decided once is the one autocast uses: fp16 on a T4, bf16 on Ampere and later (on
+    the device named, "cuda:1" too), and on the CPU a matmul's result in bf16 when asked for."""
+    import warnings
+    for device, dtype in (("cuda", "fp16"), ("cuda:1", "bf16"), ("cuda", "bf16")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no CUDA here: torch.autocast says it will be disabled
+            ctx = Precision(device, dtype).autocast()
+        assert (ctx.device, ctx.fast_dtype) == ("cuda", DTYPES[dtype])
+    a = torch.randn(4, 4)
+    with Precision("cpu", "bf16").autocast():  # (CPU autocast takes fp16 only from torch 2.x on)
+        assert (a @ a).dtype == torch.bfloat16
+    with Precision("cpu", "fp32").autocast():
+        assert (a @ a).dtype == torch.float32
