@@ -83,7 +83,7 @@ def run_ranks(args, world=2, timeout=120):
     copies its threads half-way through whatever they held; one such rank hung in a CI run, cause
     not found.) A rank still running after `timeout` seconds (a tiny run takes 3-10 s) prints
     every thread's stack and is stopped. Returns a CompletedProcess: rank 0's exit code, stdout and
-    stderr, or those of the first rank that failed."""
+    stderr, or those of the first rank that failed; `.others`: the other ranks' stdout."""
     import multiprocessing.connection
     import signal
     import socket
@@ -114,9 +114,11 @@ def run_ranks(args, world=2, timeout=120):
                 p.join()
         shown = failed or next((p for p in ranks if p.exitcode), ranks[0])
         i = ranks.index(shown)
-        texts = [open(f"{d}/{i}.{name}").read() if os.path.exists(f"{d}/{i}.{name}") else ""
-                 for name in ("out", "err")]
-    return subprocess.CompletedProcess(args, shown.exitcode, *texts)
+        texts = [[open(f"{d}/{r}.{name}").read() if os.path.exists(f"{d}/{r}.{name}") else ""
+                  for name in ("out", "err")] for r in range(world)]
+    result = subprocess.CompletedProcess(args, shown.exitcode, *texts[i])
+    result.others = [out for r, (out, _) in enumerate(texts) if r != i]  # what the other ranks printed
+    return result
 
 
 def _rank(args, env, files):
