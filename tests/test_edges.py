@@ -262,7 +262,8 @@ def test_a_log_line_says_every_number_of_its_step_and_whose_text_it_was_on(monke
                                                    "grad_norm": [0.75]})
     for on_policy, whose in ((0.0, ""), (1.0, " on own text"), (0.5, " on own + teacher text")):
         speed = progress.Speedometer(started=100.0, last=100.0, tokens=4000, on_policy=on_policy)
-        speed.sampled(0.5, 1000)
+        speed.sampled(0.25, 600)  # two micro-batches' sampling in the interval: both counted
+        speed.sampled(0.25, 400)
         text = speed.line(state, 10, 1, 2, 0)  # 2 s since the last line, 2 steps: 1000 ms a step
         assert text == (f"step    4/10 | epoch 2 | loss 1.2500 | ppl{whose} 7.4 | lr 3.0e-04 | norm 0.75 | "
                         f"1000 ms | 2.0k tok/s (student sampling 2.0k tok/s) | eta 3s")
