@@ -456,3 +456,21 @@ def test_03_notes_a_student_as_large_as_its_teacher_and_only_then(start_copy):
                       "--n-embd", shape[1], "--n-head", shape[2]])
         assert r.returncode == 0, r.stdout + r.stderr
         assert ("NOTE: this student is not smaller than its teacher" in r.stdout) == note, shape
+
+
+def test_04s_dropout_reaches_the_student_it_trains_with_the_same_weights(start_copy):
+    """load_student (04's --dropout): the student is rebuilt with that dropout everywhere (its
+    attention too), its weights the checkpoint's; at 0, no dropout anywhere."""
+    import torch
+
+    from common.plumbing.train_inputs import load_student
+    x = torch.randint(0, 1000, (2, 16))
+    for p in (0.0, 0.2):
+        student, ckpt = load_student(str(start_copy / "student_init.pt"), "tiny", p, 16)
+        drops = [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)]
+        assert student.config.dropout == p and drops and set(drops) == {p}
+        assert all(m.dropout == p for m in student.modules() if hasattr(m, "c_attn"))
+        assert all(torch.equal(v, ckpt["model"][k]) for k, v in student.state_dict().items())
+        with torch.no_grad():
+            differ = not torch.equal(student.train()(x)[0], student(x)[0])
+        assert differ == (p > 0)
