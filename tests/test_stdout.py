@@ -296,7 +296,7 @@ def test_04s_printed_lines_are_its_run_and_its_log(course):
     first = f"{log['loss'][0]:.4f}"
     p.line(f"the first batch's loss written out (loss_by_hand): {first}; as the loop computes it (loss_sums): {first}")
     lines = p.lines_like(r"step +(\d+)/(\d+) \| epoch (\d+) \| loss ([\d.]+) \| ppl ([\d.]+) \| lr ([\d.e+-]+) \| "
-                         r"norm ([\d.]+) \| \d+ ms \| [\d.]+k? tok/s \| eta \d+s", count=math.ceil(total / 10))
+                         r"norm ([\d.]+) \| \d+ ms \| [\d.]+k? tok/s \| eta (\d+m)?\d+s", count=math.ceil(total / 10))
     assert [int(m[1]) for m in lines] == [*range(10, total + 1, 10)] + ([total] if total % 10 else [])
     for m in lines:
         k = log["step"].index(int(m[1]))
