@@ -291,7 +291,8 @@ def test_lesson_10_on_the_tiny_course_reports_every_models_bits_per_byte(start_c
     n_tokens = sum(len(s) - P for s, P in zip(gen["train"], gen["train_prompt_lens"]))
     n_train_bytes = sum(sum(lens[P:]) for lens, P in zip(train, gen["train_prompt_lens"]))
     enc = get_tokenizer()
-    toy = [L10.to_bytes([EOT] + enc.encode(d) + [EOT], vocab)[1] for d in toy_language.documents(60, 3)]
+    docs = [[EOT] + enc.encode(d) + [EOT] for d in toy_language.documents(60, 3)]  # 05's, read whole
+    toy = [L10.to_bytes(d, vocab)[1] for d in docs]
     longest = max(sum(lens) for lens in train + test + toy)
     assert (f"{len(gen['train'])} train texts: {n_tokens:,} sampled tokens, {n_train_bytes:,} bytes "
             f"({n_train_bytes / n_tokens:.2f} bytes a token); the longest text {longest} bytes\n") in r.stdout
@@ -302,8 +303,7 @@ def test_lesson_10_on_the_tiny_course_reports_every_models_bits_per_byte(start_c
     assert rows["teacher"]["runs"][0]["teacher's test samples"] == pytest.approx(
         nats / math.log(2) / n_bytes, rel=1e-5)
     # and on 05's toy-language documents, each read from <|endoftext|> to its closing one
-    docs = [torch.tensor([EOT] + enc.encode(d) + [EOT]) for d in toy_language.documents(60, 3)]
-    nats, n = sequences_nll(teacher, docs, prompt_lens=[1] * len(docs))
+    nats, n = sequences_nll(teacher, [torch.tensor(d) for d in docs], prompt_lens=[1] * len(docs))
     assert rows["teacher"]["runs"][0]["toy language"] == pytest.approx(
         nats / math.log(2) / sum(sum(lens[1:]) for lens in toy), rel=1e-5)
     md = (start_copy / "bytes.md").read_text()

@@ -461,7 +461,7 @@ def test_each_precisions_autocast_runs_its_matmuls_in_its_own_dtype():
             ctx = Precision(device, dtype).autocast()
         assert (ctx.device, ctx.fast_dtype) == ("cuda", DTYPES[dtype])
     a = torch.randn(4, 4)
-    with Precision("cpu", "bf16").autocast():  # (CPU autocast takes fp16 only from torch 2.x on)
+    with Precision("cpu", "bf16").autocast():  # (--dtype bf16 on a CPU)
         assert (a @ a).dtype == torch.bfloat16
     with Precision("cpu", "fp32").autocast():
         assert (a @ a).dtype == torch.float32

@@ -13,7 +13,7 @@ from common.perplexity import sequences_perplexity
 from common.plumbing.artifacts import load_artifact, load_model
 from common.plumbing.errors import LessonError
 from common.plumbing.runs import run_or_refuse, run_script
-from common.tokenizer import get_tokenizer
+from common.tokenizer import EOT, get_tokenizer
 from conftest import load_lesson, run_here
 from test_train import keep_train_samples
 
@@ -73,7 +73,6 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(sta
     floor = math.exp(toy_language.entropy_per_token(docs, get_tokenizer().encode))
     assert res["floor"] == pytest.approx(floor, rel=1e-9)
     # the teacher's toy-language perplexity, each document read from <|endoftext|> to its closing one
-    from common.tokenizer import EOT
     toy = [torch.tensor([EOT] + get_tokenizer().encode(d) + [EOT]) for d in docs]
     assert res["teacher"]["toy_ppl"] == pytest.approx(sequences_perplexity(teacher, toy, 8, [1] * len(toy)), rel=1e-4)
     assert f"\nmeasuring on generated-test ({len(test)} samples) and {len(docs)} toy-language documents (floor {floor:.2f})\n" in r.stdout
