@@ -803,3 +803,48 @@ def test_speculative_decoding_fills_the_context_exactly_and_refuses_one_more():
     assert torch.equal(torch.as_tensor(new), generate(target, prompt[None], 10, temperature=0)[0, 6:])
     with pytest.raises(ValueError):
         speculative_generate(target, draft, prompt, 11, 3, temperature=0)
+
+
+def test_each_timer_reports_what_its_runs_measured(monkeypatch):
+    """The timers with generate and the clock replaced: 06's speed is the median of its 5 runs'
+    rates (the warm-up untimed), 08's step time the median of its prompts' seconds per token, 08's
+    interleaved timers run in turns after one warm-up each, and 02's speed is the new tokens, each
+    text's closing <|endoftext|> in, over the whole generation's seconds (fails with the fastest run
+    or the mean, a run's tokens miscounted, the warm-up timed)."""
+    import types
+
+    import torch
+
+    from common.tokenizer import EOT
+    L02, L06, L08 = (load_lesson(f) for f in ("02_generate.py", "06_compare.py", "08_speculative.py"))
+    calls = []
+
+    def fake_generate(model, idx, n, **kw):
+        calls.append(n)
+        return torch.cat([idx, torch.full((idx.size(0), n), 7)], 1)
+
+    def clock(elapsed):  # each timed run's seconds, read as (start, end) pairs of the clock
+        ticks = iter([t for e in elapsed for t in (100.0, 100.0 + e)])
+        return lambda: next(ticks)
+    monkeypatch.setattr(L06, "generate", fake_generate)
+    monkeypatch.setattr(L06.time, "time", clock([1, 4, 2, 8, 3]))
+    assert L06.tokens_per_second(None, "cpu", n_new=48, batch=2) == pytest.approx(96 / 3)
+    assert calls == [4] + [48] * 5  # the warm-up, then the 5 timed runs
+    monkeypatch.setattr(L08, "generate", fake_generate)
+    monkeypatch.setattr(L08.time, "time", clock([30, 10, 20]))
+    prompts = [torch.tensor([1, 2]), torch.tensor([3]), torch.tensor([4, 5, 6])]
+    assert L08.step_time(None, prompts, 10, "cpu") == pytest.approx(2.0)
+    order, runs = [], {"a": iter([5, 1, 3, 9]), "b": iter([2, 8, 4, 6])}
+    timers = {name: (lambda name=name: order.append(name) or next(runs[name])) for name in runs}
+    assert L08.interleaved(timers, 3) == {"a": [1, 3, 9], "b": [4, 6, 8]}  # 5 and 2 were the warm-ups
+    assert order == ["a", "b"] * 4 and L08.median([1, 3, 9]) == 3
+    # 02: two prompts in one batch; the first text ends after 1 token and its <|endoftext|>
+    monkeypatch.setattr(L02, "generate", lambda model, idx, n, **kw: torch.tensor(
+        [[1, 2, 5, EOT, EOT, EOT, EOT], [1, 2, 3, 5, 6, 7, 8]]))
+    ticks = iter([10.0])
+    monkeypatch.setattr(L02.time, "time", lambda: next(ticks, 14.0))  # 4 s from the start on
+    args = types.SimpleNamespace(batch_size=2, seed=0, max_new_tokens=4, temperature=1.0, top_k=None,
+                                 top_p=None)
+    samples, speed = L02.generate_samples(None, [[1, 2], [1, 2, 3]], args, "cpu")
+    assert [s[0].tolist() for s in samples] == [[1, 2, 5, EOT], [1, 2, 3, 5, 6, 7, 8]]
+    assert speed == pytest.approx((2 + 4) / 4.0)
