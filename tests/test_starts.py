@@ -77,8 +77,35 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(sta
     assert res["teacher"]["toy_ppl"] == pytest.approx(sequences_perplexity(teacher, toy, 8, [1] * len(toy)), rel=1e-4)
     assert f"\nmeasuring on generated-test ({len(test)} samples) and {len(docs)} toy-language documents (floor {floor:.2f})\n" in r.stdout
     md = (start_copy / "starts.md").read_text()
-    for name in ["teacher", *shapes]:
-        assert f"| {name} | " in md
+    # every cell of starts.md is its row in starts.pt, mean (min–max) over the 2 seeds
+    assert (f"`04_train.py --preset tiny` with the same recipe (2 optimizer steps), seeds 1337–1338 "
+            f"(03's init and 04's data order); each cell the mean over seeds (min–max). Measured on the "
+            f"teacher's {len(test)} held-out test samples (sampled tokens only) and {len(docs)} held-out "
+            f"toy-language documents (floor: the language's own perplexity, {floor:.2f}).") in md
+    t = res["teacher"]
+    assert f"| teacher | {t['params'] / 1e6:.2f}M | {t['ppl']:.2f} | | {t['toy_ppl']:.2f} | | 1 | |\n" in md
+    for name in shapes:
+        row, cells = res["rows"][name], [f"{res['rows'][name]['before']['params'][0] / 1e6:.2f}M"]
+        for key, fmt in (("ppl", "{:,.2f}"), ("toy_ppl", "{:,.2f}"), ("acceptance", "{:.3f}")):
+            for when in ("before", "after"):
+                mean, lo, hi = row[when][key]
+                f = fmt if when == "before" else fmt.replace(",", "")
+                cells.append(f"{f.format(mean)} ({f.format(lo)}–{f.format(hi)})")
+        assert f"| {name} | " + " | ".join(cells) + " |\n" in md, name
+    # each seed's printed line after training: its student.pt measured here again
+    for name in shapes:
+        after = []
+        for seed in (1337, 1338):
+            student, _ = load_model(str(start_copy / "starts" / name.replace(" ", "_") / f"seed{seed}"
+                                        / "student.pt"), "student")
+            after.append((sequences_perplexity(student, test, 8, P),
+                          sequences_perplexity(student, toy, 8, [1] * len(toy))))
+            said = re.search(re.escape(f"  {name:<18} seed {seed} | ") + r".* -> ([\d.]+) \| acceptance "
+                             r"[\d.]+ -> [\d.]+ \| toy ppl [\d,.]+ -> ([\d.]+)\n", r.stdout)
+            assert said and [float(v) for v in said.groups()] == pytest.approx(after[-1], rel=1e-4, abs=0.006)
+        for k, key in enumerate(("ppl", "toy_ppl")):
+            v = [a[k] for a in after]
+            assert res["rows"][name]["after"][key] == pytest.approx((sum(v) / 2, min(v), max(v)), rel=1e-4)
     assert (start_copy / "starts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # asked again, each run is kept, not trained again (09's training step, without the measuring)
     L09 = load_lesson("09_starts.py")
