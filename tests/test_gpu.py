@@ -465,3 +465,20 @@ def test_each_precisions_autocast_runs_its_matmuls_in_its_own_dtype():
         assert (a @ a).dtype == torch.bfloat16
     with Precision("cpu", "fp32").autocast():
         assert (a @ a).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_models_logits_come_out_in_float32(dtype):
+    """A teacher cast to bf16/fp16 (02, 04's online kinds on a GPU): logits_fp32 computes its output
+    layer in float32 from the half-precision hidden states and weights, inside autocast too (fails
+    with the matmul left in the model's dtype: its logits would carry bf16's 3 digits); a float64
+    model's stay float64."""
+    model = tiny_gpt().to(dtype)
+    x = torch.randint(0, 40, (2, 5))
+    h = model.hidden(x)
+    want = (h.double() @ model.lm_head.weight.double().T).float()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            got = logits_fp32(model, x)
+        assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert logits_fp32(tiny_gpt().double(), x).dtype == torch.float64
