@@ -474,3 +474,23 @@ def test_04s_dropout_reaches_the_student_it_trains_with_the_same_weights(start_c
         with torch.no_grad():
             differ = not torch.equal(student.train()(x)[0], student(x)[0])
         assert differ == (p > 0)
+
+
+def test_05_measures_a_pretrained_teacher_as_the_students_start(course_copy):
+    """docs/your-models.md: the start may be a GPT-2 written by 01 (a teacher-kind student_init.pt),
+    trained by 04 into student.pt. 05 measures it as the start, not refused: here the teacher itself
+    as the start and, relabelled, as the student, so all three perplexities on every set are one."""
+    import shutil
+
+    import torch
+
+    from common.plumbing.artifacts import load_artifact
+    shutil.copy(course_copy / "teacher.pt", course_copy / "student_init.pt")
+    ckpt = torch.load(course_copy / "teacher.pt", weights_only=False)
+    torch.save({**ckpt, "kind": "student"}, course_copy / "student.pt")
+    r = run_here(["05_evaluate.py", "--preset", "tiny", "--out", str(course_copy)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ev = load_artifact(str(course_copy / "eval.pt"), "eval")
+    for set_name, p in ev["perplexity"].items():
+        assert p["student_init"] == pytest.approx(p["teacher"], rel=1e-6), set_name
+        assert p["student"] == pytest.approx(p["teacher"], rel=1e-6), set_name

@@ -189,6 +189,7 @@ def test_06s_flags_reach_the_side_by_side_and_every_number_of_its_report_is_its_
     assert (f"Student trained with {st['kd']} KD, {st['epochs']} epochs, {log['tokens']:,} sampled tokens "
             f"seen, {log['wall_time']:.0f}s of training") in report
     assert f"process(es), {log['dtype']}. Perplexity window {ev['window']}, stride {ev['stride']}." in report
+    assert ev["skipped"] and all(f"Not evaluated: {k} ({why}).\n" in report for k, why in ev["skipped"].items())
     # the teacher's level on 04's val samples, and the student's best val loss
     nll, n = sequences_nll(models["teacher"], data["val"], prompt_lens=data["val_prompt_lens"])
     assert f"{nll / n:.4f} nats per token" in report and f"the student's best: {log['best_val']:.4f}." in report
@@ -264,6 +265,8 @@ def test_08s_flags_reach_every_run_and_its_report_is_its_rows(course_copy, monke
         assert x["held_out"] == res["overlap"][x["draft"]][x["setting"]]
     best = max(rows, key=lambda x: x["speedup"])
     assert f"the best row is {best['draft']} at g={best['g']} ({best['setting']})" in md
+    ratios = sorted(x["speedup"] / x["predicted"] for x in rows)  # 4 rows: the median is the upper middle
+    assert f"Measured speedups are a median {ratios[2]:.0%} of the predicted ones" in md
     for name, t in res["steps"].items():
         assert res["step"][name] == t[1] and t == sorted(t)  # the median of 2 sorted: the upper
     # the run's description and the cost of one step: each model's median and range, as saved
@@ -381,6 +384,10 @@ def test_07s_report_says_each_number_where_it_belongs():
     assert "| method | lr 0.001 | lr 0.003 | chosen |" in md and "seed 1337:" in md
     assert "student N = 1,234,567, teacher N = 7,654,321" in md
     assert "the start, 3.2e+13 FLOPs" in md and "data, 4.5e+12 FLOPs once" in md
+    # one seed: each cell is that seed's number, with no range beside it (min = max says nothing)
+    md = "\n".join(lab_report.report_lines({**lab, "seeds": 1}, rows, compute))
+    assert "| fkl | 0.003 | 3.00 | 4.000 | 5.000 | 6.000 | 7.00 | 8.000 | 1.5e+12 + 2.5e+11 | 42 s |" in md
+    assert "–" not in md and "min–max" not in md and "with 1 seed(s) (1337: data order" in md
 
 
 def test_04_describes_each_kind_with_its_own_flags():

@@ -130,14 +130,20 @@ def test_the_teacher_grades_the_students_own_text(monkeypatch):
     args = type("Args", (), {"batch_size": 2, "own_samples": 2})()
     row = LAB.measure(student, teacher, (seqs, P), args, Precision("cpu", "fp32"))
     texts, PP = LAB.own_text(student, seqs, P, "cpu", 2)
-    nll, n = 0.0, 0
+    per_text, lens, pairs = [], [], []
     for t, p in zip(texts, PP):
         with torch.no_grad():
             lp = torch.log_softmax(teacher(t[None, :-1])[0][0].double(), -1)
-        nll -= lp[torch.arange(p - 1, len(t) - 1), t[p:]].sum().item()
-        n += len(t) - p
+        per_text.append(-lp[torch.arange(p - 1, len(t) - 1), t[p:]].sum().item())
+        lens.append(len(t) - p)
+        pairs += [(int(t[j]), int(t[j + 1])) for j in range(p, len(t) - 1)]
+    nll, n, k = sum(per_text), sum(lens), len(texts)
     assert row["teacher_ppl_own"] == pytest.approx(math.exp(nll / n), rel=1e-4)
     assert row["own_tokens"] == n
+    # its spread: two standard errors of that mean, the texts as the units (the ratio estimator)
+    se = math.sqrt(sum((s - nll / n * m) ** 2 for s, m in zip(per_text, lens)) * k / (k - 1)) / n
+    assert row["own_spread"] == pytest.approx(math.exp(2 * se) - 1, rel=1e-4)
+    assert row["distinct_2"] == len(set(pairs)) / len(pairs)
 
 
 def test_each_methods_val_objective_is_its_own_loss():
@@ -337,6 +343,11 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
         scores = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in row["grid"].items())
         assert f"=== {name}: lr {row['lr']:g} chosen on val ({scores})\n" in again.stdout
         assert len(row["runs"]) == 2 and row["min"]["ppl"] < row["max"]["ppl"]  # two seeds, two students
+        for key in row["runs"][0]:  # each number's mean, min and max over the two seeds' runs
+            v = [run[key] for run in row["runs"]]
+            if isinstance(v[0], (int, float)):
+                assert [row[stat][key] for stat in ("mean", "min", "max")] == pytest.approx(
+                    [sum(v) / 2, min(v), max(v)], rel=1e-12), key
         for seed, folder in zip((1337, 1338), row["folders"]):
             settings = load_artifact(str(start_copy / folder / "train_log.pt"), "train_log")["settings"]
             assert settings["seed"] == seed and settings["lr"] == row["lr"]

@@ -176,6 +176,12 @@ def test_the_tiny_teacher_pruned_by_importance_beats_random_and_least_important(
     top = ppl["pruned: the most important"]
     assert top * 1.5 < ppl["random units kept"] and top * 1.5 < ppl["the least important kept"]
     assert ppl["teacher"] < top < ppl["random init (no teacher)"] / 100
+    # the kept line names the block 03 kept: the one whose skipping costs the most, as printed
+    skipped = [float(v) for v in re.search(r"blocks, the loss when skipped: 0: ([\d.]+), 1: ([\d.]+)\n",
+                                           r.stdout).groups()]
+    assert skipped[0] != skipped[1]
+    keep = skipped.index(max(skipped))
+    assert f"  kept: blocks [{keep}] of 2, 2 heads of 4 and 128 MLP neurons of 256 in each, 32 channels of 64\n" in r.stdout
     student, ckpt = load_model(str(start_copy / "student_init.pt"), "student_init")
     assert (student.config.n_layer, student.config.n_embd, student.config.n_head) == (1, 32, 2)
     assert ckpt["pruned"] and not ckpt["from_teacher"]

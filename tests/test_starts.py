@@ -92,6 +92,8 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(sta
                 f = fmt if when == "before" else fmt.replace(",", "")
                 cells.append(f"{f.format(mean)} ({f.format(lo)}–{f.format(hi)})")
         assert f"| {name} | " + " | ".join(cells) + " |\n" in md, name
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + 1 + len(shapes) and "\n".join(table) + "\n" in r.stdout  # printed as written
     # each seed's printed line after training: its student.pt measured here again
     for name in shapes:
         after = []

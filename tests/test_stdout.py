@@ -26,6 +26,7 @@ class Printed:
     it recomputes, and `unclaimed()` lists the ones no check read."""
 
     def __init__(self, text):
+        self.text = text
         self.lines = [ln for ln in text.splitlines() if re.search(r"\d", ln)]
         self.claimed = set()
 
@@ -249,6 +250,10 @@ def test_02s_printed_lines_are_its_teacher_its_samples_and_its_splits(course):
     p.line(" | ".join(f"{name} {len(data[name])} samples ({len(data[f'{name}_openings'])} openings)"
                       for name in ("train", "val", "test"))
            + f" | {tokens:,} tokens, {new:,} of them sampled (mean {tokens / len(kept):.0f} per sample)")
+    # a look at the data: the first three training texts, each after a "---"
+    shown = ["  ---\n  " + t.replace("<|endoftext|>", "").strip()[:300].replace("\n", "\n  ") + "\n"
+             for t in data["train_texts"][:3]]
+    assert p.text.count("  ---\n") == 3 and "".join(shown) in p.text
     assert not p.unclaimed()
 
 

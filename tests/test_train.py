@@ -313,7 +313,9 @@ def test_resume_in_three_parts_with_fp16_across_an_epoch_boundary_is_exact(start
     train(start_copy, *flags, "--stop-after", "1")
     r = run_here(["04_train.py", "--preset", "tiny", "--out", str(start_copy), *flags, "--resume", "--grad-clip", "0.5"])
     assert r.returncode == 1 and "grad_clip" in r.stderr and "--grad-clip 1.0" in r.stderr, r.stderr
-    train(start_copy, *flags, "--resume", "--stop-after", "2")                  # into epoch 2
+    r = train(start_copy, *flags, "--resume", "--stop-after", "2")              # into epoch 2
+    assert (f"stopped after 2 steps as asked (--stop-after); wrote {start_copy}/train_state.pt; continue "
+            f"with --resume\n") in r.stdout  # this run's 2 steps (3 in all)
     part2 = load_artifact(str(start_copy / "train_state.pt"), "train_state")
     assert part2["step"] == 3 and part2["wall_time"] > 0
     r = train(start_copy, *flags, "--resume", "--log-interval", "1")           # may change: cannot change the result
