@@ -252,8 +252,9 @@ def test_logits_fp32_enters_autocast_only_where_the_course_autocasts(monkeypatch
 
 def test_generation_asks_whether_every_row_ended_once_every_16_tokens_off_the_cpu(monkeypatch):
     """bool(done.all()) makes the CPU wait for the GPU: asked at every token it would stall the
-    queue at every step. Off the CPU (here: the CPU's rule set to the GPU's) generation asks every
-    16 tokens, and writes the same tokens, the rows that ended filled with eos_token."""
+    queue at every step. Off the CPU (here: the CPU given the GPU's rule, ASK_EVERY's "cuda" entry
+    or, as now, generate's default) generation asks every 16 tokens, and writes the same tokens, the
+    rows that ended filled with eos_token. Fails with a default of 1 (a host sync at every token)."""
     import common.sampling as sampling
 
     class HostReads(TorchFunctionMode):
@@ -263,11 +264,19 @@ def test_generation_asks_whether_every_row_ended_once_every_16_tokens_off_the_cp
             if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "__int__", "__float__"):
                 HostReads.reads += 1
             return func(*args, **(kwargs or {}))
+
+    def as_on_a_gpu():  # the GPU's rule: its own entry in ASK_EVERY, else generate's default
+        if "cuda" in sampling.ASK_EVERY:
+            monkeypatch.setitem(sampling.ASK_EVERY, "cpu", sampling.ASK_EVERY["cuda"])
+        else:
+            monkeypatch.delitem(sampling.ASK_EVERY, "cpu")
     model = tiny_gpt()
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
     runs = []
-    for rule in (1, sampling.ASK_EVERY.get("cuda", 16)):
-        monkeypatch.setitem(sampling.ASK_EVERY, "cpu", rule)
+    for gpu in (False, True):
+        monkeypatch.setitem(sampling.ASK_EVERY, "cpu", 1)
+        if gpu:
+            as_on_a_gpu()
         HostReads.reads = 0
         with HostReads():
             out = sampling.generate(model, idx, 64, eos_token=7, generator=torch.Generator().manual_seed(3))
@@ -482,3 +491,62 @@ def test_a_half_precision_models_logits_come_out_in_float32(dtype):
             got = logits_fp32(model, x)
         assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     assert logits_fp32(tiny_gpt().double(), x).dtype == torch.float64
+
+
+def test_deterministic_also_turns_off_cudnns_autotuner(monkeypatch):
+    """--deterministic on a T4: no kernel chosen by timing. cuDNN's autotuner (benchmark) times
+    several kernels and keeps the fastest, which may be another one on the next run: switched off,
+    even after earlier code (a notebook cell) turned it on; torch's deterministic kernels and a fixed
+    cuBLAS workspace with it. Fails with the autotuner left on."""
+    from common.plumbing.device import deterministic
+    mock_gpu(monkeypatch, "T4")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        deterministic()
+        assert torch.backends.cudnn.benchmark is False
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_a_resume_on_a_gpu_takes_back_the_gpus_random_stream(tmp_path, monkeypatch):
+    """Dropout and on-policy sampling draw from the GPU's generator: train_state.pt saved on
+    "cuda:1" holds that GPU's state, and a --resume there sets it back on that GPU (the CPU's
+    too), so the resumed run draws what the uninterrupted one would have. torch.cuda's generators
+    mocked: one state per GPU. Fails with the GPU's state left out of train_state.pt or not set
+    back."""
+    from test_train_state import loaded, new_state, one_step, parts
+
+    from common.plumbing import train_state
+    from common.plumbing.distributed import Processes
+    mock_gpu(monkeypatch, "A100")
+    states = {"cuda:0": torch.arange(8, dtype=torch.uint8), "cuda:1": torch.arange(8, 16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[str(device)].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda s, device="cuda": states.__setitem__(str(device), s.clone()))
+    procs = Processes(ddp=False, rank=0, world=1, device="cuda:1")
+    model, optimizer, scaler = parts()
+    one_step(model, optimizer)
+    path = str(tmp_path / "train_state.pt")
+    torch.manual_seed(5)
+    saved_gpu, saved_cpu = states["cuda:1"].clone(), torch.get_rng_state()
+    train_state.save(new_state(path, step=3), procs, model, optimizer, scaler)
+    states["cuda:1"] = torch.full((8,), 99, dtype=torch.uint8)  # a new process: other streams
+    torch.manual_seed(6)
+    loaded(path, procs, *parts(seed=1))
+    assert torch.equal(states["cuda:1"], saved_gpu) and torch.equal(torch.get_rng_state(), saved_cpu)
+    assert torch.equal(states["cuda:0"], torch.arange(8, dtype=torch.uint8))  # the other GPU: untouched
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
+def test_adamw_updates_every_parameter_in_one_fused_kernel_on_a_gpu(device):
+    """One kernel for all parameters instead of a loop of kernels per tensor: AdamW as 04 and 10
+    make it (configure_optimizer, on "cuda" or a torchrun rank's "cuda:1"), and as the tiny
+    teacher's training asks for it (its weights' torch.device), is fused on every GPU. Fails with
+    the fused kernel kept for the CPU alone."""
+    from common.model import fused_adamw
+    assert fused_adamw(device) is True
+    opt = tiny_gpt().configure_optimizer(1e-3, 0.1, device)
+    assert opt.defaults["fused"] is True
