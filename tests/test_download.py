@@ -1,6 +1,7 @@
 """The GPT-2 download path, end to end, against a local HTTP server on 127.0.0.1."""
 import hashlib
 import http.server
+import os
 import threading
 
 import pytest
@@ -13,7 +14,8 @@ from conftest import hf_model
 
 
 class Hub:
-    """Serves files like the hub's resolve/main URLs; supports Range; can cut the first transfer."""
+    """Serves files like the hub's resolve/main URLs; supports Range (416 past the end); can cut the first
+    transfer."""
 
     def __init__(self, files):
         self.files, self.requests, self.cut_next = files, [], False
@@ -34,6 +36,12 @@ class Hub:
                 rng = self.headers.get("Range")
                 if rng:
                     start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(data):  # nothing after the end: "range not satisfiable"
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
@@ -114,3 +122,26 @@ def test_unreachable_server_says_how_to_go_on(monkeypatch, tmp_path):
     monkeypatch.setenv("KD_CACHE", str(tmp_path))
     with pytest.raises(LessonError, match="--weights"):
         download_gpt2("gpt2-medium")
+
+
+def test_a_part_file_that_already_holds_the_whole_file_is_checked_not_fetched_again(hub, tmp_path, capsys):
+    """A run killed after the last byte but before the rename leaves a whole model.safetensors.part:
+    the next run asks for the bytes after its end, the server answers 416 (range not satisfiable),
+    and the .part is judged by its size and sha256: kept as the file if whole, else deleted with a
+    line that says to run again (which then fetches it). Fails with a 416 taken as a final client
+    error ("HTTP 416" on every later run)."""
+    data = hub.files["model.safetensors"]
+    part = tmp_path / "cache" / "gpt2" / "model.safetensors.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data)
+    folder = download_gpt2("gpt2")
+    assert open(f"{folder}/model.safetensors", "rb").read() == data and not part.exists()
+    ranges = [r for p, r in hub.requests if p.endswith("model.safetensors")]
+    assert ranges == [f"bytes={len(data)}-"]  # one request, answered 416: nothing fetched again
+    os.remove(f"{folder}/model.safetensors")
+    part.write_bytes(data[:100] + bytes(16) + data[116:])  # the whole size, wrong bytes
+    with pytest.raises(LessonError, match="corrupt.*sha256.*run again") as e:
+        download_gpt2("gpt2")
+    assert "\n" not in str(e.value) and not part.exists()
+    download_gpt2("gpt2")
+    assert open(f"{folder}/model.safetensors", "rb").read() == data
