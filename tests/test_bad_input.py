@@ -135,6 +135,33 @@ def test_bad_artifact(course_copy, name, damage, cmd, words):
     assert digests(course_copy) == before  # nothing overwritten, nothing half-written left behind
 
 
+# --- a tensor of the right size in the wrong shape ---
+
+@pytest.mark.parametrize("name, reshape", [
+    ("transformer.h.0.mlp.c_fc.weight", lambda t: t.T.contiguous()),  # transposed: (8, 32)
+    ("transformer.wpe.weight", lambda t: t.reshape(8, 32)),             # (32, 8) read as (8, 32)
+    ("transformer.ln_f.weight", lambda t: t[None]),                     # a gain as a (1, 8) row
+], ids=["transposed", "reshaped", "unsqueezed"])
+def test_a_checkpoint_tensor_of_the_right_size_and_the_wrong_shape_is_refused_in_one_line(tmp_path, name, reshape):
+    """teacher.pt (GPT-2's vocabulary, a small shape) with one tensor holding as many numbers as its
+    config asks for but in another shape: 02 refuses it in one line naming the tensor, both shapes
+    and the lesson to run again, and writes nothing. Fails with a check on sizes alone (the tensor
+    reaches load_state_dict's size-mismatch traceback, or loads transposed weights)."""
+    from common.model import GPT, GPTConfig
+    from common.plumbing.artifacts import model_checkpoint
+    torch.manual_seed(0)
+    ckpt = model_checkpoint(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=32)), "teacher", preset="tiny")
+    want = tuple(ckpt["model"][name].shape)
+    ckpt["model"][name] = reshape(ckpt["model"][name])
+    got = tuple(ckpt["model"][name].shape)
+    save_artifact(ckpt, tmp_path / "teacher.pt")
+    before = digests(tmp_path)
+    r = run_here(["02_generate.py", "--out", str(tmp_path), "--preset", "tiny"])
+    check_refused(r, f"teacher.pt: {name} has shape {got}, its config says {want}", "run 01_teacher.py again",
+                  code=1)
+    assert digests(tmp_path) == before
+
+
 # --- --weights files for lesson 01 ---
 
 def test_weights_broken_header_missing_key_and_missing_path(tmp_path):
@@ -187,6 +214,23 @@ def test_bad_flag_is_refused_at_parse_time(tmp_path, monkeypatch, capsys, lesson
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "usage:" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("lesson, flag, value, what", [
+    ("07_methods.py", "--methods", "", "method"), ("07_methods.py", "--methods", ",", "method"),
+    ("09_starts.py", "--starts", "", "start"), ("09_starts.py", "--starts", " , ", "start"),
+    ("10_bytes.py", "--methods", ",", "method"), ("10_bytes.py", "--methods", "tokens,bogus", "method"),
+], ids=["07-empty", "07-comma", "09-empty", "09-blanks", "10-comma", "10-unknown"])
+def test_a_list_of_names_with_none_or_an_unknown_one_is_refused_in_one_line(tmp_path, lesson, flag, value, what):
+    """--methods and --starts name what to run: a list that names nothing (empty, or only commas)
+    is refused like an unknown name, in one line that lists the choices, before any input is read
+    and nothing written. Fails with an empty list accepted (nothing would run, or the run would
+    stop on an input it never needed)."""
+    r = run_here([lesson, "--out", str(tmp_path), "--preset", "tiny", flag, value])
+    check_refused(r, f"unknown {what} ", "choose among", code=1)
+    message = r.stderr.strip().splitlines()[-1]
+    assert ("(none)" in message) == (value.replace(",", "").strip() == ""), message
     assert os.listdir(tmp_path) == []
 
 
