@@ -494,3 +494,23 @@ def test_05_measures_a_pretrained_teacher_as_the_students_start(course_copy):
     for set_name, p in ev["perplexity"].items():
         assert p["student_init"] == pytest.approx(p["teacher"], rel=1e-6), set_name
         assert p["student"] == pytest.approx(p["teacher"], rel=1e-6), set_name
+
+
+def test_a_failed_run_is_reported_by_its_last_error_line(monkeypatch):
+    """run_or_refuse with the run's output set by hand: a lesson that failed after another error
+    line had been printed (a retried download, a warning) is named by its last "error:" line, the one
+    its exit came from (fails with the first); none printed: the exit code; exit 0: no refusal."""
+    from common.plumbing import runs
+    from common.plumbing.errors import LessonError
+    out = ["error: could not reach the hub, trying again\n", "step 1/4\n", "error: run 03_student.py first\n",
+           "bye\n"]
+    monkeypatch.setattr(runs, "run_script", lambda script, flags: (1, out))
+    with pytest.raises(LessonError) as e:
+        runs.run_or_refuse("04_train.py", [], "seq, seed 1")
+    assert str(e.value) == ("04_train.py failed for seq, seed 1 (error: run 03_student.py first); the runs "
+                            "before it are kept")
+    monkeypatch.setattr(runs, "run_script", lambda script, flags: (2, ["step 1/4\n"]))
+    with pytest.raises(LessonError, match=r"failed for seq, seed 1 \(exit code 2\)"):
+        runs.run_or_refuse("04_train.py", [], "seq, seed 1")
+    monkeypatch.setattr(runs, "run_script", lambda script, flags: (0, out))
+    runs.run_or_refuse("04_train.py", [], "seq, seed 1")

@@ -87,8 +87,16 @@ def test_missing_key_wrong_shape_and_junk_are_clear_errors(tmp_path):
     sd = hub_state(ref)
     del sd["h.1.mlp.c_fc.weight"]
     save_file(sd, os.path.join(folder, "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing h\.1\.mlp\.c_fc\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing h\.1\.mlp\.c_fc\.weight$"):
         load_gpt2(folder)
+    # several missing: the first five named, and how many more, only when there are more
+    keys = [k for k in hub_state(ref) if k.startswith("h.1.")]
+    for n in (5, 6, 7):
+        sd = {k: v for k, v in hub_state(ref).items() if k not in keys[:n]}
+        save_file(sd, os.path.join(folder, "model.safetensors"))
+        with pytest.raises(CheckpointError) as e:
+            load_gpt2(folder)
+        assert str(e.value).endswith("missing " + ", ".join(keys[:5]) + (f" and {n - 5} more" if n > 5 else "")), n
     sd = hub_state(ref)
     sd["h.0.attn.c_proj.weight"] = torch.zeros(96, 95)
     save_file(sd, os.path.join(folder, "model.safetensors"))
@@ -129,13 +137,19 @@ def test_architecture_details():
 
 
 def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
-    ref = hf_model(vocab_size=50257)
+    ref = hf_model(vocab_size=50257, n_positions=1024)  # GPT-2's context: a position table one can see
     folder = save_layout(ref, tmp_path / "hub", "hub-safetensors")
     r = run_here(["01_teacher.py", "--weights", folder, "--out", str(tmp_path / "art")])
     assert r.returncode == 0, r.stderr
     teacher, ckpt = load_model(str(tmp_path / "art" / "teacher.pt"), "teacher", vocab_size=50257)
     assert ckpt["language"] == "english" and "greedy continuation" in r.stdout
     assert_parity(ref, teacher)
+    # its spec line: every parameter, and those left without the two embedding tables (tokens, positions)
+    n = teacher.num_params()
+    blocks = n - teacher.transformer.wte.weight.numel() - teacher.transformer.wpe.weight.numel()
+    assert teacher.num_params(False) == blocks and f"{blocks / 1e6:.1f}" != f"{(blocks + 1024 * 96) / 1e6:.1f}"
+    assert (f"  parameters {n / 1e6:.1f}M ({blocks / 1e6:.1f}M without embeddings) | layers 2 | width 96 | "
+            f"heads 6 | context 1024 | vocab 50257\n") in r.stdout
     # the look inside the file: the header read by hand lists what the reader loads, and the transpose holds
     assert "h.0.attn.c_attn.weight, F32 [96, 288]" in r.stdout, r.stdout
     assert "(96, 288) -> our nn.Linear's (out, in) (288, 96); ours equals the stored one transposed: True" in r.stdout

@@ -176,6 +176,14 @@ def test_the_tiny_teacher_pruned_by_importance_beats_random_and_least_important(
     top = ppl["pruned: the most important"]
     assert top * 1.5 < ppl["random units kept"] and top * 1.5 < ppl["the least important kept"]
     assert ppl["teacher"] < top < ppl["random init (no teacher)"] / 100
+    # the scores are measured on the first 64 train texts, every token after the first scored (text, not
+    # prompts and continuations): the teacher's loss there, printed, recomputed here
+    from common.perplexity import sequences_nll
+    calib = load_artifact(str(start_copy / "generated.pt"), "generated")["train"][:64]
+    teacher, _ = load_model(str(start_copy / "teacher.pt"), "teacher")
+    nats, n = sequences_nll(teacher, calib, prompt_lens=[1] * len(calib))
+    said = re.search(r"importance on 64 texts of generated.pt's train split \(loss ([\d.]+)\):\n", r.stdout)
+    assert said and float(said.group(1)) == pytest.approx(nats / n, abs=6e-4)
     # the kept line names the block 03 kept: the one whose skipping costs the most, as printed
     skipped = [float(v) for v in re.search(r"blocks, the loss when skipped: 0: ([\d.]+), 1: ([\d.]+)\n",
                                            r.stdout).groups()]
