@@ -127,3 +127,27 @@ def test_the_tiny_course_trains_from_a_sampled_cache(start_copy):
     assert r.returncode == 0, r.stderr
     r = run_here(train + ["--kd-temperature", "1"])
     assert r.returncode == 1 and "run 02_generate.py with --cache-draws" in r.stderr
+
+
+def test_a_batch_of_sampled_caches_of_unequal_widths_trains_as_each_alone():
+    """make_batch pads each position's sampled ids and counts to the widest row's: a padded slot
+    holds count 0, no draw, so a batch of a peaked and a flat teacher (few and many distinct ids)
+    gives each text the loss it has alone, and every real position still counts its 16 draws (fails
+    with padded slots counted as draws of token 0)."""
+    from common.data import make_batch
+    V, draws = 30, 16
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, V, (6,), generator=g), torch.randint(0, V, (4,), generator=g)]
+    teachers = [torch.randn(5, V, generator=g) * 8, torch.randn(3, V, generator=g) * 0.1]  # peaked, flat
+    caches = [sampled_cache(t, draws, g) for t in teachers]
+    assert caches[0][0].size(-1) < caches[1][0].size(-1)
+    kd = KD("soft", alpha=0.3, T=1.0, tail="sampled")
+    logits = torch.randn(2, 5, V, generator=g)
+    x, y, ids, counts = make_batch(seqs, [c[0] for c in caches], [c[1] for c in caches], prompt_lens=[1, 2])
+    assert (counts.sum(-1)[y != -100] == draws).all()
+    both, _ = L04.loss_sums(logits, y, kd, (ids, counts))
+    alone = 0.0
+    for i, (s, (a, b), P) in enumerate(zip(seqs, caches, [1, 2])):
+        _, y1, ids1, counts1 = make_batch([s], [a], [b], prompt_lens=[P])
+        alone += L04.loss_sums(logits[i:i + 1, :len(s) - 1], y1, kd, (ids1, counts1))[0].item()
+    assert abs(both.item() - alone) <= 1e-5 * abs(alone)

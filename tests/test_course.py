@@ -173,7 +173,8 @@ def test_report_numbers_are_the_ones_in_eval_pt_and_the_charts_are_images(course
 @pytest.mark.parametrize("lesson", LESSONS + ["07_methods.py", "08_speculative.py", "09_starts.py", "10_bytes.py"])
 def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(lesson, monkeypatch):
     """--help: the docstring's first whole sentences (never cut at a line end), and every flag's
-    default, said by argparse or, for preset-dependent ones, in the help text itself."""
+    default, said by argparse or, for preset-dependent ones, in the help text itself; none said for a
+    switch or a flag without one ("(default: False)", "(default: None)")."""
     import argparse
     import runpy
 
@@ -198,6 +199,8 @@ def test_help_says_what_the_lesson_does_in_whole_sentences_and_every_default(les
             assert "gpt2:" in text and "tiny:" in text, (action.dest, text)  # the preset's values
         elif action.default is not None and action.default is not False:
             assert "default" in text, (action.dest, text)
+        else:  # a switch (off unless given) or a flag with no value unless given: argparse adds nothing
+            assert "(default: None)" not in text and "(default: False)" not in text, (action.dest, text)
 
 
 def test_the_report_gives_the_teachers_level_on_the_val_samples(course):

@@ -550,3 +550,17 @@ def test_adamw_updates_every_parameter_in_one_fused_kernel_on_a_gpu(device):
     assert fused_adamw(device) is True
     opt = tiny_gpt().configure_optimizer(1e-3, 0.1, device)
     assert opt.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("device, waits_on", [("cuda", "cuda"), ("cuda:0", "cuda"), ("cuda:1", "cuda"),
+                                              ("mps", "mps"), ("cpu", None)])
+def test_a_timer_waits_for_the_gpu_it_times_whichever_rank_it_is(device, waits_on, monkeypatch):
+    """sync (before and after every timed run: 02, 04, 06, 08) waits for the queued work of any CUDA
+    device, "cuda:1" of a torchrun rank as much as "cuda" (fails with the exact name only: rank 1's
+    timings would measure kernel launches), and of Apple's GPU; on the CPU there is nothing to wait for."""
+    from common.plumbing.device import sync
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waited.append("cuda"))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda *a: waited.append("mps"))
+    sync(device)
+    assert waited == ([waits_on] if waits_on else [])
