@@ -514,3 +514,20 @@ def test_a_failed_run_is_reported_by_its_last_error_line(monkeypatch):
         runs.run_or_refuse("04_train.py", [], "seq, seed 1")
     monkeypatch.setattr(runs, "run_script", lambda script, flags: (0, out))
     runs.run_or_refuse("04_train.py", [], "seq, seed 1")
+
+
+def test_a_loaded_model_is_ready_to_be_measured_in_eval_mode(tmp_path):
+    """load_model hands back a model in eval mode, whatever it was saved in: a student trained with
+    --dropout (05, 06, 08 and 09 load it to measure it) gives the same logits twice (fails with the
+    model left in training mode: its dropout draws new masks at every call)."""
+    import torch
+
+    from common.model import GPT, GPTConfig
+    from common.plumbing.artifacts import load_model, model_checkpoint, save_artifact
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, dropout=0.5)).train()
+    save_artifact(model_checkpoint(model, "student"), str(tmp_path / "student.pt"))
+    loaded, _ = load_model(str(tmp_path / "student.pt"), "student")
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        assert not loaded.training and torch.equal(loaded(x)[0], loaded(x)[0])

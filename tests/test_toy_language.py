@@ -91,7 +91,8 @@ def test_log_prob_adds_up_every_way_of_writing_the_text(monkeypatch):
 
 def test_every_document_keeps_the_languages_rules():
     """Over 500 documents: each quote opened after "said," closes with '."'; a count says its last
-    number again, with the plural it counted; a relative clause agrees with its noun."""
+    number again, with the plural it counted; a relative clause agrees with its noun; "an" goes before a
+    vowel and "a" before the rest, in every noun phrase."""
     plurals = set(tl.NOUNS.values()) - set(tl.NOUNS)  # "fish" is both: left out
     for doc in tl.documents(500, 11):
         quotes = re.findall(r'said, "([^"]*)"', doc)
@@ -103,3 +104,5 @@ def test_every_document_keeps_the_languages_rules():
         for noun, verb in re.findall(r"The (\w+) that [^.]* (was|were) \w+\.", doc):
             if noun in plurals or noun in tl.NOUNS and noun not in tl.NOUNS.values():
                 assert (verb == "were") == (noun in plurals), doc
+        for art, word in re.findall(r"\b([Aa]n?) (\w+)", doc):  # "an" before a vowel, "a" before the rest
+            assert (art.lower() == "an") == (word[0] in "aeiou"), (art, word, doc)
