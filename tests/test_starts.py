@@ -85,7 +85,8 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(sta
     t = res["teacher"]
     assert f"| teacher | {t['params'] / 1e6:.2f}M | {t['ppl']:.2f} | | {t['toy_ppl']:.2f} | | 1 | |\n" in md
     for name in shapes:
-        row, cells = res["rows"][name], [f"{res['rows'][name]['before']['params'][0] / 1e6:.2f}M"]
+        row = res["rows"][name]
+        cells = [f"{row['before']['params'][0] / 1e6:.2f}M"]
         for key, fmt in (("ppl", "{:,.2f}"), ("toy_ppl", "{:,.2f}"), ("acceptance", "{:.3f}")):
             for when in ("before", "after"):
                 mean, lo, hi = row[when][key]
