@@ -148,6 +148,10 @@ def test_an_unfinished_state_is_kept_as_prev_and_a_finished_one_is_not(tmp_path)
     assert (tmp_path / "train_state.prev.pt").read_bytes() == unfinished  # left alone
     os.remove(path)
     assert not train_state.keep_unfinished(path)
+    # a state that cannot be read (cut short by a crash while saving) might be unfinished: kept too
+    open(path, "wb").write(b"not a checkpoint")
+    assert train_state.keep_unfinished(path) and not os.path.exists(path)
+    assert (tmp_path / "train_state.prev.pt").read_bytes() == b"not a checkpoint"
 
 
 def test_each_rank_gets_its_own_random_stream_back(tmp_path):

@@ -121,6 +121,28 @@ def test_pruned_reads_each_kept_block_by_its_number_in_the_teacher():
         assert torch.equal(got[f"transformer.h.{j}.mlp.c_fc.bias"], theirs[f"transformer.h.{old}.mlp.c_fc.bias"][n])
 
 
+def test_03s_kept_line_names_the_blocks_it_kept_in_the_teachers_order(tmp_path, monkeypatch, capsys):
+    """03 --prune on a 3-block teacher whose block scores keep 2 and 1 (in score order): the kept
+    line says [1, 2], the blocks the student holds in its order (fails with the score order printed)."""
+    import argparse
+
+    import torch
+    L03 = load_lesson("03_student.py")
+    teacher, g = gpt(3), torch.Generator().manual_seed(0)
+    score = {"blocks": torch.tensor([0.1, 2.0, 3.0]), "heads": torch.rand(3, 4, generator=g),
+             "neurons": torch.rand(3, 128, generator=g), "channels": torch.rand(32, generator=g)}
+    monkeypatch.setattr(L03, "importance", lambda *a: score)
+    texts = [torch.randint(0, 64, (12,), generator=g) for _ in range(8)]
+    torch.save({"kind": "generated", "train": texts, "val": texts, "val_prompt_lens": [4] * 8},
+               tmp_path / "generated.pt")
+    args = argparse.Namespace(out=str(tmp_path), n_layer=2, n_head=2, n_embd=16, seed=0)
+    student = L03.prune(teacher, args)
+    assert "  kept: blocks [1, 2] of 3, 2 heads of 4 and 64 MLP neurons of 128 in each, 16 channels of 32\n" \
+        in capsys.readouterr().out
+    assert torch.equal(student.transformer.h[0].ln_1.bias, teacher.transformer.h[1].ln_1.bias[
+        score["channels"].topk(16).indices.sort().values])
+
+
 # --- the toy language's own grammar ---
 def test_every_choice_of_the_toy_grammar_is_a_distribution_and_its_stories_keep_their_rules():
     """500 stories written through a recorder: every choice's probabilities are positive and sum to 1
