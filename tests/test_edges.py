@@ -145,6 +145,29 @@ def test_04s_misfits_at_their_edges():
         L04.refuse_misfits(args(kd="rkl-sampled", on_policy=1 - 1e-6))
 
 
+def test_04s_misfit_rules_on_every_combination_of_the_flags_they_read():
+    """Each pair of flags refuse_misfits judges, over a grid of values: refused exactly where the rule
+    written out here says (--soft-k with soft and the renorm or rest tail only; a non-renorm tail with
+    soft at T = 1 only; --on-policy with an online kind only; the sampled kinds at 1 and 1 only)."""
+    import itertools
+    L04 = load_lesson("04_train.py")
+    from common.distill import ONLINE, SAMPLED
+    from common.plumbing.errors import LessonError
+    for kd, tail, k, T, p, pT in itertools.product(("seq", "soft", *ONLINE), ("renorm", "rest", "sampled"),
+                                                   (0, 5), (1.0, 2.0), (0.0, 0.5, 1.0), (1.0, 0.7)):
+        fits = ((not p or kd in ONLINE) and (kd not in SAMPLED or (p == 1 and pT == 1))
+                and (not k or (kd == "soft" and tail in ("renorm", "rest")))
+                and (tail == "renorm" or (kd == "soft" and T == 1)))
+        args = argparse.Namespace(kd=kd, soft_tail=tail, soft_k=k, kd_temperature=T, on_policy=p,
+                                  on_policy_temperature=pT, jsd_beta=0.5, skew=0.1)
+        try:
+            L04.refuse_misfits(args)
+            refused = False
+        except LessonError:
+            refused = True
+        assert refused != fits, vars(args)
+
+
 def test_04_takes_soft_k_up_to_the_stored_k(start_copy, monkeypatch):
     """--soft-k equal to the K that 02 stored goes; one more is refused, saying the K."""
     import torch
@@ -174,7 +197,7 @@ def test_a_sample_may_fill_the_students_and_the_teachers_context_exactly(start_c
 
 def test_05_scores_a_text_of_two_tokens_refuses_one_and_cuts_at_max_tokens(tmp_path):
     """long_texts: 2 tokens are the least a text can be scored on (one predicted); --max-tokens N keeps
-    exactly N tokens."""
+    exactly N tokens; "<|endoftext|>" in a file is the separator token."""
     L05 = load_lesson("05_evaluate.py")
     from common.plumbing.errors import LessonError
     from common.tokenizer import get_tokenizer
@@ -193,6 +216,10 @@ def test_05_scores_a_text_of_two_tokens_refuses_one_and_cuts_at_max_tokens(tmp_p
         texts([one])
     assert len(texts([long], max_tokens=7)["long.txt"]) == 7
     assert len(texts([long])["long.txt"]) == 30
+    # a file's "<|endoftext|>" is the document separator the models know, one token, not 7 of plain text
+    docs = tmp_path / "docs.txt"
+    docs.write_text(" the cat<|endoftext|> the mat")
+    assert texts([docs])["docs.txt"].tolist() == enc.encode(" the cat") + [50256] + enc.encode(" the mat")
 
 
 def test_08s_checks_at_their_edges(course_copy, monkeypatch):
