@@ -145,3 +145,12 @@ def test_a_part_file_that_already_holds_the_whole_file_is_checked_not_fetched_ag
     assert "\n" not in str(e.value) and not part.exists()
     download_gpt2("gpt2")
     assert open(f"{folder}/model.safetensors", "rb").read() == data
+
+
+def test_the_hub_address_and_a_mirror_given_with_or_without_its_slash(monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    path = "/openai-community/gpt2/resolve/main/config.json"
+    assert gw.hub_url("gpt2", "config.json") == "https://huggingface.co" + path
+    for mirror in ("https://hf-mirror.com", "https://hf-mirror.com/"):
+        monkeypatch.setenv("HF_ENDPOINT", mirror)
+        assert gw.hub_url("gpt2", "config.json") == "https://hf-mirror.com" + path

@@ -558,3 +558,16 @@ def test_a_loaded_model_is_ready_to_be_measured_in_eval_mode(tmp_path):
     x = torch.randint(0, 50, (2, 8))
     with torch.no_grad():
         assert not loaded.training and torch.equal(loaded(x)[0], loaded(x)[0])
+
+
+def test_a_run_folders_link_to_an_input_given_by_a_relative_path_resolves(tmp_path, monkeypatch):
+    """runs.link("out/teacher.pt", "out/methods/x/teacher.pt"), as 07 and 09 call it with a relative
+    --out: the link reads the file, wherever the link sits (a link holds its path as written)."""
+    from common.plumbing.runs import link
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("out/methods/x")
+    open("out/teacher.pt", "w").write("weights")
+    link("out/teacher.pt", "out/methods/x/teacher.pt")
+    assert open("out/methods/x/teacher.pt").read() == "weights"
+    link("out/teacher.pt", "out/methods/x/teacher.pt")  # again, over the old link
+    assert open("out/methods/x/teacher.pt").read() == "weights"

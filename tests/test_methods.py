@@ -228,6 +228,12 @@ def test_verdicts_claim_only_what_the_seeds_separate():
     acc = next(ln for ln in REPORT.verdicts(rows, 3) if "acceptance" in ln)
     assert "(higher is better): rkl" in acc  # the highest mean wins where higher is better
     assert all("one seed" in ln for ln in REPORT.verdicts(rows, 1))
+    # which way each column is better, said here, not read back from the table it checks
+    better = {"ppl on teacher text": "lower", "KL(t‖s)": "lower", "KL(s‖t)": "lower", "acceptance": "higher",
+              "teacher ppl of own text": "lower", "distinct-2": "higher"}
+    for column, way in better.items():
+        line = next(ln for ln in REPORT.verdicts(rows, 3) if column in ln)
+        assert f"({way} is better): {'rkl' if way == 'higher' else 'seq'} " in line, line
 
 
 def test_flops_by_hand():
@@ -314,6 +320,10 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     prompts = []
     real_continue = common.sampling.continue_each
     monkeypatch.setattr(common.sampling, "continue_each", lambda m, p, *a, **k: prompts.append(p) or real_continue(m, p, *a, **k))
+    import common.plumbing.artifacts
+    loaded = []  # every checkpoint 07 reads: the grid is scored on the students measured, the last
+    real_load = common.plumbing.artifacts.load_model
+    monkeypatch.setattr(common.plumbing.artifacts, "load_model", lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
     again = run_here(flags + ["--lr-grid", "1e-3,1e-2", "--seeds", "2", "--methods", ",".join(two),
                               "--batch-size", "3", "--own-samples", "2"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -338,6 +348,8 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     for name in two:
         row = res["rows"][name]
         assert set(row["grid"]) == {1e-3, 1e-2} and row["lr"] == min(row["grid"], key=row["grid"].get)
+        for lr in row["grid"]:
+            assert str(start_copy / f"methods/{name.replace(' ', '_')}/lr{lr:g}-seed1337/student_last.pt") in loaded
         for lr, v in row["grid"].items():  # each rate's printed objective, and the choice among them
             assert f"    {name} at lr {lr:g}: its own objective on val {v:.4f}\n" in again.stdout
         scores = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in row["grid"].items())

@@ -143,6 +143,27 @@ def test_03s_kept_line_names_the_blocks_it_kept_in_the_teachers_order(tmp_path, 
         score["channels"].topk(16).indices.sort().values])
 
 
+def test_06s_training_chart_draws_each_line_from_the_numbers_its_label_names(monkeypatch):
+    """Under --kd soft the log's loss holds the KL term too: the train line is the cross-entropy part,
+    the val line the val losses, the flat line the teacher's, the dotted one the schedule; the y range
+    takes the cross-entropy, not the loss (fails with log["loss"] drawn)."""
+    L06 = load_lesson("06_compare.py")
+    drawn = {}
+
+    def keep(fig, path):  # instead of saving: the lines drawn, by label
+        drawn.update({line.get_label(): line for ax in fig.axes for line in ax.get_lines()})
+        L06.plt.close(fig)
+    monkeypatch.setattr(L06, "save_chart", keep)
+    log = {"step": [1, 2, 3, 4], "loss": [9.0, 8.0, 7.0, 6.0], "ce": [5.0, 4.0, 3.0, 2.5],
+           "lr": [1e-4, 2e-4, 1.5e-4, 1e-4], "val": [(2, 3.5), (4, 2.8)], "settings": {"kd": "soft"}}
+    L06.training_chart(log, 2.0, "unused.png")
+    data = {label.split(" (")[0]: list(line.get_ydata()) for label, line in drawn.items()}
+    assert data == {"train cross-entropy": log["ce"], "val cross-entropy": [3.5, 2.8],
+                    "teacher on the same val samples": [2.0, 2.0], "learning rate": log["lr"]}
+    assert list(drawn["val cross-entropy (per epoch)"].get_xdata()) == [2, 4]
+    assert drawn["train cross-entropy (per step)"].axes.get_ylim() == pytest.approx((1.8, 5.5))
+
+
 # --- the toy language's own grammar ---
 def test_every_choice_of_the_toy_grammar_is_a_distribution_and_its_stories_keep_their_rules():
     """500 stories written through a recorder: every choice's probabilities are positive and sum to 1
