@@ -313,7 +313,8 @@ def test_each_gpu_lessons_out_of_memory_advice_names_its_own_flags(lesson):
 def test_under_torchrun_each_process_takes_and_checks_its_gpu_before_joining_the_group(monkeypatch, nccl):
     """NCCL binds a process to the current GPU when the group starts: set_device must come first
     (else every process of a machine starts on GPU 0), and each process checks its own GPU (rank 1
-    here sits on a P100 this torch has no kernels for: refused, though GPU 0 is fine). Where NCCL
+    here sits on a P100 this torch has no kernels for: refused, though GPU 0 is fine); its rank is the
+    run's RANK, not its GPU's number on its machine (LOCAL_RANK). Where NCCL
     is missing (torch on Windows), the GPUs talk through gloo."""
     from common.plumbing import distributed
     mock_gpu(monkeypatch, "A100")
@@ -333,6 +334,9 @@ def test_under_torchrun_each_process_takes_and_checks_its_gpu_before_joining_the
     procs = distributed.start()
     assert calls == [("set_device", "cuda:0"), ("init", "nccl" if nccl else "gloo")]
     assert procs.device == "cuda:0" and procs.rank == 0 and procs.world == 2
+    monkeypatch.setenv("RANK", "3")  # a second machine's first GPU: its rank is the run's, not the machine's
+    procs = distributed.start()
+    assert procs.device == "cuda:0" and procs.rank == 3 and not procs.master
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(LessonError, match="Tesla P100.*sm_60"):

@@ -260,3 +260,24 @@ def test_the_best_is_kept_only_when_strictly_lower_never_at_a_tie_or_a_nan(tmp_p
     assert not state.keep_if_best(2.0, model, "tiny") and state.best is first
     assert not state.keep_if_best(float("nan"), model, "tiny") and state.best is first
     assert state.keep_if_best(1.5, model, "tiny") and state.best_val == 1.5
+
+
+def test_the_last_line_and_files_of_a_run_whose_best_epoch_was_not_its_last(tmp_path, capsys):
+    """Val loss 2.0 then 2.3: student.pt is the best epoch's, student_last.pt the last weights with the
+    last val loss, and the final line gives the best loss with its own perplexity (fails with the last
+    validation's perplexity printed beside the best loss)."""
+    import math
+
+    from common.plumbing.artifacts import model_checkpoint
+    model, _, _ = parts()
+    state = new_state(tmp_path / "train_state.pt", step=6, best_val=2.0)
+    state.best = model_checkpoint(model, "student", val_loss=2.0, step=3, preset="tiny")
+    state.history.update(val=[(0, 2.9), (3, 2.0), (6, 2.3)], tokens=1200)
+    procs = Processes(ddp=False, rank=0, world=1, device="cpu")
+    train_state.save_results(state, procs, model, str(tmp_path), {"preset": "tiny"})
+    said = capsys.readouterr().out
+    assert f"| 1,200 tokens seen | best val loss 2.0000 (ppl {math.exp(2.0):.1f}) | wrote {tmp_path}/student.pt" in said
+    best, last = (torch.load(tmp_path / f, weights_only=True) for f in ("student.pt", "student_last.pt"))
+    assert (best["val_loss"], best["step"]) == (2.0, 3) and (last["val_loss"], last["step"]) == (2.3, 6)
+    log = torch.load(tmp_path / "train_log.pt", weights_only=True)
+    assert log["best_val"] == 2.0 and log["val"][-1] == (6, 2.3) and log["preset"] == "tiny"
