@@ -51,6 +51,18 @@ def test_each_number_type_takes_its_bounds_as_its_interval_says():
     assert cli.positive_floats("1e-3, 2") == [1e-3, 2.0]
 
 
+def test_a_file_flag_takes_a_file_and_refuses_a_folder_a_path_flag_takes_either(tmp_path):
+    from common.plumbing import cli
+    (tmp_path / "f.txt").write_text("x")
+    assert cli.existing_file(str(tmp_path / "f.txt")) == str(tmp_path / "f.txt")
+    assert cli.existing_path(str(tmp_path)) == str(tmp_path)
+    for check, path, said in ((cli.existing_file, tmp_path, "is not a file"),
+                              (cli.existing_file, tmp_path / "no", "is not a file"),
+                              (cli.existing_path, tmp_path / "no", "does not exist")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            check(str(path))
+
+
 def test_02s_checks_at_their_edges(start_copy, monkeypatch):
     """--cache-draws 255 goes, 256 not; val + test fractions must leave training samples; a prompt
     plus --max-new-tokens may fill the teacher's context exactly, not one more."""

@@ -343,6 +343,22 @@ def test_under_torchrun_each_process_takes_and_checks_its_gpu_before_joining_the
         distributed.start()
 
 
+def test_under_torchrun_on_a_cpu_the_processes_talk_through_gloo_even_where_nccl_is_installed(monkeypatch):
+    """NCCL moves GPU tensors only: CPU processes join with gloo (fails with NCCL picked wherever it
+    is installed)."""
+    from common.plumbing import distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.dist, "is_nccl_available", lambda: True)
+    backends = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    procs = distributed.start()
+    assert backends == ["gloo"] and procs.device == "cpu" and (procs.rank, procs.world) == (1, 2)
+
+
 RANK_PRECISION = """
 import os, sys
 import torch
@@ -545,13 +561,17 @@ def test_a_resume_on_a_gpu_takes_back_the_gpus_random_stream(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
-def test_adamw_updates_every_parameter_in_one_fused_kernel_on_a_gpu(device):
+def test_adamw_updates_every_parameter_in_one_fused_kernel_on_a_gpu(device, monkeypatch):
     """One kernel for all parameters instead of a loop of kernels per tensor: AdamW as 04 and 10
     make it (configure_optimizer, on "cuda" or a torchrun rank's "cuda:1"), and as the tiny
     teacher's training asks for it (its weights' torch.device), is fused on every GPU. Fails with
     the fused kernel kept for the CPU alone."""
     from common.model import fused_adamw
     assert fused_adamw(device) is True
+    for version, on_cpu in (("2.3.1", False), ("2.4.0+cpu", True), ("2.13.0", True), ("3.0.0", True)):
+        with monkeypatch.context() as m:  # the CPU's fused kernel came with torch 2.4
+            m.setattr(torch, "__version__", version)
+            assert fused_adamw("cpu") is on_cpu and fused_adamw(device) is True, version
     opt = tiny_gpt().configure_optimizer(1e-3, 0.1, device)
     assert opt.defaults["fused"] is True
 

@@ -127,6 +127,11 @@ def test_the_notebook_reads_as_lessons_and_opens_with_the_plumbing_collapsed():
     assert "Ten lessons" in prose and "Nine lessons" not in prose and "from a shell in the repository" not in prose
     headings = [c for c in cells if "".join(c["source"]).startswith("## Lesson ")]
     assert len(headings) == len(LESSONS)
+    times = load_lesson("make_notebook.py").TIMES  # lessons 07-10 say under their heading how long they take
+    said = {"".join(h["source"])[10:12]: "".join(h["source"]) for h in headings}
+    assert sorted(times) == [f"{n}_{name}.py" for n, name in (("07", "methods"), ("08", "speculative"),
+                                                             ("09", "starts"), ("10", "bytes"))]
+    assert all(f"Time: {times[f]}." in said[f[:2]] for f in times)
 
 
 def test_every_section_to_run_not_read_opens_collapsed_in_colab_and_jupyterlab(tmp_path, monkeypatch):
