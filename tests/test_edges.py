@@ -235,7 +235,8 @@ def test_05_scores_a_text_of_two_tokens_refuses_one_and_cuts_at_max_tokens(tmp_p
 
 
 def test_08s_checks_at_their_edges(course_copy, monkeypatch):
-    """--draft-tokens takes 1 and refuses 0; a prompt plus --new-tokens may fill the context exactly."""
+    """--draft-tokens takes 1 (and a list with a trailing comma) and refuses 0, nothing, a fraction; a
+    prompt plus --new-tokens may fill the context exactly."""
     import torch
 
     import common.perplexity
@@ -249,6 +250,9 @@ def test_08s_checks_at_their_edges(course_copy, monkeypatch):
         return checked(base + list(flags), monkeypatch, common.perplexity, "score_sampled")
     assert run("--draft-tokens", "1", "--new-tokens", str(room)) == "passed"
     assert "--draft-tokens '0,1'" in run("--draft-tokens", "0,1", "--new-tokens", "4")
+    assert run("--draft-tokens", "2, 1,", "--new-tokens", "4") == "passed"  # spaces and a trailing comma
+    for bad in (",", "1.5", "two"):
+        assert f"--draft-tokens {bad!r}: give whole numbers >= 1" in run("--draft-tokens", bad, "--new-tokens", "4")
     assert "longer than the models' context" in run("--draft-tokens", "1", "--new-tokens", str(room + 1))
 
 

@@ -287,7 +287,8 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
         run = row["runs"][0]
         assert run["student_flops"] == 6 * n_student * log["student_tokens"] + 2 * n_student * log["sampled_tokens"]
         assert (log["sampled_tokens"] > 0) == ("on-policy" in name)
-        assert (run["teacher_flops"] > 0) == (name not in ("seq", "soft", "soft (rest bucket)"))
+        online = name not in ("seq", "soft", "soft (rest bucket)")  # the teacher run on every trained position
+        assert run["teacher_flops"] == (2 * res["compute"]["teacher_N"] * log["student_tokens"] if online else 0)
     # the compute every method shares: the start (seq, 6N per position) and 02's writing, by hand
     start = load_artifact(str(start_copy / "methods" / "start" / "train_log.pt"), "train_log")
     assert start["sampled_tokens"] == 0 and res["compute"]["start_flops"] == 6 * n_student * start["student_tokens"]
@@ -298,6 +299,7 @@ def test_the_lab_trains_and_measures_every_method_then_tunes_and_seeds_two(start
     # acceptance of one student: sum min(p, q) over the test positions, computed here
     student, _ = load_model(str(start_copy / res["rows"]["tvd"]["folders"][0] / "student_last.pt"), "student")
     teacher, _ = load_model(str(start_copy / "teacher.pt"), "teacher")
+    assert res["compute"]["teacher_N"] == teacher.num_params() - teacher.transformer.wpe.weight.numel()  # a lookup
     total, n = 0.0, 0
     for s, P in zip(gen["test"], gen["test_prompt_lens"]):
         with torch.no_grad():

@@ -154,6 +154,13 @@ def test_lesson01_writes_a_teacher_that_reproduces_the_reference(tmp_path):
     assert "h.0.attn.c_attn.weight, F32 [96, 288]" in r.stdout, r.stdout
     assert "(96, 288) -> our nn.Linear's (out, in) (288, 96); ours equals the stored one transposed: True" in r.stdout
     lesson = load_lesson("01_teacher.py")
+    # the passage's perplexity, by the reference: every token after its first predicted, nothing before it
+    from common.tokenizer import get_tokenizer
+    ids = torch.tensor([get_tokenizer().encode(lesson.PASSAGE)])
+    with torch.no_grad():
+        ppl = torch.exp(ref(ids, labels=ids).loss).item()
+    assert ckpt["sanity"]["passage_ppl"] == pytest.approx(ppl, rel=1e-4)
+    assert f"  perplexity on a short English passage: {ckpt['sanity']['passage_ppl']:.1f}  (" in r.stdout
     file = os.path.join(folder, "model.safetensors")
     n, header = lesson.peek_at_checkpoint(file)
     tensors = read_safetensors(file)

@@ -133,8 +133,9 @@ def test_a_changed_flag_is_refused_naming_it_and_its_saved_value(tmp_path):
 
 
 def test_settings_of_leave_out_the_flags_that_may_change_on_resume():
-    flags = dict(out="a", preset="tiny", resume=True, log_interval=1, stop_after=3, lr=0.01, kd="seq")
-    assert train_state.settings_of(flags, "fp32") == {"lr": 0.01, "kd": "seq", "dtype": "fp32"}
+    flags = dict(out="a", preset="tiny", resume=True, log_interval=1, stop_after=3, lr=0.01, kd="seq", dtype="auto")
+    assert train_state.settings_of(flags, "fp32") == {"lr": 0.01, "kd": "seq", "dtype": "fp32"}  # auto, resolved
+    assert train_state.settings_of(flags, "bf16")["dtype"] == "bf16"  # so a resume on another GPU is checked
 
 
 def test_an_unfinished_state_is_kept_as_prev_and_a_finished_one_is_not(tmp_path):

@@ -76,7 +76,7 @@ def gpt(n_layer, seed=0, n_head=4, n_embd=32):
 
 def test_every_other_block_takes_the_teachers_blocks_0_2_4_in_order():
     """A 6-block teacher: the student's block i is the teacher's block 2i, the rest shared (fails with the
-    odd blocks taken, or block i // 2 read for every i)."""
+    odd blocks taken, or block i // 2 read for every i). Any depth: half, rounded down, at least one."""
     import torch
     L03 = load_lesson("03_student.py")
     teacher = gpt(6)
@@ -88,6 +88,8 @@ def test_every_other_block_takes_the_teachers_blocks_0_2_4_in_order():
             _, _, i, rest = name.split(".", 3)
             name = f"transformer.h.{2 * int(i)}.{rest}"
         assert torch.equal(value, theirs[name]), name
+    for depth, kept in ((1, 1), (2, 1), (3, 1), (5, 2), (12, 6)):  # half the depth, rounded down; at least one
+        assert L03.every_other_block(gpt(depth)).config.n_layer == kept, depth
 
 
 def test_pruned_reads_each_kept_block_by_its_number_in_the_teacher():
@@ -214,6 +216,26 @@ def test_02_keeps_the_closing_end_of_text_and_cuts_what_follows_it(monkeypatch):
     args = type("Args", (), dict(batch_size=2, max_new_tokens=4, temperature=1.0, top_k=50, top_p=1.0, seed=0))
     samples, _ = L02.generate_samples(None, [[EOT, 5, 6], [EOT, 5, 6]], args, "cpu")
     assert [s.tolist() for s, _, _ in samples] == [[EOT, 5, 6, 7, EOT], [EOT, 5, 6, 7, 8, 9, 10]]
+
+
+def test_02_crops_each_row_at_its_own_budget_and_returns_the_samples_in_plan_order(monkeypatch):
+    """Prompts of 4, 2 and 3 tokens, two to a batch (the shortest first: [1, 2], then [0]); the model
+    never ends, writing 30 + the row's number past every prompt: each sample is its own prompt and
+    max_new_tokens, not cut at the batch's longest prompt, and the list is in the prompts' order, each
+    with its own prompt length and number."""
+    import torch
+    L02 = load_lesson("02_generate.py")
+
+    def generate(model, idx, n, prompt_lens, **k):
+        out = torch.cat([idx, torch.zeros(len(idx), n, dtype=torch.long)], 1)
+        for j, P in enumerate(prompt_lens):  # each row's own text after its own prompt
+            out[j, P:] = 30 + out[j, 0]
+        return out
+    monkeypatch.setattr(L02, "generate", generate)
+    args = type("Args", (), dict(batch_size=2, max_new_tokens=3, temperature=1.0, top_k=50, top_p=1.0, seed=0))
+    prompts = [[0, 1, 1, 1], [1, 1], [2, 1, 1]]
+    samples, _ = L02.generate_samples(None, prompts, args, "cpu")
+    assert [(s.tolist(), P, n) for s, P, n in samples] == [(p + [30 + n] * 3, len(p), n) for n, p in enumerate(prompts)]
 
 
 def test_04s_val_loss_scores_the_val_texts_after_their_own_prompts():
