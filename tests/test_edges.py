@@ -267,7 +267,7 @@ def test_09_cuts_as_many_blocks_as_the_teacher_has_and_refuses_one_more(course_c
     assert f"--n-layer {n + 1}" in checked(base + ["--n-layer", str(n + 1)], monkeypatch, runs, "run_script")
 
 
-def test_a_client_error_is_final_and_a_server_error_is_retried(monkeypatch, tmp_path):
+def test_a_client_error_is_final_and_a_server_error_is_retried(monkeypatch, tmp_path, capsys):
     """download: HTTP 400 and 499 stop at once; 500 is retried (the server may come back)."""
     import io
     import urllib.error
@@ -289,6 +289,22 @@ def test_a_client_error_is_final_and_a_server_error_is_retried(monkeypatch, tmp_
         with pytest.raises(LessonError, match=f"HTTP {code}"):
             download.download("http://127.0.0.1:9/x", str(tmp_path / "x"), retries=3, quiet=True)
         assert len(calls) == tries, code
+    # 3 attempts are 2 retries, each said with its number of the 2
+    assert capsys.readouterr().out == "".join(f"  connection lost (HTTP 500); retrying ({i}/2)\n" for i in (1, 2))
+
+
+def test_a_file_is_as_expected_only_at_its_size_exactly_and_with_its_sha256(tmp_path):
+    """_verify: one byte fewer or more is refused by its size, whatever the sha256 (None: not known)."""
+    import hashlib
+
+    from common.plumbing import download
+    path = tmp_path / "f"
+    path.write_bytes(b"12345")
+    sha = hashlib.sha256(b"12345").hexdigest()
+    assert download._verify(str(path), 5, sha) is None and download._verify(str(path), None, None) is None
+    assert download._verify(str(path), 4, None) == "5 bytes instead of 4"
+    assert download._verify(str(path), 6, None) == "5 bytes instead of 6"
+    assert download._verify(str(path), 5, "0" * 64) == "its sha256 does not match"
 
 
 def test_a_log_line_says_every_number_of_its_step_and_whose_text_it_was_on(monkeypatch):

@@ -206,6 +206,14 @@ def test_each_methods_val_objective_is_its_own_loss():
     assert objective("rkl-vopd+on-policy 1") == pytest.approx(rkl, rel=1e-4)
 
 
+def test_the_chosen_rate_is_the_lowest_finite_objective_and_a_diverged_rate_only_if_all_did():
+    nan, inf = float("nan"), float("inf")
+    assert LAB.best_rate({1e-3: 2.5, 3e-3: 2.1, 1e-2: 2.3}) == 3e-3
+    assert LAB.best_rate({1e-3: 2.5, 3e-3: nan, 1e-2: inf}) == 1e-3  # nan and inf sort nowhere useful
+    assert LAB.best_rate({3e-3: nan, 1e-3: 2.5}) == 1e-3
+    assert LAB.best_rate({1e-3: inf, 1e-2: nan}) in (1e-3, 1e-2)
+
+
 def test_verdicts_claim_only_what_the_seeds_separate():
     def row(lo, mean, hi):
         keys = {k for k, _, _ in REPORT.COLUMNS.values()}

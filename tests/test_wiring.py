@@ -28,6 +28,22 @@ def test_each_distillation_flag_reaches_its_field_of_kd(monkeypatch):
             assert getattr(kd, field) == type(default)(NON_DEFAULT[flag]) != default, flag
 
 
+def test_loss_sums_hands_each_kinds_own_parameter_to_its_divergence():
+    """jsd takes kd.beta, skl kd.skew, eopd kd.entropy: the loss the loop trains on is the divergence
+    at that kind's own parameter (fails with beta and skew swapped)."""
+    import torch
+
+    from common.distill import loss_sums, token_divergence
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    y = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    kd = KD("jsd", beta=0.3, skew=0.2, entropy=5.0)  # above every position's entropy (ln 11): no forward KL
+    for kind, own in (("jsd", dict(beta=0.3)), ("skl", dict(skew=0.2)), ("eopd", dict(entropy=5.0))):
+        loss = loss_sums(logits, y, KD(**{**kd.__dict__, "kind": kind}), teacher_logits=teacher)[0]
+        want = token_divergence(logits, teacher, kind, **own)[y != -100].sum()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5), kind
+
+
 def test_04s_training_flags_reach_the_step_the_schedule_and_the_students_sampling(start_copy, monkeypatch):
     """One epoch of 04 at non-default --grad-clip, --min-lr-ratio, --warmup and --on-policy-temperature:
     clip_grad_norm_ gets that norm at every step, the student samples at that temperature, and the logged
