@@ -377,3 +377,31 @@ def test_the_batched_targets_and_losses_pair_each_byte_with_its_own_teacher_posi
     ce = ce_sum / n_bytes
     assert got_uld == pytest.approx(ce + 0.7 * uld_sum / n_tokens, rel=1e-4)
     assert got_projected == pytest.approx(0.7 * ce + 0.3 * kl_sum / n_bytes, rel=1e-4)
+
+
+def test_each_seed_of_a_student_sees_the_texts_in_its_own_order(monkeypatch):
+    """train(..., seed): the batches of each epoch come in torch.randperm's order under that seed, so
+    two seeds of one student differ in their data order, not only in their start (fails with one
+    seed for every run's order)."""
+    import argparse
+
+    from common.model import GPT, GPTConfig
+    from common.plumbing.device import precision
+    seen = []
+
+    def token_loss(model, batch, device):  # the batches, in the order trained on; a loss of 0
+        seen.append([int(t[0]) for t in batch])
+        return sum(p.sum() for p in model.parameters()) * 0
+    monkeypatch.setattr(L10, "token_loss", token_loss)
+    texts = [torch.tensor([i, i]) for i in range(6)]
+    args = argparse.Namespace(epochs=2, byte_epochs=2, lr=1e-3, batch_size=4)
+    orders = {}
+    for seed in (1337, 1338):
+        seen.clear()
+        model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))
+        L10.train(model, texts, "tokens", args, precision("cpu", "fp32"), seed)
+        g = torch.Generator().manual_seed(seed)
+        want = [p[i:i + 4] for p in (torch.randperm(6, generator=g).tolist() for _ in range(2)) for i in (0, 4)]
+        assert seen == want, seed
+        orders[seed] = seen[:]
+    assert orders[1337] != orders[1338]
