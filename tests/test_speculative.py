@@ -293,3 +293,21 @@ def test_lesson_08_refuses_bad_draft_tokens_in_one_line(course_copy):
     from conftest import run_here
     r = run_here(["08_speculative.py", "--preset", "tiny", "--out", str(course_copy), "--draft-tokens", "0,x"])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--draft-tokens" in r.stderr
+
+
+def test_08s_report_names_the_fastest_row_and_the_median_of_measured_over_predicted():
+    """The best row is the highest measured speedup, not the most tokens per teacher call (a draft can
+    win those and lose on its cost); the median ratio of measured to predicted is of every row."""
+    import argparse
+
+    from conftest import load_lesson
+    lesson = load_lesson("08_speculative.py")
+
+    def row(draft, g, tokens_per_call, speedup, predicted):
+        return dict(setting="T=1", draft=draft, held_out=0.5, g=g, acceptance=0.5, expected=0.5, diff_2se=0.01,
+                    tokens_per_call=tokens_per_call, closed_form=1.5, c=0.5, speedup=speedup,
+                    speedup_lo=speedup - 0.1, speedup_hi=speedup + 0.1, predicted=predicted)
+    rows = [row("student", 4, 2.6, 0.9, 1.0), row("student", 1, 1.6, 1.2, 1.5), row("small", 2, 1.9, 1.0, 2.0)]
+    md = "\n".join(lesson.report(rows, {"teacher": [0.01]}, argparse.Namespace(new_tokens=8, repeats=1), 2, "t"))
+    assert "the best row is student at g=1 (T=1), 1.20x (1.10-1.30)." in md
+    assert "Measured speedups are a median 80% of the predicted ones" in md  # 0.9, 0.8, 0.5
