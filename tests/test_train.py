@@ -371,6 +371,8 @@ def test_torchrun_resume_with_dropout_is_exact(start_copy):
     assert len(load_artifact(str(start_copy / "train_state.pt"), "train_state")["rng"]) == 2
     train(start_copy, *flags, "--resume", ranks=True)
     assert_same_run(finished(start_copy), straight)
+    # the resumed part's 3 steps crossed processes 3 times: per step of this run, not of all 6
+    assert load_artifact(str(start_copy / "train_log.pt"), "train_log")["allreduces_per_step"] == 1
 
 
 def test_torchrun_ranks_draw_different_dropout_masks(start_copy):

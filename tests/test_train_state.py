@@ -155,6 +155,17 @@ def test_an_unfinished_state_is_kept_as_prev_and_a_finished_one_is_not(tmp_path)
     assert (tmp_path / "train_state.prev.pt").read_bytes() == b"not a checkpoint"
 
 
+def test_only_rank_0_keeps_an_unfinished_state_aside(tmp_path, capsys):
+    """A fresh run of 2 processes beside an unfinished train_state.pt: rank 1 leaves it alone (one
+    rename, by rank 0, which says so; two ranks renaming would race)."""
+    path, _, _ = saved_state(tmp_path, step=3, total_steps=10)
+    for rank in (1, 0):
+        procs = Processes(ddp=True, rank=rank, world=2, device="cpu")
+        train_state.start(new_state(path), False, procs, *parts())
+        assert os.path.exists(path) == (rank == 1) and (tmp_path / "train_state.prev.pt").exists() == (rank == 0)
+    assert capsys.readouterr().out.count("is kept as train_state.prev.pt") == 1
+
+
 def test_each_rank_gets_its_own_random_stream_back(tmp_path):
     """Two ranks' states saved in rank order: rank 1 resumes rank 1's stream, not rank 0's."""
     streams = []
