@@ -228,6 +228,12 @@ def method_run(args, name, lr, seed):
     return sub, train(label, sub, flags, args.out, start, args.fresh, INPUTS)
 
 
+def best_rate(grid):
+    """The rate of the lowest val objective ({rate: objective}); a rate that diverged (its
+    objective nan or inf) only if every rate did."""
+    return min(grid, key=lambda lr: (not math.isfinite(grid[lr]), grid[lr]))
+
+
 def train_all(args, chosen, data, teacher, prec):
     """The start; then for each method every rate of the grid (seed SEED), each scored on the val
     split by the method's own objective; then the other seeds at the chosen rate. Returns
@@ -246,7 +252,7 @@ def train_all(args, chosen, data, teacher, prec):
             grid[lr] = val_objective(METHODS[name], student.to(prec.device), teacher, data,
                                      args, prec)
             print(f"    {name} at lr {lr:g}: its own objective on val {grid[lr]:.4f}")
-        best = min(grid, key=lambda lr: (not math.isfinite(grid[lr]), grid[lr]))
+        best = best_rate(grid)
         with gpu_lent(teacher):
             more = [(SEED + i, *method_run(args, name, best, SEED + i))
                     for i in range(1, args.seeds)]

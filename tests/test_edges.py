@@ -590,6 +590,12 @@ def test_a_loaded_model_is_ready_to_be_measured_in_eval_mode(tmp_path):
     x = torch.randint(0, 50, (2, 8))
     with torch.no_grad():
         assert not loaded.training and torch.equal(loaded(x)[0], loaded(x)[0])
+    # the vocabulary the caller's tokenizer has: equal goes, one fewer or one more is refused
+    from common.plumbing.errors import LessonError
+    assert load_model(str(tmp_path / "student.pt"), "student", vocab_size=50)[0].config.vocab_size == 50
+    for other in (49, 51):
+        with pytest.raises(LessonError, match=f"built for a vocabulary of 50 tokens, but the GPT-2 tokenizer has {other}"):
+            load_model(str(tmp_path / "student.pt"), "student", vocab_size=other)
 
 
 def test_a_run_folders_link_to_an_input_given_by_a_relative_path_resolves(tmp_path, monkeypatch):

@@ -106,3 +106,15 @@ def test_every_document_keeps_the_languages_rules():
                 assert (verb == "were") == (noun in plurals), doc
         for art, word in re.findall(r"\b([Aa]n?) (\w+)", doc):  # "an" before a vowel, "a" before the rest
             assert (art.lower() == "an") == (word[0] in "aeiou"), (art, word, doc)
+
+
+def test_the_teachers_training_stream_is_each_document_after_an_end_of_text():
+    """token_stream: <|endoftext|> then a document, again and again (as GPT-2 saw its data: every
+    document read after the separator), until at least n tokens; the documents are sample_document's
+    under that rng."""
+    encode, eot = get_tokenizer().encode, 50256
+    stream = tl.token_stream(random.Random(5), 200, encode, eot)
+    rng, want = random.Random(5), []
+    while len(want) < 200:
+        want += [eot] + encode(tl.sample_document(rng)[0])
+    assert stream == want and stream[0] == eot and stream[-1] != eot
