@@ -46,6 +46,12 @@ def test_the_sampling_step_written_out_in_lesson_02_draws_what_sample_next_draws
         n = int((full.cumsum(0) - full < p).sum())  # the smallest set reaching p
         assert len(ids) == n and torch.allclose(probs, full[:n] / full[:n].sum(), atol=1e-6)
     assert lesson.sampling_step_by_hand(logits, 0, 50, 0.9)[0] == int(logits.argmax())
+    # on an exact top-p boundary (0.5, 0.25, 0.125, 0.125 are exact in binary), as sample_next: a token
+    # whose higher-ranked tokens already hold top_p is left out
+    exact = torch.tensor([0.5, 0.25, 0.125, 0.125]).log()
+    for p, n in ((0.5, 1), (0.75, 2), (0.875, 3), (1.0, 4)):  # (tokens 2 and 3 tie: either may rank third)
+        kept = lesson.sampling_step_by_hand(exact, 1.0, 4, p)[1].tolist()
+        assert len(kept) == n and kept[:2] == [0, 1][:n], p
 
 
 def test_your_own_openings_from_a_file_are_used_and_split_by_opening(course, tmp_path):

@@ -119,6 +119,16 @@ def test_three_starts_made_by_03_trained_by_04_and_measured_before_and_after(sta
         for seed in (1337, 1338):
             L09.run_start(args, name, seed)
     assert capsys.readouterr().out.count("trained earlier with the same settings") == 6
+    # one run that took 3 steps where the others took 2 (another recipe): the comparison is refused
+    from common.plumbing import runs
+    real_train = runs.train
+
+    def one_longer(label, sub, *a):
+        log = real_train(label, sub, *a)
+        return {**log, "step": log["step"] + [3]} if sub.endswith("pruned/seed1338") else log
+    monkeypatch.setattr(runs, "train", one_longer)
+    r = run_here(flags)
+    assert r.returncode == 1 and "the runs trained for different numbers of steps ([2, 3])" in r.stderr, r.stderr
 
 
 def test_starts_refuses_a_depth_the_teacher_lacks_in_one_line(start_copy):

@@ -92,7 +92,7 @@ def test_log_prob_adds_up_every_way_of_writing_the_text(monkeypatch):
 def test_every_document_keeps_the_languages_rules():
     """Over 500 documents: each quote opened after "said," closes with '."'; a count says its last
     number again, with the plural it counted; a relative clause agrees with its noun; "an" goes before a
-    vowel and "a" before the rest, in every noun phrase."""
+    vowel and "a" before the rest, in every noun phrase; every sentence and quote starts with a capital."""
     plurals = set(tl.NOUNS.values()) - set(tl.NOUNS)  # "fish" is both: left out
     for doc in tl.documents(500, 11):
         quotes = re.findall(r'said, "([^"]*)"', doc)
@@ -106,6 +106,9 @@ def test_every_document_keeps_the_languages_rules():
                 assert (verb == "were") == (noun in plurals), doc
         for art, word in re.findall(r"\b([Aa]n?) (\w+)", doc):  # "an" before a vowel, "a" before the rest
             assert (art.lower() == "an") == (word[0] in "aeiou"), (art, word, doc)
+        # every sentence, and every quote, starts with a capital letter
+        starts = [doc[0]] + re.findall(r'\."? (\w)', doc) + re.findall(r'said, "(\w)', doc)
+        assert all(c.isupper() for c in starts), doc
 
 
 def test_the_teachers_training_stream_is_each_document_after_an_end_of_text():
