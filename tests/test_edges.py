@@ -56,6 +56,7 @@ def test_a_file_flag_takes_a_file_and_refuses_a_folder_a_path_flag_takes_either(
     (tmp_path / "f.txt").write_text("x")
     assert cli.existing_file(str(tmp_path / "f.txt")) == str(tmp_path / "f.txt")
     assert cli.existing_path(str(tmp_path)) == str(tmp_path)
+    assert cli.existing_path(str(tmp_path / "f.txt")) == str(tmp_path / "f.txt")
     for check, path, said in ((cli.existing_file, tmp_path, "is not a file"),
                               (cli.existing_file, tmp_path / "no", "is not a file"),
                               (cli.existing_path, tmp_path / "no", "does not exist")):
@@ -158,9 +159,10 @@ def test_04s_misfits_at_their_edges():
 
 
 def test_04s_misfit_rules_on_every_combination_of_the_flags_they_read():
-    """Each pair of flags refuse_misfits judges, over a grid of values: refused exactly where the rule
-    written out here says (--soft-k with soft and the renorm or rest tail only; a non-renorm tail with
-    soft at T = 1 only; --on-policy with an online kind only; the sampled kinds at 1 and 1 only)."""
+    """The four rules across flags that refuse_misfits judges, over a grid of values: refused exactly
+    where the rule written out here says (--soft-k with soft and the renorm or rest tail only; a
+    non-renorm tail with soft at T = 1 only; --on-policy with an online kind only; the sampled kinds
+    at 1 and 1 only). The single-flag ranges (--jsd-beta, --skew) are the test above."""
     import itertools
     L04 = load_lesson("04_train.py")
     from common.distill import ONLINE, SAMPLED
@@ -604,7 +606,7 @@ def test_a_run_folders_link_to_an_input_given_by_a_relative_path_resolves(tmp_pa
     from common.plumbing.runs import link
     monkeypatch.chdir(tmp_path)
     os.makedirs("out/methods/x")
-    open("out/teacher.pt", "w").write("weights")
+    (tmp_path / "out" / "teacher.pt").write_text("weights")
     link("out/teacher.pt", "out/methods/x/teacher.pt")
     assert open("out/methods/x/teacher.pt").read() == "weights"
     link("out/teacher.pt", "out/methods/x/teacher.pt")  # again, over the old link

@@ -49,6 +49,7 @@ def test_the_sampling_step_written_out_in_lesson_02_draws_what_sample_next_draws
     # on an exact top-p boundary (0.5, 0.25, 0.125, 0.125 are exact in binary), as sample_next: a token
     # whose higher-ranked tokens already hold top_p is left out
     exact = torch.tensor([0.5, 0.25, 0.125, 0.125]).log()
+    assert torch.softmax(exact, -1).tolist() == [0.5, 0.25, 0.125, 0.125]  # else a rounding, not a bug
     for p, n in ((0.5, 1), (0.75, 2), (0.875, 3), (1.0, 4)):  # (tokens 2 and 3 tie: either may rank third)
         kept = lesson.sampling_step_by_hand(exact, 1.0, 4, p)[1].tolist()
         assert len(kept) == n and kept[:2] == [0, 1][:n], p

@@ -150,7 +150,7 @@ def test_an_unfinished_state_is_kept_as_prev_and_a_finished_one_is_not(tmp_path)
     os.remove(path)
     assert not train_state.keep_unfinished(path)
     # a state that cannot be read (cut short by a crash while saving) might be unfinished: kept too
-    open(path, "wb").write(b"not a checkpoint")
+    (tmp_path / "train_state.pt").write_bytes(b"not a checkpoint")
     assert train_state.keep_unfinished(path) and not os.path.exists(path)
     assert (tmp_path / "train_state.prev.pt").read_bytes() == b"not a checkpoint"
 
